@@ -1,0 +1,463 @@
+"""Hugging Face `transformers` BLT checkpoints <-> bltjax (no torch needed).
+
+A checkpoint folder holds ``config.json`` (a `BltConfig` with four sub-configs) and
+``model.safetensors`` (a `BltForCausalLM` state dict, linear weights as [out, in]). Import maps
+every parameter by name, checks its shape and reshapes it into the Linen tree; export does the
+reverse so that a model trained here can be loaded by `BltForCausalLM.from_pretrained`.
+
+The imported model reproduces `transformers`' arithmetic exactly, which differs from the
+official BLT code in two switches that `load_hf_blt` sets (spec §18): no document masks
+(``document_mask=False``) and re-pooling at every encoder cross-attention layer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import struct
+import tempfile
+import warnings
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_dtypes
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from bltjax.models.blt import BLT
+from bltjax.models.byte_lm import ByteLM
+from bltjax.models.configs import BLTConfig, ByteLMConfig, TransformerConfig
+from bltjax.tokenizer import VOCAB_SIZE
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A Hugging Face checkpoint that bltjax cannot read; the message names file and field."""
+
+
+# --- config.json <-> model records -----------------------------------------------------------
+
+
+def _field(config: dict, key: str, where: str, path: pathlib.Path, default: Any = KeyError) -> Any:
+    if key in config and config[key] is not None:
+        return config[key]
+    if default is KeyError:
+        raise CheckpointError(f"{path}: field '{where}{key}' is missing")
+    return default
+
+
+def _rope_theta(sub: dict, where: str, path: pathlib.Path, default: float) -> float:
+    rope = sub.get("rope_parameters") or {}
+    rope_type = rope.get("rope_type", "default")
+    if rope_type != "default":
+        raise CheckpointError(f"{path}: field '{where}rope_parameters.rope_type' is {rope_type!r}; only 'default' is supported")
+    if sub.get("rope_scaling"):
+        raise CheckpointError(f"{path}: field '{where}rope_scaling' is set; RoPE scaling is not supported")
+    return float(rope.get("rope_theta", sub.get("rope_theta", default)))
+
+
+def _stack_from_hf(sub: dict, where: str, path: pathlib.Path, window: int | None, default_theta: float) -> TransformerConfig:
+    act = sub.get("hidden_act", "silu")
+    if act != "silu":
+        raise CheckpointError(f"{path}: field '{where}hidden_act' is {act!r}; BLT blocks use 'silu' (SwiGLU)")
+    dim = int(_field(sub, "hidden_size", where, path))
+    heads = int(_field(sub, "num_attention_heads", where, path))
+    kv_heads = int(sub.get("num_key_value_heads") or heads)
+    head_dim = sub.get("head_dim")
+    if head_dim is not None and head_dim != dim // heads:
+        raise CheckpointError(
+            f"{path}: field '{where}head_dim' is {head_dim}, but transformers' BLT attention uses "
+            f"hidden_size // num_attention_heads = {dim // heads}; such a checkpoint is not supported"
+        )
+    hidden = sub.get("intermediate_size") or int(8 * dim / 3)
+    return TransformerConfig(
+        dim=dim,
+        n_layers=int(_field(sub, "num_hidden_layers", where, path)),
+        n_heads=heads,
+        n_kv_heads=kv_heads if kv_heads != heads else None,
+        ffn_hidden=int(hidden),
+        rope_theta=_rope_theta(sub, where, path, default_theta),
+        norm_eps=float(sub.get("rms_norm_eps", 1e-5)),
+        window=window,
+    )
+
+
+def blt_config_from_hf(config: dict, path: pathlib.Path = pathlib.Path(CONFIG_FILE)) -> BLTConfig:
+    """The BLTConfig equivalent to a `transformers` BltConfig dictionary."""
+    if config.get("model_type", "blt") != "blt":
+        raise CheckpointError(f"{path}: field 'model_type' is {config.get('model_type')!r}; expected 'blt'")
+    if config.get("vocab_size", VOCAB_SIZE) != VOCAB_SIZE:
+        raise CheckpointError(f"{path}: field 'vocab_size' is {config['vocab_size']}; expected {VOCAB_SIZE}")
+    if config.get("tie_word_embeddings"):
+        raise CheckpointError(f"{path}: field 'tie_word_embeddings' is true; BLT never ties weights")
+    window = config.get("local_attention_window_len", 512)  # transformers' default
+    encoder_sub = _field(config, "encoder_config", "", path)
+    decoder_sub = _field(config, "decoder_config", "", path)
+    global_sub = _field(config, "global_config", "", path)
+    # transformers applies the encoder's sliding-window mask to the decoder as well.
+    encoder = _stack_from_hf(encoder_sub, "encoder_config.", path, window, 500000.0)
+    decoder = _stack_from_hf(decoder_sub, "decoder_config.", path, window, 500000.0)
+    latent = _stack_from_hf(global_sub, "global_config.", path, None, 500000.0)
+    if decoder.dim != encoder.dim:
+        raise CheckpointError(
+            f"{path}: field 'decoder_config.hidden_size' is {decoder.dim}; it must equal the encoder's {encoder.dim}"
+        )
+    return BLTConfig(
+        encoder=encoder,
+        latent=latent,
+        decoder=decoder,
+        cross_attn_k=int(config.get("cross_attn_k", 2)),
+        cross_attn_all_layers_encoder=bool(encoder_sub.get("cross_attn_all_layers", False)),
+        cross_attn_all_layers_decoder=bool(decoder_sub.get("cross_attn_all_layers", True)),
+        repool_every_cross_attn_layer=True,
+        hash_sizes=tuple(int(n) for n in config.get("encoder_hash_byte_group_size") or (3, 4, 5, 6, 7, 8)),
+        hash_functions=int(config.get("encoder_hash_byte_group_nb_functions", 1)),
+        hash_vocab=int(config.get("encoder_hash_byte_group_vocab", 500002)),
+        document_mask=False,
+    )
+
+
+def entropy_model_config_from_hf(config: dict, path: pathlib.Path = pathlib.Path(CONFIG_FILE)) -> ByteLMConfig:
+    """The ByteLMConfig of the checkpoint's entropy patcher (`patcher_config`)."""
+    sub = _field(config, "patcher_config", "", path)
+    stack = _stack_from_hf(sub, "patcher_config.", path, sub.get("sliding_window"), 10000.0)
+    return ByteLMConfig(stack=stack, document_mask=False)
+
+
+def _stack_to_hf(stack: TransformerConfig, model_type: str) -> dict:
+    return {
+        "model_type": model_type,
+        "hidden_size": stack.dim,
+        "num_hidden_layers": stack.n_layers,
+        "num_attention_heads": stack.n_heads,
+        "num_key_value_heads": stack.kv_heads,
+        "intermediate_size": stack.hidden_dim,
+        "rms_norm_eps": stack.norm_eps,
+        "rope_parameters": {"rope_type": "default", "rope_theta": stack.rope_theta},
+        "hidden_act": "silu",
+        "vocab_size": VOCAB_SIZE,
+        "dropout": 0.0,
+    }
+
+
+def blt_config_to_hf(cfg: BLTConfig, entropy_model: ByteLMConfig | None = None, threshold: float | None = None) -> dict:
+    """A `transformers` BltConfig dictionary for ``cfg``; raises if transformers cannot run it."""
+    unsupported = {
+        "cross_attn_window_encoder": cfg.cross_attn_window_encoder != 1,
+        "cross_attn_window_decoder": cfg.cross_attn_window_decoder != 1,
+        "double_cross_attn_residual": not cfg.double_cross_attn_residual,
+        "pooling": cfg.pooling != "max",
+        "patch_query_init": cfg.patch_query_init != "hidden",
+        "hash_normalize": cfg.hash_normalize,
+        "cross_attn_heads": cfg.cross_attn_heads not in (None, cfg.encoder.n_heads) or (
+            cfg.cross_attn_heads is not None and cfg.encoder.kv_heads != cfg.encoder.n_heads
+        ),
+        "decoder.window": cfg.decoder.window != cfg.encoder.window,
+        "latent.window": cfg.latent.window is not None,
+        "repool_every_cross_attn_layer": (
+            not cfg.repool_every_cross_attn_layer and cfg.cross_attn_all_layers_encoder and cfg.encoder.n_layers > 1
+        ),
+        "decoder.n_heads": cfg.decoder.n_heads != cfg.encoder.n_heads and cfg.cross_attn_heads is not None,
+    }
+    for stack in ("encoder", "latent", "decoder"):
+        s = getattr(cfg, stack)
+        unsupported[f"{stack}.head_dim"] = s.head_dim not in (None, s.dim // s.n_heads)
+    bad = [name for name, flag in unsupported.items() if flag]
+    if bad:
+        raise CheckpointError(f"config.model.{bad[0]}: this value has no equivalent in transformers' BLT; cannot export")
+    if cfg.document_mask:
+        warnings.warn(
+            "config.model.document_mask is on, transformers' BLT has no document masks: rows holding "
+            "several documents (an EOS before the end) will give different logits there",
+            stacklevel=2,
+        )
+    encoder = _stack_to_hf(cfg.encoder, "blt_local_encoder")
+    encoder.update(cross_attn_all_layers=cfg.cross_attn_all_layers_encoder, cross_attn_k=cfg.cross_attn_k,
+                   hidden_size_global=cfg.latent.dim, sliding_window=cfg.encoder.window)
+    decoder = _stack_to_hf(cfg.decoder, "blt_local_decoder")
+    decoder.update(cross_attn_all_layers=cfg.cross_attn_all_layers_decoder, cross_attn_k=cfg.cross_attn_k,
+                   hidden_size_global=cfg.latent.dim)
+    latent = _stack_to_hf(cfg.latent, "blt_global_transformer")
+    latent.pop("vocab_size")
+    out = {
+        "model_type": "blt",
+        "architectures": ["BltForCausalLM"],
+        "vocab_size": VOCAB_SIZE,
+        "cross_attn_k": cfg.cross_attn_k,
+        "local_attention_window_len": cfg.encoder.window,
+        "encoder_hash_byte_group_size": list(cfg.hash_sizes),
+        "encoder_hash_byte_group_nb_functions": cfg.hash_functions,
+        "encoder_hash_byte_group_vocab": cfg.hash_vocab,
+        "encoder_config": encoder,
+        "decoder_config": decoder,
+        "global_config": latent,
+        "tie_word_embeddings": False,
+        "use_cache": False,
+        "patch_in_forward": entropy_model is not None,
+        "patching_mode": "entropy",
+        "patching_threshold": threshold if threshold is not None else 1.335442066192627,
+        "max_patch_length": None,
+    }
+    if entropy_model is not None:
+        patcher = _stack_to_hf(entropy_model.stack, "blt_patcher")
+        patcher["sliding_window"] = entropy_model.stack.window
+        out["patcher_config"] = patcher
+    return out
+
+
+# --- parameter names --------------------------------------------------------------------------
+
+_BLOCK_NAMES = {
+    ("attention", "query", "kernel"): "self_attn.q_proj.weight",
+    ("attention", "key", "kernel"): "self_attn.k_proj.weight",
+    ("attention", "value", "kernel"): "self_attn.v_proj.weight",
+    ("attention", "out", "kernel"): "self_attn.o_proj.weight",
+    ("attention_norm", "scale"): "input_layernorm.weight",
+    ("ffn_norm", "scale"): "post_attention_layernorm.weight",
+    ("ffn", "gate", "kernel"): "mlp.gate_proj.weight",
+    ("ffn", "up", "kernel"): "mlp.up_proj.weight",
+    ("ffn", "down", "kernel"): "mlp.down_proj.weight",
+}
+_CROSS_NAMES = {
+    ("query", "kernel"): "q_proj.weight",
+    ("key", "kernel"): "k_proj.weight",
+    ("value", "kernel"): "v_proj.weight",
+    ("out", "kernel"): "o_proj.weight",
+    ("query_norm", "scale"): "q_norm.weight",
+    ("kv_norm", "scale"): "k_norm.weight",
+}
+
+
+def _layer_name(prefix: str, path: tuple[str, ...]) -> str:
+    index = path[0].split("_")[-1]
+    return f"{prefix}.layers.{index}.{_BLOCK_NAMES[path[1:]]}"
+
+
+def _cross_name(prefix: str, path: tuple[str, ...], all_layers: bool) -> str:
+    index = path[0].split("_")[-1] if all_layers else "0"  # transformers keeps one module then
+    return f"{prefix}.cross_attn_layers.{index}.{_CROSS_NAMES[path[1:]]}"
+
+
+def hf_parameter_name(cfg: BLTConfig, path: tuple[str, ...]) -> str:
+    """The `transformers` state-dict key of the bltjax parameter at ``path``."""
+    component, rest = path[0], path[1:]
+    if component == "local_encoder":
+        prefix = "model.local_encoder"
+        fixed = {
+            ("byte_embedding",): f"{prefix}.embed_tokens.weight",
+            ("hash_embedding", "tables"): "model.encoder_hash_tok_embedding.weight",
+            ("patch_projection", "kernel"): f"{prefix}.patch_embedding_projection.weight",
+        }
+        if rest in fixed:
+            return fixed[rest]
+        if rest[0].startswith("layers_"):
+            return _layer_name(prefix, rest)
+        return _cross_name(prefix, rest, cfg.cross_attn_all_layers_encoder)
+    if component == "latent":
+        if rest == ("input_projection", "kernel"):
+            return "model.global_transformer.token_embedding_projection.weight"
+        return _layer_name("model.global_transformer", rest[1:])
+    if component == "local_decoder":
+        prefix = "model.local_decoder"
+        fixed = {
+            ("patch_projection", "kernel"): f"{prefix}.patch_embedding_projection.weight",
+            ("final_norm", "scale"): f"{prefix}.norm.weight",
+            ("output", "kernel"): "lm_head.weight",
+        }
+        if rest in fixed:
+            return fixed[rest]
+        if rest[0].startswith("layers_"):
+            return _layer_name(prefix, rest)
+        return _cross_name(prefix, rest, cfg.cross_attn_all_layers_decoder)
+    raise KeyError(f"no transformers name for parameter {'/'.join(path)}")
+
+
+def hf_entropy_parameter_name(path: tuple[str, ...]) -> str:
+    """The `transformers` key of a bltjax ByteLM parameter inside a BLT checkpoint's patcher."""
+    prefix = "model.patcher"
+    fixed = {
+        ("embedding",): f"{prefix}.embed_tokens.weight",
+        ("final_norm", "scale"): f"{prefix}.norm.weight",
+        ("output", "kernel"): f"{prefix}.lm_head.weight",
+    }
+    if path in fixed:
+        return fixed[path]
+    return _layer_name(prefix, path[1:])
+
+
+# --- tensor layouts ---------------------------------------------------------------------------
+
+
+def _hf_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape of the torch tensor holding a bltjax parameter of ``shape``."""
+    if path[-1] == "tables":
+        return (shape[0] * shape[1], shape[2])
+    if path[-1] == "kernel":
+        n_in = 2 if path[-2] == "out" else 1
+        return (math.prod(shape[n_in:]), math.prod(shape[:n_in]))
+    return tuple(shape)
+
+
+def _from_hf(path: tuple[str, ...], tensor: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    if path[-1] == "kernel":
+        return tensor.T.reshape(shape)
+    return tensor.reshape(shape)
+
+
+def _to_hf(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
+    hf_shape = _hf_shape(path, value.shape)
+    if path[-1] == "kernel":
+        return np.ascontiguousarray(value.reshape(hf_shape[::-1]).T)
+    return np.ascontiguousarray(value.reshape(hf_shape))
+
+
+# --- safetensors ------------------------------------------------------------------------------
+
+
+class _SafetensorsReader:
+    """Reads tensors one at a time through safetensors' numpy API.
+
+    numpy has no bfloat16, so safetensors' numpy API refuses BF16 tensors (the dtype of the
+    released checkpoints); those are read from the file's documented layout (an 8-byte header
+    length, a JSON header with dtype/shape/offsets, then raw little-endian data) as
+    ml_dtypes.bfloat16 and widened to float32.
+    """
+
+    def __init__(self, path: pathlib.Path):
+        self.path = path
+        with open(path, "rb") as f:
+            (header_size,) = struct.unpack("<Q", f.read(8))
+            self.header = json.loads(f.read(header_size))
+        self.data_start = 8 + header_size
+        self.header.pop("__metadata__", None)
+
+    def keys(self) -> set[str]:
+        return set(self.header)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.header[name]["shape"])
+
+    def get(self, name: str) -> np.ndarray:
+        info = self.header[name]
+        if info["dtype"] == "BF16":
+            start, end = info["data_offsets"]
+            raw = np.fromfile(self.path, dtype=np.uint8, count=end - start, offset=self.data_start + start)
+            return raw.view(ml_dtypes.bfloat16).reshape(info["shape"]).astype(np.float32)
+        with safe_open(self.path, framework="np") as f:
+            return f.get_tensor(name)
+
+
+def _read_json(path: pathlib.Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (a Hugging Face BLT folder holds {CONFIG_FILE} and {WEIGHTS_FILE})")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from err
+
+
+def _weights(model_dir: pathlib.Path) -> _SafetensorsReader:
+    path = model_dir / WEIGHTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (a Hugging Face BLT folder holds {CONFIG_FILE} and {WEIGHTS_FILE})")
+    return _SafetensorsReader(path)
+
+
+def _load_tree(module: nn.Module, example_args: tuple, name_of, reader: _SafetensorsReader, dtype) -> dict:
+    """Fills the module's parameter tree from ``reader``, checking every name and shape."""
+    shapes = nn.meta.unbox(jax.eval_shape(lambda: module.init(jax.random.key(0), *example_args))["params"])
+    available = reader.keys()
+
+    def load(key_path, leaf):
+        path = tuple(k.key for k in key_path)
+        name = name_of(path)
+        if name not in available:
+            raise CheckpointError(f"{reader.path}: parameter '{name}' (bltjax {'/'.join(path)}) is missing")
+        expected = _hf_shape(path, leaf.shape)
+        if reader.shape(name) != expected:
+            raise CheckpointError(
+                f"{reader.path}: parameter '{name}' has shape {list(reader.shape(name))}, "
+                f"expected {list(expected)} from config.json"
+            )
+        return _from_hf(path, reader.get(name), leaf.shape).astype(dtype)
+
+    return jax.tree_util.tree_map_with_path(load, shapes)
+
+
+def _example_blt_args() -> tuple[np.ndarray, np.ndarray]:
+    return np.ones((1, 4), np.int32), np.array([[1, 4]], np.int32)
+
+
+def load_hf_blt(model_dir: str | os.PathLike, *, dtype=np.float32) -> tuple[BLT, dict]:
+    """Imports a `transformers` BLT folder: returns (model, params) with float32 logits.
+
+    ``model.apply({'params': params}, tokens[B, N], patch_lengths[B, P])`` then gives the
+    logits `BltForCausalLM` gives for the same ids and patch lengths.
+    """
+    model_dir = pathlib.Path(model_dir)
+    config_path = model_dir / CONFIG_FILE
+    cfg = blt_config_from_hf(_read_json(config_path), config_path)
+    model = BLT(cfg)
+    params = _load_tree(model, _example_blt_args(), lambda p: hf_parameter_name(cfg, p), _weights(model_dir), dtype)
+    return model, params
+
+
+def load_hf_entropy_model(model_dir: str | os.PathLike, *, dtype=np.float32) -> tuple[ByteLM, dict, float | None]:
+    """Imports the checkpoint's entropy patcher: (model, params, patching threshold)."""
+    model_dir = pathlib.Path(model_dir)
+    config_path = model_dir / CONFIG_FILE
+    raw = _read_json(config_path)
+    model = ByteLM(entropy_model_config_from_hf(raw, config_path))
+    params = _load_tree(model, (np.ones((1, 4), np.int32),), hf_entropy_parameter_name, _weights(model_dir), dtype)
+    return model, params, raw.get("patching_threshold")
+
+
+def _atomic_write(path: pathlib.Path, write) -> None:
+    """Writes through a temporary file in the same folder and renames it into place."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_hf_blt(
+    model: BLT,
+    params: dict,
+    out_dir: str | os.PathLike,
+    *,
+    entropy_model: tuple[ByteLM, dict] | None = None,
+    threshold: float | None = None,
+) -> pathlib.Path:
+    """Exports to a `transformers` BLT folder (config.json + model.safetensors, float32).
+
+    With ``entropy_model=(byte_lm, params)`` the patcher is included, so that
+    `BltForCausalLM` can patch by itself. Each file is written atomically.
+    """
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    patcher_cfg = entropy_model[0].config if entropy_model is not None else None
+    hf_config = blt_config_to_hf(cfg, patcher_cfg, threshold)
+    tensors: dict[str, np.ndarray] = {}
+
+    def collect(tree, name_of):
+        for key_path, value in jax.tree_util.tree_flatten_with_path(nn.meta.unbox(tree))[0]:
+            path = tuple(k.key for k in key_path)
+            tensors[name_of(path)] = _to_hf(path, np.asarray(value, np.float32))
+
+    collect(params, lambda p: hf_parameter_name(cfg, p))
+    if entropy_model is not None:
+        collect(entropy_model[1], hf_entropy_parameter_name)
+    _atomic_write(out_dir / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _atomic_write(out_dir / CONFIG_FILE, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(hf_config, indent=2) + "\n"))
+    return out_dir

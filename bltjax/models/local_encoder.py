@@ -1,0 +1,109 @@
+"""Local encoder: bytes -> byte states and k patch vectors per patch (spec §6).
+
+A light byte transformer (sliding-window attention) whose states are pooled per patch into
+queries that then cross-attend to the bytes of their own patch. The pooled-query init, the
+double residual and the own-patch mask are those of the released checkpoints.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bltjax.models.configs import BLTConfig
+from bltjax.models.hash_embed import HashNgramEmbedding
+from bltjax.models.layers import (
+    CrossAttention,
+    Linear,
+    TransformerBlock,
+    depth_factor,
+    dtype_of,
+    truncated_normal_init,
+)
+
+
+def pool_patches(x_BNE: jax.Array, pid_BN: jax.Array, n_patches: int, mode: str) -> jax.Array:
+    """Element-wise max / mean / min of each patch's byte states, [B, P, E]; empty patch -> 0."""
+    b, _, e = x_BNE.shape
+    rows = jnp.arange(b)[:, None]
+    counts = jnp.zeros((b, n_patches), jnp.int32).at[rows, pid_BN].add(1)
+    empty = (counts == 0)[..., None]
+    if mode == "max":
+        pooled = jnp.full((b, n_patches, e), -jnp.inf, x_BNE.dtype).at[rows, pid_BN].max(x_BNE)
+    elif mode == "min":
+        pooled = jnp.full((b, n_patches, e), jnp.inf, x_BNE.dtype).at[rows, pid_BN].min(x_BNE)
+    elif mode == "avg":
+        sums = jnp.zeros((b, n_patches, e), x_BNE.dtype).at[rows, pid_BN].add(x_BNE)
+        pooled = sums / jnp.maximum(counts, 1)[..., None].astype(x_BNE.dtype)
+    else:
+        raise ValueError(f"pooling: expected 'max', 'avg' or 'min', got {mode!r}")
+    return jnp.where(empty, 0.0, pooled)
+
+
+def encoder_cross_attn_mask(pid_BN: jax.Array, n_patches: int, k: int, window: int) -> jax.Array:
+    """[B, P*k, N]: slot q (patch q // k) sees token i iff pid(i) <= q // k < pid(i) + window."""
+    slot_patch = jnp.arange(n_patches * k, dtype=jnp.int32) // k
+    pid = pid_BN[:, None, :]
+    own = slot_patch[None, :, None]
+    return (pid <= own) & (own < pid + window)
+
+
+class LocalEncoder(nn.Module):
+    """Returns (byte states h_enc [B, N, E], patch slots Z [B, P*k, E])."""
+
+    config: BLTConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens_BN: jax.Array,
+        hash_ids_TBN: jax.Array,
+        positions_BN: jax.Array,
+        self_mask_BNN: jax.Array,
+        pid_BN: jax.Array,
+        n_patches: int,
+    ) -> tuple[jax.Array, jax.Array]:
+        cfg = self.config
+        stack = cfg.encoder
+        e, k = stack.dim, cfg.cross_attn_k
+        kw = dict(dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype))
+        byte_table = self.param(
+            "byte_embedding",
+            nn.with_logical_partitioning(truncated_normal_init(e**-0.5), ("vocab", "embed")),
+            (cfg.vocab_size, e),
+            kw["param_dtype"],
+        )
+        x = jnp.take(byte_table, tokens_BN, axis=0)
+        if cfg.num_hash_tables:
+            x = x + HashNgramEmbedding(
+                cfg.num_hash_tables, cfg.hash_vocab, e, kw["param_dtype"], name="hash_embedding"
+            )(hash_ids_TBN)
+            if cfg.hash_normalize:
+                x = x / (len(cfg.hash_sizes) + 1)
+        x = x.astype(kw["dtype"])
+        self.sow("intermediates", "encoder_input_embeds", x)
+        embeddings = x
+
+        cross_mask = encoder_cross_attn_mask(pid_BN, n_patches, k, cfg.cross_attn_window_encoder)
+        project_patches = Linear((e,), (k * e,), ("embed", "patch_slots"), e**-0.5, name="patch_projection", **kw)
+        heads, kv_heads = (cfg.cross_attn_heads, None) if cfg.cross_attn_heads else (stack.n_heads, stack.kv_heads)
+        slots = None
+        for i in range(stack.n_layers):
+            x = TransformerBlock(stack, i, cfg.init_std_factor, name=f"layers_{i}", **kw)(
+                x, positions_BN, self_mask_BNN
+            )
+            if not (cfg.cross_attn_all_layers_encoder or i == stack.n_layers - 1):
+                continue
+            if slots is None or cfg.repool_every_cross_attn_layer:
+                source = embeddings if cfg.patch_query_init == "embedding" else x
+                pooled = pool_patches(source, pid_BN, n_patches, cfg.pooling)
+                slots = project_patches(pooled).reshape(x.shape[0], n_patches * k, e)
+            f = depth_factor(cfg.init_std_factor, i, stack.n_layers, e)
+            updated = CrossAttention(
+                e, heads, e**-0.5 / f, stack.norm_eps, kv_heads, name=f"cross_attention_{i}", **kw
+            )(
+                slots, x, mask_BTS=cross_mask
+            )
+            slots = slots + updated if cfg.double_cross_attn_residual else updated
+        return x, slots
