@@ -55,13 +55,16 @@ zero; with `max_patch_length` (which drops zeros) they are equal outright. Equiv
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
+
+if TYPE_CHECKING:
+    import jax
 
 OFFSET = 4
 VOCAB_SIZE = 260
@@ -69,7 +72,7 @@ MODES = ("static", "space", "entropy", "byte")
 
 
 def _space_like_table() -> np.ndarray:
-    """space_like(id) of §3.8 for all 260 ids: not an ASCII letter/digit, not a continuation byte."""
+    """space_like(id) of §3.8 for all ids: not an ASCII letter/digit, not a continuation byte."""
     byte = np.arange(VOCAB_SIZE) - OFFSET  # negative for special tokens
     word = (
         ((byte >= 48) & (byte <= 57))  # 0-9
@@ -99,9 +102,7 @@ class _Rule:
 
     @property
     def forced_starts(self) -> int:
-        """Positions 0..forced_starts-1 always start a patch (§3.2, §3.5, §3.6)."""
-        if self.kind == "byte":
-            return 0
+        """Dynamic modes: positions 0..forced_starts-1 always start a patch (§3.2, §3.5, §3.6)."""
         return 3 if self.kind in ("monotonic", "combined") else 2
 
 
@@ -155,11 +156,17 @@ def _make_rule(
             ("monotonicity", monotonicity, False),
         ):
             if value != unset:
-                raise _fail(name, f"{unset} when mode={mode!r} (it is only used by mode='entropy')", value)
+                raise _fail(
+                    name, f"{unset} when mode={mode!r} (it is only used by mode='entropy')", value
+                )
 
     kind = mode
     if mode == "static":
-        if not isinstance(patch_size, numbers.Integral) or isinstance(patch_size, bool) or patch_size < 1:
+        if (
+            not isinstance(patch_size, numbers.Integral)
+            or isinstance(patch_size, bool)
+            or patch_size < 1
+        ):
             raise _fail("patch_size", "an int >= 1 when mode='static'", patch_size)
     elif mode in ("space", "byte"):
         if patch_size is not None:
@@ -176,18 +183,31 @@ def _make_rule(
                     threshold,
                 )
             if not _is_real(patch_size) or not patch_size > 0:
-                raise _fail("patch_size", "a number > 0 for top-k entropy patching (no threshold)", patch_size)
+                raise _fail(
+                    "patch_size",
+                    "a number > 0 for top-k entropy patching (no threshold)",
+                    patch_size,
+                )
         else:
             if patch_size is not None:
                 raise _fail("patch_size", "None when an entropy threshold is given", patch_size)
             if monotonicity and threshold_add is not None:
-                raise _fail("threshold_add", "None when monotonicity=True (§3.5 has one threshold)", threshold_add)
-            kind = "monotonic" if monotonicity else "combined" if threshold_add is not None else "global"
+                raise _fail(
+                    "threshold_add",
+                    "None when monotonicity=True (§3.5 has one threshold)",
+                    threshold_add,
+                )
+            if monotonicity:
+                kind = "monotonic"
+            elif threshold_add is not None:
+                kind = "combined"
+            else:
+                kind = "global"
     return _Rule(
         kind=kind,
         threshold=None if threshold is None else float(threshold),
         threshold_add=None if threshold_add is None else float(threshold_add),
-        patch_size=None if patch_size is None else patch_size,
+        patch_size=patch_size,
         max_patch_length=None if max_patch_length is None else int(max_patch_length),
         include_next_token=bool(include_next_token),
         reference_quirks=bool(reference_quirks),
@@ -211,13 +231,51 @@ def _check_entropies(entropies: Any, shape: tuple[int, ...], xp: Any) -> Any:
     if entropies.shape != shape:
         raise _fail("entropies", f"shaped like tokens {shape}", f"shape {entropies.shape}")
     if not xp.issubdtype(entropies.dtype, xp.floating):
-        raise _fail("entropies", "a float16/float32/float64 array (nats)", f"dtype {entropies.dtype}")
+        raise _fail(
+            "entropies", "a float16/float32/float64 array (nats)", f"dtype {entropies.dtype}"
+        )
     return entropies
 
 
 def _compare_dtype(dtype: np.dtype) -> type:
     """float32 unless the entropies are float64 (see the module docstring)."""
     return np.float64 if np.dtype(dtype).itemsize > 4 else np.float32
+
+
+def _limit(threshold: float, dtype: np.dtype) -> np.floating:
+    """The threshold in the comparison dtype (beyond float32's range: +-inf, as the reference)."""
+    with np.errstate(over="ignore"):
+        return _compare_dtype(dtype)(threshold)
+
+
+def _greater(values: np.ndarray, threshold: float, out: np.ndarray) -> None:
+    """out = values > threshold, compared as float32 (float64 for float64 values).
+
+    float16 (the sidecar format) is compared on its bit patterns, which for values >= 0 are
+    ordered like the values: ten times faster than numpy's float16 -> float32 conversion, and
+    exact (`values > t` iff `bits >= bits of the smallest float16 above t`).
+    """
+    limit = _limit(threshold, values.dtype)
+    if values.dtype != np.float16 or not limit >= 0:
+        np.greater(values, limit, out=out)
+        return
+    if np.isinf(limit):
+        out[:] = False
+        return
+    with np.errstate(over="ignore"):  # limits above 65504: only +inf is above them
+        smallest_above = np.float16(limit)
+        if not np.float32(smallest_above) > limit:
+            smallest_above = np.nextafter(smallest_above, np.float16(np.inf))
+    # Negative values and -0.0 have negative int16 patterns, so they are never above.
+    np.greater_equal(values.view(np.int16), smallest_above.view(np.int16), out=out)
+
+
+def _has_nan(entropies: np.ndarray) -> bool:
+    """One pass; float16 is checked on its bits (exponent all ones, mantissa non-zero)."""
+    if entropies.dtype != np.float16:
+        return bool(np.isnan(np.max(entropies)))
+    bits = entropies.view(np.uint16)
+    return any((bits[rows, lo:hi] & 0x7FFF).max() > 0x7C00 for rows, lo, hi in _tiles(*bits.shape))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,7 +295,7 @@ def _rule_start_mask(rule: _Rule, tokens: np.ndarray, entropies: np.ndarray | No
         cmp = _compare_dtype(entropies.dtype)
         scores = entropies[:, 1 : total - 1].astype(cmp, copy=False)
         _top_k_into(scores, _top_k_count(rule, n), candidates)
-    for rows, lo, hi in _tiles(*candidates.shape):
+    for rows, lo, hi in _tiles(*candidates.shape) if rule.kind != "topk" else ():
         out = candidates[rows, lo:hi]
         if rule.kind == "space":
             ids = tokens[rows, lo : hi + 1]
@@ -248,18 +306,20 @@ def _rule_start_mask(rule: _Rule, tokens: np.ndarray, entropies: np.ndarray | No
             # end(i) = space_like(i) and not space_like(i-1), or token i is special.
             np.greater(space_like[:, 1:], space_like[:, :-1], out=out)
             out |= ids[:, 1:] < OFFSET
-        elif rule.kind != "topk":
-            cmp = _compare_dtype(entropies.dtype)
+        else:
             previous = entropies[rows, lo + 1 : hi + 1]  # H_{p-1}
             if rule.kind == "global":
-                np.greater(previous, cmp(rule.threshold), out=out)
+                _greater(previous, rule.threshold, out=out)
                 continue
+            cmp = _compare_dtype(entropies.dtype)
             rise = np.subtract(previous, entropies[rows, lo:hi], dtype=cmp)  # H_{p-1} - H_{p-2}
             if rule.kind == "monotonic":
-                np.greater(rise, cmp(rule.threshold), out=out)
+                np.greater(rise, _limit(rule.threshold, cmp), out=out)
             else:
-                np.greater(rise, cmp(rule.threshold_add), out=out)
-                out &= previous > cmp(rule.threshold)
+                np.greater(rise, _limit(rule.threshold_add, cmp), out=out)
+                above = np.empty_like(out)
+                _greater(previous, rule.threshold, out=above)
+                out &= above
     mask[:, : rule.forced_starts] = True
     if rule.kind == "combined" and rule.reference_quirks and total > 3:
         mask[:, 3] = False
@@ -269,7 +329,7 @@ def _rule_start_mask(rule: _Rule, tokens: np.ndarray, entropies: np.ndarray | No
 _TILE = 1 << 16  # elements per tile: temporaries of a few hundred KiB stay in L2
 
 
-def _tiles(batch: int, width: int):
+def _tiles(batch: int, width: int) -> Iterator[tuple[slice, int, int]]:
     """(row slice, first column, end column) tiles covering a [batch, width] array."""
     cols = max(1, min(width, _TILE))
     rows = max(1, _TILE // cols)
@@ -319,7 +379,9 @@ def _flat_lengths_from_mask(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return lengths, np.diff(row_first)
 
 
-def _split_flat(lengths: np.ndarray, counts: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+def _split_flat(
+    lengths: np.ndarray, counts: np.ndarray, max_len: int
+) -> tuple[np.ndarray, np.ndarray]:
     """§3.12 on flat positive lengths: L -> floor(L/m) pieces of m, then L % m if non-zero.
 
     Only the (few) long patches are touched: their extra pieces are inserted after them and the
@@ -332,7 +394,7 @@ def _split_flat(lengths: np.ndarray, counts: np.ndarray, max_len: int) -> tuple[
     extra = (long_lengths - 1) // max_len  # pieces - 1
     extra_end = np.cumsum(extra)
     first = long + (extra_end - extra)  # new index of each long patch's first piece
-    extra_index = np.repeat(first - (extra_end - extra) + 1, extra) + np.arange(int(extra_end[-1]))
+    extra_index = np.repeat(long + 1, extra) + np.arange(int(extra_end[-1]))  # pieces 2, 3, ...
     keeps_original = np.ones(lengths.size + int(extra_end[-1]), dtype=bool)
     keeps_original[extra_index] = False
     split = np.empty(keeps_original.size, dtype=lengths.dtype)
@@ -361,12 +423,16 @@ def _pack_rows(lengths: np.ndarray, counts: np.ndarray) -> np.ndarray:
 def _static_row(rule: _Rule, total: int) -> np.ndarray:
     """Lengths of one static or byte row over `total` positions."""
     if rule.kind == "byte":
-        return np.ones(total, dtype=np.int64)
+        return np.ones(total, dtype=np.int32)
     size = int(rule.patch_size)
-    head = [1] if rule.static_first_patch_rule else []
-    rest = total - len(head)
-    tail = [rest % size] if rest % size else []
-    return np.array(head + [size] * (rest // size) + tail, dtype=np.int64)
+    head = int(rule.static_first_patch_rule)
+    full, tail = divmod(total - head, size)
+    row = np.full(head + full + (tail > 0), size, dtype=np.int32)
+    if head:
+        row[0] = 1
+    if tail:
+        row[-1] = tail
+    return row
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,7 +483,7 @@ def patch_lengths(
         return np.broadcast_to(_pack_rows(row, counts), (batch, int(counts[0]))).copy()
     if entropies is not None:
         entropies = _check_entropies(entropies, tokens.shape, np)
-        if np.isnan(np.max(entropies)):
+        if _has_nan(entropies):
             raise _fail("entropies", "free of NaN", f"{int(np.isnan(entropies).sum())} NaN values")
     lengths, counts = _flat_lengths_from_mask(_rule_start_mask(rule, tokens, entropies))
     if rule.max_patch_length is not None:
@@ -464,11 +530,15 @@ def patch_start_mask(
 def _check_lengths(lengths: Any) -> np.ndarray:
     lengths = np.asarray(lengths)
     if lengths.ndim != 2 or not np.issubdtype(lengths.dtype, np.integer):
-        raise _fail("lengths", "an integer array [B, P]", f"{lengths.dtype} array of shape {lengths.shape}")
+        raise _fail(
+            "lengths", "an integer array [B, P]", f"{lengths.dtype} array of shape {lengths.shape}"
+        )
     if lengths.size and lengths.min() < 0:
         raise _fail("lengths", "non-negative", f"minimum {lengths.min()}")
-    if np.any((lengths[:, 1:] > 0) & (lengths[:, :-1] == 0)):
-        raise _fail("lengths", "right-padded (no non-zero length after a zero, §3.1)", lengths)
+    gaps = np.flatnonzero(np.any((lengths[:, 1:] > 0) & (lengths[:, :-1] == 0), axis=1))
+    if gaps.size:
+        row = f"row {gaps[0]}: {lengths[gaps[0]].tolist()}"
+        raise _fail("lengths", "right-padded (no non-zero length after a zero, §3.1)", row)
     return lengths
 
 
@@ -487,7 +557,9 @@ def lengths_from_start_mask(mask: np.ndarray) -> np.ndarray:
     """int32 [B, P] lengths from a start mask whose first column is all True (§3.1)."""
     mask = np.asarray(mask)
     if mask.ndim != 2 or mask.dtype != bool or mask.shape[1] < 1:
-        raise _fail("mask", "a non-empty bool array [B, T]", f"{mask.dtype} array of shape {mask.shape}")
+        raise _fail(
+            "mask", "a non-empty bool array [B, T]", f"{mask.dtype} array of shape {mask.shape}"
+        )
     if not mask[:, 0].all():
         raise _fail("mask", "True in column 0 of every row (position 0 starts a patch)", mask[:, 0])
     return _pack_rows(*_flat_lengths_from_mask(mask))
@@ -499,7 +571,9 @@ def split_long_patches(lengths: np.ndarray, max_patch_length: int) -> np.ndarray
     if not isinstance(max_patch_length, numbers.Integral) or max_patch_length < 1:
         raise _fail("max_patch_length", "an int >= 1", max_patch_length)
     positive = lengths > 0
-    flat, counts = _split_flat(lengths[positive].astype(np.int64), positive.sum(axis=1), int(max_patch_length))
+    flat, counts = _split_flat(
+        lengths[positive].astype(np.int64), positive.sum(axis=1), int(max_patch_length)
+    )
     return _pack_rows(flat, counts)
 
 
@@ -517,13 +591,91 @@ def decoder_patch_ids_from_lengths(lengths: np.ndarray, n: int) -> np.ndarray:
     """dpid of §8.2 as int32 [B, n]: pid computed from lengths[:, 1:] (first patch must be 1)."""
     lengths = _check_lengths(lengths)
     if lengths.shape[1] == 0 or np.any(lengths[:, 0] != 1):
-        raise _fail("lengths", "a first patch of length 1 in every row (§8.2)", lengths[:, :1].ravel())
+        raise _fail(
+            "lengths", "a first patch of length 1 in every row (§8.2)", lengths[:, :1].ravel()
+        )
     return patch_ids_from_lengths(lengths[:, 1:], n)
 
 
 # ---------------------------------------------------------------------------------------------
 # jnp twin: static shapes, usable inside jit (NaN entropies cannot be rejected there: a NaN
-# compares False, so it never starts a patch).
+# compares False, so it never starts a patch; token ids are not range-checked either).
+# jax is imported on first use, so that numpy-only users (data-loader workers, the calibration
+# command line) start without it.
+
+
+def _start_mask_traced(rule: _Rule, tokens: Any, entropies: Any, params: Any) -> Any:
+    """The rules of §3 on jnp arrays. `rule` is static (it fixes shapes and branches); the
+    numbers in `params` = [threshold, threshold_add, static patch size, max_patch_length] are
+    traced, so one compilation serves every threshold."""
+    import jax
+    import jax.numpy as jnp
+
+    batch, n = tokens.shape
+    total = n + int(rule.include_next_token)
+    positions = jnp.arange(total)
+    cmp = jnp.float64 if entropies is not None and entropies.dtype == jnp.float64 else jnp.float32
+    threshold, threshold_add = params[0].astype(cmp), params[1].astype(cmp)
+    static_size, max_len = params[2].astype(jnp.int32), params[3].astype(jnp.int32)
+    if rule.kind == "byte":
+        mask = jnp.ones((batch, total), dtype=bool)
+    elif rule.kind == "static":
+        if rule.static_first_patch_rule:
+            row = (positions == 0) | ((positions - 1) % static_size == 0)
+        else:
+            row = positions % static_size == 0
+        mask = jnp.broadcast_to(row, (batch, total))
+    else:
+        # Column j of `candidates` is position p = j + 2 (as in the numpy rules).
+        if rule.kind == "space":
+            space_like = jnp.asarray(SPACE_LIKE)[tokens[:, : total - 1]]
+            ends = space_like[:, 1:] & ~space_like[:, :-1]
+            candidates = ends | (tokens[:, 1 : total - 1] < OFFSET)
+        else:
+            previous = entropies[:, 1 : total - 1].astype(cmp)  # H_{p-1}
+            rise = previous - entropies[:, 0 : total - 2].astype(cmp)  # H_{p-1} - H_{p-2}
+            if rule.kind == "global":
+                candidates = previous > threshold
+            elif rule.kind == "monotonic":
+                candidates = rise > threshold
+            elif rule.kind == "combined":
+                candidates = (previous > threshold) & (rise > threshold_add)
+            else:
+                k = min(_top_k_count(rule, n), previous.shape[1])
+                candidates = jnp.zeros(previous.shape, dtype=bool)
+                if k:
+                    _, chosen = jax.lax.top_k(previous, k)  # ties: lower index first
+                    candidates = candidates.at[jnp.arange(batch)[:, None], chosen].set(True)
+        head = jnp.ones((batch, min(total, 2)), dtype=bool)
+        mask = jnp.concatenate([head, candidates], axis=1)
+        if rule.kind == "combined" and rule.reference_quirks:
+            mask = mask & (positions != 3)[None, :]
+        mask = mask | (positions < rule.forced_starts)[None, :]
+    if rule.max_patch_length is not None:
+        last_start = jax.lax.cummax(jnp.where(mask, positions, 0), axis=1)
+        mask = mask | ((positions - last_start) % max_len == 0)
+    return mask
+
+
+def _lengths_from_mask_traced(mask: Any, max_patches: int) -> Any:
+    import jax
+    import jax.numpy as jnp
+
+    total = mask.shape[1]
+    starts = jax.vmap(lambda row: jnp.nonzero(row, size=max_patches, fill_value=total)[0])(mask)
+    ends = jnp.concatenate(
+        [starts[:, 1:], jnp.full((mask.shape[0], 1), total, starts.dtype)], axis=1
+    )
+    return (ends - starts).astype(jnp.int32)
+
+
+@functools.cache
+def _compiled(name: str) -> Any:
+    import jax
+
+    if name == "start_mask":
+        return jax.jit(_start_mask_traced, static_argnums=0)
+    return jax.jit(_lengths_from_mask_traced, static_argnums=1)
 
 
 def patch_start_mask_jnp(
@@ -540,7 +692,10 @@ def patch_start_mask_jnp(
     reference_quirks: bool = False,
     static_first_patch_rule: bool = True,
 ) -> jax.Array:
-    """jnp twin of `patch_start_mask`: bool [B, N (+1)]; everything but arrays must be static."""
+    """jnp twin of `patch_start_mask`: bool [B, N (+1)]. Arrays may be traced; the other
+    arguments are Python values (static under an enclosing jit)."""
+    import jax.numpy as jnp
+
     rule = _make_rule(
         mode=mode,
         entropies_given=entropies is not None,
@@ -554,45 +709,27 @@ def patch_start_mask_jnp(
         static_first_patch_rule=static_first_patch_rule,
     )
     tokens = _check_tokens(tokens, jnp)
-    batch, n = tokens.shape
-    total = n + int(rule.include_next_token)
-    positions = jnp.arange(total)
-    if rule.kind == "byte":
-        mask = jnp.ones((batch, total), dtype=bool)
-    elif rule.kind == "static":
-        size = int(rule.patch_size)
-        row = (positions == 0) | ((positions - 1) % size == 0) if rule.static_first_patch_rule else positions % size == 0
-        mask = jnp.broadcast_to(row, (batch, total))
-    else:
-        if rule.kind == "space":
-            space_like = jnp.asarray(SPACE_LIKE)[tokens[:, : total - 1]]
-            candidates = (space_like[:, 1:] & ~space_like[:, :-1]) | (tokens[:, 1 : total - 1] < OFFSET)
-        else:
-            entropies = _check_entropies(entropies, tokens.shape, jnp)
-            cmp = jnp.float64 if entropies.dtype == jnp.float64 else jnp.float32
-            previous = entropies[:, 1 : total - 1].astype(cmp)
-            rise = previous - entropies[:, 0 : total - 2].astype(cmp)
-            if rule.kind == "global":
-                candidates = previous > rule.threshold
-            elif rule.kind == "monotonic":
-                candidates = rise > rule.threshold
-            elif rule.kind == "combined":
-                candidates = (previous > rule.threshold) & (rise > rule.threshold_add)
-            else:
-                k = min(_top_k_count(rule, n), previous.shape[1])
-                candidates = jnp.zeros(previous.shape, dtype=bool)
-                if k:
-                    _, chosen = jax.lax.top_k(previous, k)
-                    candidates = candidates.at[jnp.arange(batch)[:, None], chosen].set(True)
-        mask = jnp.concatenate([jnp.ones((batch, min(total, 2)), dtype=bool), candidates], axis=1)
-        forced = (positions < rule.forced_starts)[None, :]
-        if rule.kind == "combined" and rule.reference_quirks:
-            mask = mask & (positions != 3)[None, :]
-        mask = mask | forced
-    if rule.max_patch_length is not None:
-        last_start = jax.lax.cummax(jnp.where(mask, positions, 0), axis=1)
-        mask = mask | ((positions - last_start) % rule.max_patch_length == 0)
-    return mask
+    if entropies is not None:
+        entropies = _check_entropies(entropies, tokens.shape, jnp)
+    wide = entropies is not None and entropies.dtype == jnp.float64
+    params = jnp.array(
+        [
+            rule.threshold or 0.0,
+            rule.threshold_add or 0.0,
+            rule.patch_size if rule.kind == "static" else 0,
+            rule.max_patch_length or 0,
+        ],
+        dtype=jnp.float64 if wide else jnp.float32,
+    )
+    # Only what fixes shapes or branches stays static; the numbers travel in `params`.
+    static_rule = dataclasses.replace(
+        rule,
+        threshold=None,
+        threshold_add=None,
+        patch_size=rule.patch_size if rule.kind == "topk" else None,
+        max_patch_length=None if rule.max_patch_length is None else 1,
+    )
+    return _compiled("start_mask")(static_rule, tokens, entropies, params)
 
 
 def patch_lengths_jnp(tokens: jax.Array, *, max_patches: int, **kwargs: Any) -> jax.Array:
@@ -602,10 +739,11 @@ def patch_lengths_jnp(tokens: jax.Array, *, max_patches: int, **kwargs: Any) -> 
     their row sum: the surplus is merged into the last column (so `max_patch_length` may be
     exceeded there); check `patch_start_mask_jnp(...).sum(-1) <= max_patches` if it matters.
     """
-    if not isinstance(max_patches, numbers.Integral) or max_patches < 1:
+    if (
+        not isinstance(max_patches, numbers.Integral)
+        or isinstance(max_patches, bool)
+        or max_patches < 1
+    ):
         raise _fail("max_patches", "an int >= 1", max_patches)
     mask = patch_start_mask_jnp(tokens, **kwargs)
-    total = mask.shape[1]
-    starts = jax.vmap(lambda row: jnp.nonzero(row, size=max_patches, fill_value=total)[0])(mask)
-    ends = jnp.concatenate([starts[:, 1:], jnp.full((mask.shape[0], 1), total, starts.dtype)], axis=1)
-    return (ends - starts).astype(jnp.int32)
+    return _compiled("lengths")(mask, int(max_patches))

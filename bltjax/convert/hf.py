@@ -62,12 +62,35 @@ def _rope_theta(sub: dict, where: str, path: pathlib.Path, default: float) -> fl
     return float(rope.get("rope_theta", sub.get("rope_theta", default)))
 
 
-def _stack_from_hf(sub: dict, where: str, path: pathlib.Path, window: int | None, default_theta: float) -> TransformerConfig:
+# transformers' class defaults (those of the released blt-1b): `save_pretrained` leaves out
+# nothing of a sub-config, but hand-written config.json files may.
+_STACK_DEFAULTS = {
+    "encoder_config.": dict(
+        hidden_size=1024, num_attention_heads=16, num_hidden_layers=1, rope_theta=500000.0
+    ),
+    "decoder_config.": dict(
+        hidden_size=1024, num_attention_heads=16, num_hidden_layers=9, rope_theta=500000.0
+    ),
+    "global_config.": dict(
+        hidden_size=2048, num_attention_heads=16, num_hidden_layers=25, rope_theta=500000.0
+    ),
+    "patcher_config.": dict(
+        hidden_size=768, num_attention_heads=12, num_hidden_layers=14, rope_theta=10000.0
+    ),
+}
+
+
+def _stack_from_hf(
+    sub: dict, where: str, path: pathlib.Path, window: int | None
+) -> TransformerConfig:
+    defaults = _STACK_DEFAULTS[where]
     act = sub.get("hidden_act", "silu")
-    if act != "silu":
-        raise CheckpointError(f"{path}: field '{where}hidden_act' is {act!r}; BLT blocks use 'silu' (SwiGLU)")
-    dim = int(_field(sub, "hidden_size", where, path))
-    heads = int(_field(sub, "num_attention_heads", where, path))
+    if act != "silu" and where != "patcher_config.":  # transformers forces silu in the patcher
+        raise CheckpointError(
+            f"{path}: field '{where}hidden_act' is {act!r}; BLT blocks use 'silu' (SwiGLU)"
+        )
+    dim = int(_field(sub, "hidden_size", where, path, defaults["hidden_size"]))
+    heads = int(_field(sub, "num_attention_heads", where, path, defaults["num_attention_heads"]))
     kv_heads = int(sub.get("num_key_value_heads") or heads)
     head_dim = sub.get("head_dim")
     if head_dim is not None and head_dim != dim // heads:
@@ -78,11 +101,11 @@ def _stack_from_hf(sub: dict, where: str, path: pathlib.Path, window: int | None
     hidden = sub.get("intermediate_size") or int(8 * dim / 3)
     return TransformerConfig(
         dim=dim,
-        n_layers=int(_field(sub, "num_hidden_layers", where, path)),
+        n_layers=int(_field(sub, "num_hidden_layers", where, path, defaults["num_hidden_layers"])),
         n_heads=heads,
         n_kv_heads=kv_heads if kv_heads != heads else None,
         ffn_hidden=int(hidden),
-        rope_theta=_rope_theta(sub, where, path, default_theta),
+        rope_theta=_rope_theta(sub, where, path, defaults["rope_theta"]),
         norm_eps=float(sub.get("rms_norm_eps", 1e-5)),
         window=window,
     )
@@ -95,24 +118,38 @@ def blt_config_from_hf(config: dict, path: pathlib.Path = pathlib.Path(CONFIG_FI
     if config.get("vocab_size", VOCAB_SIZE) != VOCAB_SIZE:
         raise CheckpointError(f"{path}: field 'vocab_size' is {config['vocab_size']}; expected {VOCAB_SIZE}")
     if config.get("tie_word_embeddings"):
-        raise CheckpointError(f"{path}: field 'tie_word_embeddings' is true; BLT never ties weights")
-    window = config.get("local_attention_window_len", 512)  # transformers' default
-    encoder_sub = _field(config, "encoder_config", "", path)
-    decoder_sub = _field(config, "decoder_config", "", path)
-    global_sub = _field(config, "global_config", "", path)
-    # transformers applies the encoder's sliding-window mask to the decoder as well.
-    encoder = _stack_from_hf(encoder_sub, "encoder_config.", path, window, 500000.0)
-    decoder = _stack_from_hf(decoder_sub, "decoder_config.", path, window, 500000.0)
-    latent = _stack_from_hf(global_sub, "global_config.", path, None, 500000.0)
+        raise CheckpointError(
+            f"{path}: field 'tie_word_embeddings' is true; BLT never ties weights"
+        )
+    window = config.get("local_attention_window_len", 512)  # null: full causal attention
+    encoder_sub = config.get("encoder_config") or {}
+    decoder_sub = config.get("decoder_config") or {}
+    global_sub = config.get("global_config") or {}
+    # transformers applies the encoder's sliding-window mask to the decoder as well, and never
+    # uses decoder_config.sliding_window.
+    encoder = _stack_from_hf(encoder_sub, "encoder_config.", path, window)
+    decoder = _stack_from_hf(decoder_sub, "decoder_config.", path, window)
+    latent = _stack_from_hf(global_sub, "global_config.", path, None)
     if decoder.dim != encoder.dim:
         raise CheckpointError(
             f"{path}: field 'decoder_config.hidden_size' is {decoder.dim}; it must equal the encoder's {encoder.dim}"
+        )
+    k = int(config.get("cross_attn_k", 2))
+    for where, sub in (("encoder_config", encoder_sub), ("decoder_config", decoder_sub)):
+        if sub.get("cross_attn_k", k) != k:
+            raise CheckpointError(
+                f"{path}: field '{where}.cross_attn_k' is {sub['cross_attn_k']}; expected the top-level {k}"
+            )
+    if decoder_sub.get("hidden_size_global", latent.dim) != latent.dim:
+        raise CheckpointError(
+            f"{path}: field 'decoder_config.hidden_size_global' is {decoder_sub['hidden_size_global']}; "
+            f"expected the global width {latent.dim}"
         )
     return BLTConfig(
         encoder=encoder,
         latent=latent,
         decoder=decoder,
-        cross_attn_k=int(config.get("cross_attn_k", 2)),
+        cross_attn_k=k,
         cross_attn_all_layers_encoder=bool(encoder_sub.get("cross_attn_all_layers", False)),
         cross_attn_all_layers_decoder=bool(decoder_sub.get("cross_attn_all_layers", True)),
         repool_every_cross_attn_layer=True,
@@ -125,8 +162,12 @@ def blt_config_from_hf(config: dict, path: pathlib.Path = pathlib.Path(CONFIG_FI
 
 def entropy_model_config_from_hf(config: dict, path: pathlib.Path = pathlib.Path(CONFIG_FILE)) -> ByteLMConfig:
     """The ByteLMConfig of the checkpoint's entropy patcher (`patcher_config`)."""
-    sub = _field(config, "patcher_config", "", path)
-    stack = _stack_from_hf(sub, "patcher_config.", path, sub.get("sliding_window"), 10000.0)
+    if config.get("patch_in_forward") is False or "patcher_config" not in config:
+        raise CheckpointError(
+            f"{path}: field 'patcher_config' is missing (the checkpoint has no entropy patcher)"
+        )
+    sub = config["patcher_config"] or {}
+    stack = _stack_from_hf(sub, "patcher_config.", path, sub.get("sliding_window", 512))
     return ByteLMConfig(stack=stack, document_mask=False)
 
 
@@ -200,6 +241,7 @@ def blt_config_to_hf(cfg: BLTConfig, entropy_model: ByteLMConfig | None = None, 
         "tie_word_embeddings": False,
         "use_cache": False,
         "patch_in_forward": entropy_model is not None,
+        "patch_size": 4,  # transformers only tests it against None to enable its patcher
         "patching_mode": "entropy",
         "patching_threshold": threshold if threshold is not None else 1.335442066192627,
         "max_patch_length": None,
@@ -418,6 +460,22 @@ def load_hf_entropy_model(model_dir: str | os.PathLike, *, dtype=np.float32) -> 
     return model, params, raw.get("patching_threshold")
 
 
+def to_hf_state_dict(model: BLT | ByteLM, params: dict) -> dict[str, np.ndarray]:
+    """float32 tensors under their `transformers` names and layouts ([out, in] linear weights).
+
+    A ByteLM is named as the patcher of a BLT checkpoint (``model.patcher.*``).
+    """
+    if isinstance(model, BLT):
+        name_of = lambda path: hf_parameter_name(model.config, path)  # noqa: E731
+    else:
+        name_of = hf_entropy_parameter_name
+    tensors = {}
+    for key_path, value in jax.tree_util.tree_flatten_with_path(nn.meta.unbox(params))[0]:
+        path = tuple(k.key for k in key_path)
+        tensors[name_of(path)] = _to_hf(path, np.asarray(value, np.float32))
+    return tensors
+
+
 def _atomic_write(path: pathlib.Path, write) -> None:
     """Writes through a temporary file in the same folder and renames it into place."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -448,16 +506,14 @@ def save_hf_blt(
     cfg = model.config
     patcher_cfg = entropy_model[0].config if entropy_model is not None else None
     hf_config = blt_config_to_hf(cfg, patcher_cfg, threshold)
-    tensors: dict[str, np.ndarray] = {}
-
-    def collect(tree, name_of):
-        for key_path, value in jax.tree_util.tree_flatten_with_path(nn.meta.unbox(tree))[0]:
-            path = tuple(k.key for k in key_path)
-            tensors[name_of(path)] = _to_hf(path, np.asarray(value, np.float32))
-
-    collect(params, lambda p: hf_parameter_name(cfg, p))
+    tensors = to_hf_state_dict(model, params)
     if entropy_model is not None:
-        collect(entropy_model[1], hf_entropy_parameter_name)
-    _atomic_write(out_dir / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(out_dir / CONFIG_FILE, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(hf_config, indent=2) + "\n"))
+        tensors.update(to_hf_state_dict(*entropy_model))
+    _atomic_write(
+        out_dir / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})
+    )
+    _atomic_write(
+        out_dir / CONFIG_FILE,
+        lambda tmp: pathlib.Path(tmp).write_text(json.dumps(hf_config, indent=2) + "\n"),
+    )
     return out_dir
