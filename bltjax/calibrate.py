@@ -100,9 +100,7 @@ def _fail(argument: str, expected: str, got: object) -> ValueError:
 
 def _corpus(entropies: Sequence[np.ndarray], bos: bool, eos: bool) -> _Corpus:
     if isinstance(entropies, np.ndarray) or len(entropies) == 0:
-        raise _fail(
-            "entropies", "a non-empty sequence of 1-D arrays (one per document)", type(entropies)
-        )
+        raise _fail("entropies", "a non-empty sequence of 1-D arrays (one per document)", type(entropies))
     documents = [np.asarray(doc) for doc in entropies]
     specials = int(bos) + int(eos)
     for index, doc in enumerate(documents):
@@ -118,9 +116,7 @@ def _corpus(entropies: Sequence[np.ndarray], bos: bool, eos: bool) -> _Corpus:
                 f"at least {max(1, specials)} entropies (BOS/EOS included)",
                 doc.size,
             )
-    dtype = np.result_type(
-        np.float32, *(doc.dtype for doc in documents)
-    )  # patching's compare dtype
+    dtype = np.result_type(np.float32, *(doc.dtype for doc in documents))  # patching's compare dtype
     flat = np.concatenate(documents).astype(dtype, copy=False)
     if np.isnan(np.max(flat)):
         raise _fail("entropies", "free of NaN", f"{int(np.isnan(flat).sum())} NaN values")
@@ -147,14 +143,10 @@ def calibrate_threshold(
         raise _fail("unit", f"one of {UNITS}", unit)
     if not isinstance(target_patch_size, numbers.Real) or not target_patch_size > 0:
         raise _fail("target_patch_size", "a number > 0", target_patch_size)
-    if max_patch_length is not None and (
-        not isinstance(max_patch_length, numbers.Integral) or max_patch_length < 1
-    ):
+    if max_patch_length is not None and (not isinstance(max_patch_length, numbers.Integral) or max_patch_length < 1):
         raise _fail("max_patch_length", "None or an int >= 1", max_patch_length)
     corpus = _corpus(entropies, bos, eos)
-    units = int(corpus.lengths.sum()) - (
-        0 if unit == "tokens" else len(corpus.lengths) * (int(bos) + int(eos))
-    )
+    units = int(corpus.lengths.sum()) - (0 if unit == "tokens" else len(corpus.lengths) * (int(bos) + int(eos)))
 
     # Candidate entropies: H_{p-1} for p = 2..N-1 of each document (include_next_token=False).
     inside = np.ones(corpus.entropies.size, dtype=bool)
@@ -185,9 +177,7 @@ def calibrate_threshold(
     low, high = -1, values.size - 1  # mean_size grows with the step
     if not mean_size(low) <= target_patch_size <= mean_size(high):
         reachable = f"[{mean_size(low):.4g}, {mean_size(high):.4g}] {unit} per patch"
-        raise _fail(
-            "target_patch_size", f"within the reachable range {reachable}", target_patch_size
-        )
+        raise _fail("target_patch_size", f"within the reachable range {reachable}", target_patch_size)
     while high - low > 1:  # invariant: mean_size(low) <= target <= mean_size(high)
         middle = (low + high) // 2
         if mean_size(middle) <= target_patch_size:
@@ -199,9 +189,7 @@ def calibrate_threshold(
     return _realised(corpus, threshold, target_patch_size, unit, max_patch_length)
 
 
-def _realised(
-    corpus: _Corpus, threshold: float, target: float, unit: str, max_patch_length: int | None
-) -> Calibration:
+def _realised(corpus: _Corpus, threshold: float, target: float, unit: str, max_patch_length: int | None) -> Calibration:
     tokens = corpus.patch_lengths(threshold, max_patch_length)
     byte_counts = corpus.bytes_per_patch(tokens)
     return Calibration(
@@ -233,9 +221,7 @@ def realised_patch_sizes(
     """The statistics of `calibrate_threshold` for a given θ (target reported as NaN)."""
     if not isinstance(threshold, numbers.Real) or math.isnan(threshold):
         raise _fail("threshold", "a real number", threshold)
-    return _realised(
-        _corpus(entropies, bos, eos), float(threshold), math.nan, "tokens", max_patch_length
-    )
+    return _realised(_corpus(entropies, bos, eos), float(threshold), math.nan, "tokens", max_patch_length)
 
 
 def format_table(result: Calibration) -> str:
@@ -265,16 +251,13 @@ def _load_documents(paths: Sequence[str]) -> list[np.ndarray]:
             documents.extend(np.asarray(row) for row in array)
         else:
             raise ValueError(
-                f"calibrate: file {path} must hold a 1-D or 2-D array of entropies; "
-                f"got shape {array.shape}"
+                f"calibrate: file {path} must hold a 1-D or 2-D array of entropies; got shape {array.shape}"
             )
     return documents
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bltjax.calibrate", description=__doc__.split("\n\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m bltjax.calibrate", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--entropies",
         nargs="+",
@@ -283,9 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="1-D array = one document; 2-D array = one document per row",
     )
     parser.add_argument("--target-patch-size", type=float, required=True, help="e.g. 4.5, 6 or 8")
-    parser.add_argument(
-        "--unit", choices=UNITS, default="tokens", help="what the target counts (default: tokens)"
-    )
+    parser.add_argument("--unit", choices=UNITS, default="tokens", help="what the target counts (default: tokens)")
     parser.add_argument("--max-patch-length", type=int, default=None)
     parser.add_argument("--no-bos", action="store_true", help="documents do not start with BOS")
     parser.add_argument("--no-eos", action="store_true", help="documents do not end with EOS")

@@ -8,7 +8,9 @@ itself, and `validate()` rejects inconsistent values before any device work, nam
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
+import pathlib
 from typing import Any
 
 import ml_collections
@@ -77,7 +79,9 @@ def base_blt_config() -> ml_collections.ConfigDict:
     """Every key a BLT experiment may set, with the defaults of the released checkpoints."""
     config = _common()
     config.model_type = "blt"
-    fields = {f.name: f.default for f in dataclasses.fields(BLTConfig) if f.name not in ("encoder", "latent", "decoder")}
+    fields = {
+        f.name: f.default for f in dataclasses.fields(BLTConfig) if f.name not in ("encoder", "latent", "decoder")
+    }
     fields["hash_sizes"] = list(fields["hash_sizes"])
     config.model = ml_collections.ConfigDict(fields)
     config.model.encoder = stack_config(1024, 1, 16, window=512)
@@ -142,6 +146,20 @@ def paper_blt_config(size: str) -> ml_collections.ConfigDict:
     return config
 
 
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """Loads ``path/to/experiment.py[:arg]`` the way ``--config`` does (big_vision style)."""
+    path, _, arg = spec.partition(":")
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no such experiment config file")
+    module_spec = importlib.util.spec_from_file_location(f"bltjax_experiment_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{file}: defines no get_config(arg) function")
+    return module.get_config(arg or None)
+
+
 # --- from ConfigDict to the frozen model records ---------------------------------------------
 
 
@@ -200,7 +218,12 @@ def _validate_stack(stack: TransformerConfig, where: str) -> None:
         _require(stack.dim % stack.n_heads == 0, f"{where}.n_heads", f"a divisor of dim={stack.dim}", stack.n_heads)
     else:
         _require(_positive_int(stack.head_dim), f"{where}.head_dim", "a positive integer or None", stack.head_dim)
-    _require(stack.resolved_head_dim % 2 == 0, f"{where}.head_dim", "an even head dimension (RoPE pairs)", stack.resolved_head_dim)
+    _require(
+        stack.resolved_head_dim % 2 == 0,
+        f"{where}.head_dim",
+        "an even head dimension (RoPE pairs)",
+        stack.resolved_head_dim,
+    )
     if stack.n_kv_heads is not None:
         _require(
             _positive_int(stack.n_kv_heads) and stack.n_heads % stack.n_kv_heads == 0,
@@ -208,8 +231,18 @@ def _validate_stack(stack: TransformerConfig, where: str) -> None:
             f"None or a divisor of n_heads={stack.n_heads}",
             stack.n_kv_heads,
         )
-    _require(stack.ffn_hidden is None or _positive_int(stack.ffn_hidden), f"{where}.ffn_hidden", "a positive integer or None", stack.ffn_hidden)
-    _require(stack.window is None or _positive_int(stack.window), f"{where}.window", "a positive integer or None", stack.window)
+    _require(
+        stack.ffn_hidden is None or _positive_int(stack.ffn_hidden),
+        f"{where}.ffn_hidden",
+        "a positive integer or None",
+        stack.ffn_hidden,
+    )
+    _require(
+        stack.window is None or _positive_int(stack.window),
+        f"{where}.window",
+        "a positive integer or None",
+        stack.window,
+    )
     _require(stack.rope_theta > 0, f"{where}.rope_theta", "a positive number", stack.rope_theta)
     _require(0 < stack.norm_eps < 1, f"{where}.norm_eps", "a small positive number", stack.norm_eps)
 
@@ -217,7 +250,12 @@ def _validate_stack(stack: TransformerConfig, where: str) -> None:
 def _validate_common(model, where: str) -> None:
     _require(model.dtype in DTYPES, f"{where}.dtype", f"one of {DTYPES}", model.dtype)
     _require(model.param_dtype in DTYPES, f"{where}.param_dtype", f"one of {DTYPES}", model.param_dtype)
-    _require(model.init_std_factor in INIT_STD_FACTORS, f"{where}.init_std_factor", f"one of {INIT_STD_FACTORS}", model.init_std_factor)
+    _require(
+        model.init_std_factor in INIT_STD_FACTORS,
+        f"{where}.init_std_factor",
+        f"one of {INIT_STD_FACTORS}",
+        model.init_std_factor,
+    )
     _require(model.vocab_size == 260, f"{where}.vocab_size", "260 (256 bytes + 4 special ids)", model.vocab_size)
 
 
@@ -242,11 +280,24 @@ def _validate_blt(model: BLTConfig) -> None:
             heads,
         )
     for name in ("cross_attn_window_encoder", "cross_attn_window_decoder"):
-        _require(_positive_int(getattr(model, name)), f"{w}.{name}", "a positive number of patches (1 = own patch)", getattr(model, name))
+        _require(
+            _positive_int(getattr(model, name)),
+            f"{w}.{name}",
+            "a positive number of patches (1 = own patch)",
+            getattr(model, name),
+        )
     _require(model.pooling in POOLING_MODES, f"{w}.pooling", f"one of {POOLING_MODES}", model.pooling)
-    _require(model.patch_query_init in PATCH_QUERY_INITS, f"{w}.patch_query_init", f"one of {PATCH_QUERY_INITS}", model.patch_query_init)
     _require(
-        all(_positive_int(n) for n in model.hash_sizes), f"{w}.hash_sizes", "a list of positive n-gram sizes", model.hash_sizes
+        model.patch_query_init in PATCH_QUERY_INITS,
+        f"{w}.patch_query_init",
+        f"one of {PATCH_QUERY_INITS}",
+        model.patch_query_init,
+    )
+    _require(
+        all(_positive_int(n) for n in model.hash_sizes),
+        f"{w}.hash_sizes",
+        "a list of positive n-gram sizes",
+        model.hash_sizes,
     )
     _require(
         isinstance(model.hash_functions, int) and 0 <= model.hash_functions <= len(HASH_PRIMES),
@@ -254,7 +305,12 @@ def _validate_blt(model: BLTConfig) -> None:
         f"an integer in [0, {len(HASH_PRIMES)}]",
         model.hash_functions,
     )
-    _require(_positive_int(model.hash_vocab) and model.hash_vocab < 2**31, f"{w}.hash_vocab", "an integer in [1, 2**31)", model.hash_vocab)
+    _require(
+        _positive_int(model.hash_vocab) and model.hash_vocab < 2**31,
+        f"{w}.hash_vocab",
+        "an integer in [1, 2**31)",
+        model.hash_vocab,
+    )
 
 
 def _validate_patching(config: ml_collections.ConfigDict) -> None:
@@ -269,18 +325,34 @@ def _validate_patching(config: ml_collections.ConfigDict) -> None:
             p.threshold,
         )
     elif p.threshold is not None or p.threshold_add is not None:
-        _require(False, f"{w}.threshold", f"None with mode={p.mode!r} (thresholds only apply to entropy patching)", p.threshold)
+        _require(
+            False,
+            f"{w}.threshold",
+            f"None with mode={p.mode!r} (thresholds only apply to entropy patching)",
+            p.threshold,
+        )
     if p.mode == "static":
-        _require(p.patch_size is not None and float(p.patch_size).is_integer() and p.patch_size >= 1,
-                 f"{w}.patch_size", "a whole number of bytes >= 1 for static patching", p.patch_size)
+        _require(
+            p.patch_size is not None and float(p.patch_size).is_integer() and p.patch_size >= 1,
+            f"{w}.patch_size",
+            "a whole number of bytes >= 1 for static patching",
+            p.patch_size,
+        )
     if p.patch_size is not None:
         _require(p.patch_size > 0, f"{w}.patch_size", "a positive mean patch size", p.patch_size)
-    _require(p.max_patch_length is None or _positive_int(p.max_patch_length), f"{w}.max_patch_length", "None or a positive integer", p.max_patch_length)
+    _require(
+        p.max_patch_length is None or _positive_int(p.max_patch_length),
+        f"{w}.max_patch_length",
+        "None or a positive integer",
+        p.max_patch_length,
+    )
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError, naming the field, for any value that cannot work together."""
-    _require(config.get("model_type") in MODEL_TYPES, "config.model_type", f"one of {MODEL_TYPES}", config.get("model_type"))
+    _require(
+        config.get("model_type") in MODEL_TYPES, "config.model_type", f"one of {MODEL_TYPES}", config.get("model_type")
+    )
     data = config.data
     _require(_positive_int(data.seq_len) and data.seq_len >= 2, "config.data.seq_len", "an integer >= 2", data.seq_len)
     _require(_positive_int(data.batch_size), "config.data.batch_size", "a positive integer", data.batch_size)
@@ -295,12 +367,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
             data.max_patches,
         )
         if config.patching.mode == "byte":
-            _require(data.max_patches == data.seq_len + 1, "config.data.max_patches",
-                     f"seq_len + 1 = {data.seq_len + 1} with byte patching (one patch per byte)", data.max_patches)
+            _require(
+                data.max_patches == data.seq_len + 1,
+                "config.data.max_patches",
+                f"seq_len + 1 = {data.seq_len + 1} with byte patching (one patch per byte)",
+                data.max_patches,
+            )
         if config.patching.mode == "static":
             needed = 1 + math.ceil(data.seq_len / config.patching.patch_size)
-            _require(data.max_patches >= needed, "config.data.max_patches",
-                     f">= {needed} for static patches of {config.patching.patch_size} bytes", data.max_patches)
+            _require(
+                data.max_patches >= needed,
+                "config.data.max_patches",
+                f">= {needed} for static patches of {config.patching.patch_size} bytes",
+                data.max_patches,
+            )
     else:
         _validate_stack(model.stack, "config.model.stack")
         _validate_common(model, "config.model")

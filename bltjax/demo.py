@@ -17,7 +17,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from bltjax import patching, tokenizer
@@ -52,19 +52,21 @@ def patch_rows(config, tokens: np.ndarray) -> np.ndarray:
     p = config.patching
     mode = "space" if p.mode == "entropy" else p.mode  # entropy needs a trained entropy model
     lengths = patching.patch_lengths(
-        tokens, mode=mode, patch_size=p.patch_size if mode == "static" else None,
-        max_patch_length=p.max_patch_length, include_next_token=True,
+        tokens,
+        mode=mode,
+        patch_size=p.patch_size if mode == "static" else None,
+        max_patch_length=p.max_patch_length,
+        include_next_token=True,
     )
     max_patches = config.data.max_patches
     if lengths.shape[1] > max_patches:
-        raise ValueError(
-            f"config.data.max_patches: {lengths.shape[1]} patches needed for one row, got {max_patches}"
-        )
+        raise ValueError(f"config.data.max_patches: {lengths.shape[1]} patches needed for one row, got {max_patches}")
     return np.pad(lengths, ((0, 0), (0, max_patches - lengths.shape[1])))
 
 
 def main(argv) -> None:
     del argv
+    logging.set_verbosity(logging.WARNING)  # keep jax's backend probing out of the report
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config is required, e.g. --config experiments/blt_tiny.py")

@@ -139,9 +139,7 @@ def _make_rule(
         if not isinstance(flag, (bool, np.bool_)):
             raise _fail(name, "a bool", flag)
     if max_patch_length is not None and (
-        not isinstance(max_patch_length, numbers.Integral)
-        or isinstance(max_patch_length, bool)
-        or max_patch_length < 1
+        not isinstance(max_patch_length, numbers.Integral) or isinstance(max_patch_length, bool) or max_patch_length < 1
     ):
         raise _fail("max_patch_length", "None or an int >= 1", max_patch_length)
     for name, value in (("threshold", threshold), ("threshold_add", threshold_add)):
@@ -156,17 +154,11 @@ def _make_rule(
             ("monotonicity", monotonicity, False),
         ):
             if value != unset:
-                raise _fail(
-                    name, f"{unset} when mode={mode!r} (it is only used by mode='entropy')", value
-                )
+                raise _fail(name, f"{unset} when mode={mode!r} (it is only used by mode='entropy')", value)
 
     kind = mode
     if mode == "static":
-        if (
-            not isinstance(patch_size, numbers.Integral)
-            or isinstance(patch_size, bool)
-            or patch_size < 1
-        ):
+        if not isinstance(patch_size, numbers.Integral) or isinstance(patch_size, bool) or patch_size < 1:
             raise _fail("patch_size", "an int >= 1 when mode='static'", patch_size)
     elif mode in ("space", "byte"):
         if patch_size is not None:
@@ -231,9 +223,7 @@ def _check_entropies(entropies: Any, shape: tuple[int, ...], xp: Any) -> Any:
     if entropies.shape != shape:
         raise _fail("entropies", f"shaped like tokens {shape}", f"shape {entropies.shape}")
     if not xp.issubdtype(entropies.dtype, xp.floating):
-        raise _fail(
-            "entropies", "a float16/float32/float64 array (nats)", f"dtype {entropies.dtype}"
-        )
+        raise _fail("entropies", "a float16/float32/float64 array (nats)", f"dtype {entropies.dtype}")
     return entropies
 
 
@@ -379,9 +369,7 @@ def _flat_lengths_from_mask(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return lengths, np.diff(row_first)
 
 
-def _split_flat(
-    lengths: np.ndarray, counts: np.ndarray, max_len: int
-) -> tuple[np.ndarray, np.ndarray]:
+def _split_flat(lengths: np.ndarray, counts: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
     """§3.12 on flat positive lengths: L -> floor(L/m) pieces of m, then L % m if non-zero.
 
     Only the (few) long patches are touched: their extra pieces are inserted after them and the
@@ -530,9 +518,7 @@ def patch_start_mask(
 def _check_lengths(lengths: Any) -> np.ndarray:
     lengths = np.asarray(lengths)
     if lengths.ndim != 2 or not np.issubdtype(lengths.dtype, np.integer):
-        raise _fail(
-            "lengths", "an integer array [B, P]", f"{lengths.dtype} array of shape {lengths.shape}"
-        )
+        raise _fail("lengths", "an integer array [B, P]", f"{lengths.dtype} array of shape {lengths.shape}")
     if lengths.size and lengths.min() < 0:
         raise _fail("lengths", "non-negative", f"minimum {lengths.min()}")
     gaps = np.flatnonzero(np.any((lengths[:, 1:] > 0) & (lengths[:, :-1] == 0), axis=1))
@@ -557,9 +543,7 @@ def lengths_from_start_mask(mask: np.ndarray) -> np.ndarray:
     """int32 [B, P] lengths from a start mask whose first column is all True (§3.1)."""
     mask = np.asarray(mask)
     if mask.ndim != 2 or mask.dtype != bool or mask.shape[1] < 1:
-        raise _fail(
-            "mask", "a non-empty bool array [B, T]", f"{mask.dtype} array of shape {mask.shape}"
-        )
+        raise _fail("mask", "a non-empty bool array [B, T]", f"{mask.dtype} array of shape {mask.shape}")
     if not mask[:, 0].all():
         raise _fail("mask", "True in column 0 of every row (position 0 starts a patch)", mask[:, 0])
     return _pack_rows(*_flat_lengths_from_mask(mask))
@@ -571,9 +555,7 @@ def split_long_patches(lengths: np.ndarray, max_patch_length: int) -> np.ndarray
     if not isinstance(max_patch_length, numbers.Integral) or max_patch_length < 1:
         raise _fail("max_patch_length", "an int >= 1", max_patch_length)
     positive = lengths > 0
-    flat, counts = _split_flat(
-        lengths[positive].astype(np.int64), positive.sum(axis=1), int(max_patch_length)
-    )
+    flat, counts = _split_flat(lengths[positive].astype(np.int64), positive.sum(axis=1), int(max_patch_length))
     return _pack_rows(flat, counts)
 
 
@@ -591,9 +573,7 @@ def decoder_patch_ids_from_lengths(lengths: np.ndarray, n: int) -> np.ndarray:
     """dpid of §8.2 as int32 [B, n]: pid computed from lengths[:, 1:] (first patch must be 1)."""
     lengths = _check_lengths(lengths)
     if lengths.shape[1] == 0 or np.any(lengths[:, 0] != 1):
-        raise _fail(
-            "lengths", "a first patch of length 1 in every row (§8.2)", lengths[:, :1].ravel()
-        )
+        raise _fail("lengths", "a first patch of length 1 in every row (§8.2)", lengths[:, :1].ravel())
     return patch_ids_from_lengths(lengths[:, 1:], n)
 
 
@@ -663,9 +643,7 @@ def _lengths_from_mask_traced(mask: Any, max_patches: int) -> Any:
 
     total = mask.shape[1]
     starts = jax.vmap(lambda row: jnp.nonzero(row, size=max_patches, fill_value=total)[0])(mask)
-    ends = jnp.concatenate(
-        [starts[:, 1:], jnp.full((mask.shape[0], 1), total, starts.dtype)], axis=1
-    )
+    ends = jnp.concatenate([starts[:, 1:], jnp.full((mask.shape[0], 1), total, starts.dtype)], axis=1)
     return (ends - starts).astype(jnp.int32)
 
 
@@ -739,11 +717,7 @@ def patch_lengths_jnp(tokens: jax.Array, *, max_patches: int, **kwargs: Any) -> 
     their row sum: the surplus is merged into the last column (so `max_patch_length` may be
     exceeded there); check `patch_start_mask_jnp(...).sum(-1) <= max_patches` if it matters.
     """
-    if (
-        not isinstance(max_patches, numbers.Integral)
-        or isinstance(max_patches, bool)
-        or max_patches < 1
-    ):
+    if not isinstance(max_patches, numbers.Integral) or isinstance(max_patches, bool) or max_patches < 1:
         raise _fail("max_patches", "an int >= 1", max_patches)
     mask = patch_start_mask_jnp(tokens, **kwargs)
     return _compiled("lengths")(mask, int(max_patches))

@@ -43,9 +43,7 @@ def decode(ids, *, stop_at_eos: bool = False) -> str:
     """
     ids = np.asarray(ids).reshape(-1)
     if ids.size and (ids.min() < 0 or ids.max() >= VOCAB_SIZE):
-        raise ValueError(
-            f"decode: ids must lie in [0, {VOCAB_SIZE}), got range [{ids.min()}, {ids.max()}]"
-        )
+        raise ValueError(f"decode: ids must lie in [0, {VOCAB_SIZE}), got range [{ids.min()}, {ids.max()}]")
     if stop_at_eos:
         eos_positions = np.flatnonzero(ids == EOS_ID)
         if eos_positions.size:

@@ -1,6 +1,6 @@
 r"""BLT-2B of the paper (spec §15.2), entropy patching, 16 KiB contexts, bf16 compute.
 
-  python -m bltjax.train --config experiments/blt_2b.py --workdir WORKDIR
+  python -m bltjax.describe --config experiments/blt_2b.py
 
 Layer counts and widths come from `bltjax.config.PAPER_SIZES`; only the 1B row is confirmed
 by a released checkpoint (blt-1b).

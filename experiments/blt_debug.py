@@ -1,6 +1,6 @@
 r"""The official debug/test shape (spec §15.3): a small but complete BLT for smoke runs.
 
-  python -m bltjax.demo --config experiments/blt_debug.py
+  python -m bltjax.describe --config experiments/blt_debug.py
 
 Global 512 x 8 layers, local 256 x 8 layers each, k = 8 slots, cross-attention in every local
 layer with a 512-patch window, hash n = 4 with 3 functions of 50002 rows, space patching.

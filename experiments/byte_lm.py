@@ -1,6 +1,6 @@
 r"""Llama-style byte-level baselines: every byte is a "patch" (the paper's byte baseline).
 
-  python -m bltjax.train --config experiments/byte_lm.py:400m --workdir WORKDIR
+  python -m bltjax.describe --config experiments/byte_lm.py:400m
 
 Variants (full causal attention over the row, RoPE theta 500000):
   tiny   2 x 128, 4 heads: tests.

@@ -1,7 +1,6 @@
 r"""The entropy model: a small causal byte LM whose next-byte entropy places patch boundaries.
 
-  python -m bltjax.train --config experiments/entropy_model.py:released --workdir WORKDIR
-  python -m bltjax.train --config experiments/entropy_model.py:tiny --workdir WORKDIR
+  python -m bltjax.describe --config experiments/entropy_model.py:released
 
 Variants:
   released  the shape of facebook/blt-entropy (spec §2.2): 14 layers x 768, 12 heads,
@@ -11,18 +10,22 @@ Variants:
 
 from bltjax.config import base_byte_lm_config, stack_config
 
+VARIANTS = {
+    # name: (dim, layers, heads, window, seq_len, batch)
+    "released": (768, 14, 12, 512, 8192, 64),
+    "tiny": (64, 2, 4, 64, 128, 4),
+}
+
 
 def get_config(arg: str | None = None):
     variant = arg or "released"
+    if variant not in VARIANTS:
+        raise ValueError(
+            f"experiments/entropy_model.py: unknown variant {variant!r}; expected one of {sorted(VARIANTS)}"
+        )
+    dim, layers, heads, window, seq_len, batch = VARIANTS[variant]
     config = base_byte_lm_config()
-    if variant == "released":
-        config.model.stack = stack_config(768, 14, 12, window=512, rope_theta=10000.0)
-        config.data.seq_len = 8192
-        config.data.batch_size = 64
-    elif variant == "tiny":
-        config.model.stack = stack_config(64, 2, 4, window=64, rope_theta=10000.0)
-        config.data.seq_len = 128
-        config.data.batch_size = 4
-    else:
-        raise ValueError(f"experiments/entropy_model.py: unknown variant {variant!r}; expected 'released' or 'tiny'")
+    config.model.stack = stack_config(dim, layers, heads, window=window, rope_theta=10000.0)
+    config.data.seq_len = seq_len
+    config.data.batch_size = batch
     return config

@@ -16,6 +16,12 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+# Many tests compile the same tiny programs through different jitted closures; the persistent
+# cache lets the second compilation of an identical program be a lookup.
+jax.config.update(
+    "jax_compilation_cache_dir", str(pathlib.Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax")
+)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 # Parity tests compare float32 numbers against references computed at full precision.
 jax.config.update("jax_default_matmul_precision", "highest")
 

@@ -63,11 +63,14 @@ def _rows(n_tokens: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _compare_rowwise(model_logits_fn, hf_model, fixture, tokens, lengths):
+    """bltjax on the whole batch (N + 1 convention: padding is inert) vs transformers row by row."""
+    with_next = lengths.copy()
+    with_next[np.arange(len(lengths)), (lengths > 0).sum(axis=1) - 1] += 1
+    ours = np.asarray(model_logits_fn(tokens, with_next))
     for row in range(tokens.shape[0]):
         real = lengths[row][lengths[row] > 0][None]
-        ours = np.asarray(model_logits_fn(tokens[row : row + 1], real))
         ref = fixture.hf_logits(hf_model, tokens[row : row + 1], real)
-        err = np.max(np.abs(ours - ref)) / np.max(np.abs(ref))
+        err = np.max(np.abs(ours[row : row + 1] - ref)) / np.max(np.abs(ref))
         assert err <= 1e-4, f"row {row}: rel err {err:.2e}"
 
 
@@ -77,12 +80,25 @@ def test_fresh_transformers_model_imports_with_parity(tmp_path):
     # Another shape than both fixtures: cross-attention in every local layer (transformers
     # re-pools at each encoder layer), no global projection (k * 24 = 48), full causal local
     # attention, one hash function, no patcher.
-    config.update(cross_attn_k=2, local_attention_window_len=None, encoder_hash_byte_group_size=[3, 5],
-                  encoder_hash_byte_group_nb_functions=1, encoder_hash_byte_group_vocab=61, patch_in_forward=False)
+    config.update(
+        cross_attn_k=2,
+        local_attention_window_len=None,
+        encoder_hash_byte_group_size=[3, 5],
+        encoder_hash_byte_group_nb_functions=1,
+        encoder_hash_byte_group_vocab=61,
+        patch_in_forward=False,
+    )
     config.pop("patcher_config")
     for name in ("encoder_config", "decoder_config"):
-        config[name].update(hidden_size=24, num_attention_heads=3, num_key_value_heads=3, intermediate_size=64,
-                            cross_attn_all_layers=True, cross_attn_k=2, hidden_size_global=48)
+        config[name].update(
+            hidden_size=24,
+            num_attention_heads=3,
+            num_key_value_heads=3,
+            intermediate_size=64,
+            cross_attn_all_layers=True,
+            cross_attn_k=2,
+            hidden_size_global=48,
+        )
     config["global_config"].update(hidden_size=48, num_attention_heads=4, num_key_value_heads=1, intermediate_size=128)
     reference = fixture.build_hf_blt(config, seed=7)
     reference.save_pretrained(tmp_path / "ckpt")

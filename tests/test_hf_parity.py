@@ -38,7 +38,7 @@ def fixture_dir(request) -> pathlib.Path:
     return request.getfixturevalue("fixtures_dir") / "hf_blt_tiny_b"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _loaded(path: pathlib.Path):
     model, params = hf.load_hf_blt(path)
     forward = jax.jit(lambda p, t, lengths: model.apply({"params": p}, t, lengths, mutable=["intermediates"]))
@@ -218,7 +218,10 @@ def test_missing_files_are_named(fixtures_dir, tmp_path):
 def test_shape_mismatch_names_parameter_and_both_shapes(fixtures_dir, tmp_path):
     folder = _copy_fixture(fixtures_dir, tmp_path)
     _edit_config(folder, lambda c: c.update(encoder_hash_byte_group_vocab=128))
-    with pytest.raises(hf.CheckpointError, match=r"model.encoder_hash_tok_embedding.weight' has shape \[762, 32\], expected \[768, 32\]"):
+    with pytest.raises(
+        hf.CheckpointError,
+        match=r"model.encoder_hash_tok_embedding.weight' has shape \[762, 32\], expected \[768, 32\]",
+    ):
         hf.load_hf_blt(folder)
 
 
@@ -227,8 +230,13 @@ def test_unsupported_fields_are_named(fixtures_dir, tmp_path):
     _edit_config(folder, lambda c: c["global_config"].update(hidden_act="gelu"))
     with pytest.raises(hf.CheckpointError, match="global_config.hidden_act"):
         hf.load_hf_blt(folder)
-    _edit_config(folder, lambda c: (c["global_config"].update(hidden_act="silu"),
-                                    c["encoder_config"].update(rope_parameters={"rope_type": "llama3", "rope_theta": 1.0})))
+    _edit_config(
+        folder,
+        lambda c: (
+            c["global_config"].update(hidden_act="silu"),
+            c["encoder_config"].update(rope_parameters={"rope_type": "llama3", "rope_theta": 1.0}),
+        ),
+    )
     with pytest.raises(hf.CheckpointError, match="encoder_config.rope_parameters.rope_type"):
         hf.load_hf_blt(folder)
 
@@ -255,6 +263,6 @@ def test_bfloat16_checkpoints_load(fixtures_dir, tmp_path):
     save_file(tensors, folder / "model.safetensors")
     _, params = hf.load_hf_blt(folder)
     _, reference = hf.load_hf_blt(_fixture_b(fixtures_dir))
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reference)):
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reference), strict=False):
         assert a.dtype == np.float32
         np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-2)

@@ -188,9 +188,7 @@ def test_worked_example_whole_sentence_23_patches():
 
 def test_generation_trace_of_section_16_1():
     """After each of <s>, D, a, e, n a patch closes; then none until t = 19 (six global steps)."""
-    mask = patch_start_mask(
-        SENTENCE_IDS[:, :20], mode="entropy", entropies=SENTENCE_H[:, :20], threshold=THETA
-    )
+    mask = patch_start_mask(SENTENCE_IDS[:, :20], mode="entropy", entropies=SENTENCE_H[:, :20], threshold=THETA)
     assert np.flatnonzero(mask[0]).tolist() == [0, 1, 2, 3, 4, 5, 20]
 
 
@@ -210,9 +208,7 @@ def test_space_examples(text, expected):
     ids = encode(text)
     assert patch_lengths(ids, mode="space").tolist() == [expected]
     # Without the virtual next token the last patch is one shorter (none of these end a word).
-    assert patch_lengths(ids, mode="space", include_next_token=False).tolist() == [
-        [*expected[:-1], expected[-1] - 1]
-    ]
+    assert patch_lengths(ids, mode="space", include_next_token=False).tolist() == [[*expected[:-1], expected[-1] - 1]]
     assert rows(np.asarray(patch_lengths_jnp(ids, mode="space", max_patches=8))) == [expected]
 
 
@@ -225,16 +221,10 @@ def test_space_special_tokens_end_patches_and_runs_of_delimiters_end_once():
 def test_static_modes():
     ids = np.full((2, 10), 100, dtype=np.int32)
     assert patch_lengths(ids, mode="static", patch_size=4).tolist() == [[1, 4, 4, 2]] * 2
-    assert (
-        patch_lengths(ids, mode="static", patch_size=4, include_next_token=False).tolist()
-        == [[1, 4, 4, 1]] * 2
-    )
+    assert patch_lengths(ids, mode="static", patch_size=4, include_next_token=False).tolist() == [[1, 4, 4, 1]] * 2
     plain = patch_lengths(ids, mode="static", patch_size=4, static_first_patch_rule=False)
     assert plain.tolist() == [[4, 4, 3]] * 2
-    assert (
-        patch_lengths(ids, mode="static", patch_size=4, max_patch_length=3).tolist()
-        == [[1, 3, 1, 3, 1, 2]] * 2
-    )
+    assert patch_lengths(ids, mode="static", patch_size=4, max_patch_length=3).tolist() == [[1, 3, 1, 3, 1, 2]] * 2
     assert patch_lengths(ids, mode="byte").tolist() == [[1] * 11] * 2
     assert patch_lengths(ids, mode="byte", include_next_token=False).tolist() == [[1] * 10] * 2
 
@@ -316,9 +306,7 @@ def test_hf_patcher_cases(shared_dir):
                 "max_patch_length": run["max_patch_length"],
             }
             whole_document = patch_lengths(tokens, include_next_token=False, **args).tolist()[0]
-            empty_last = int(
-                run["max_patch_length"] is None and entropies[0, -1] > run["threshold"]
-            )
+            empty_last = int(run["max_patch_length"] is None and entropies[0, -1] > run["threshold"])
             assert whole_document + [0] * empty_last == expected, run["key"]
             with_next = patch_lengths(tokens, **args).tolist()[0]
             with_next[-1] -= 1
@@ -377,11 +365,7 @@ def spec_starts(ids: list[int], entropies: list[float], kw: dict) -> list[int]:
             starts.append(p)
     if kw.get("max_patch_length"):
         ends = [*starts[1:], total]
-        starts = [
-            q
-            for a, b in zip(starts, ends, strict=True)
-            for q in range(a, b, kw["max_patch_length"])
-        ]
+        starts = [q for a, b in zip(starts, ends, strict=True) for q in range(a, b, kw["max_patch_length"])]
     return starts
 
 
@@ -442,9 +426,7 @@ def call(ids, entropies, kw, fn=patch_lengths, **extra):
     return fn(ids, **kw, **extra)
 
 
-PROPERTY_SETTINGS = settings(
-    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+PROPERTY_SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @PROPERTY_SETTINGS
@@ -492,10 +474,7 @@ def test_jnp_twin_matches_numpy(batch, config):
     width = ids.shape[1] + 2  # >= P; fixed per shape, so compilations are reused
     twin = np.asarray(call(ids, entropies, kw, fn=patch_lengths_jnp, max_patches=width))
     assert twin.dtype == np.int32
-    assert (
-        np.array_equal(twin[:, : lengths.shape[1]], lengths)
-        and not twin[:, lengths.shape[1] :].any()
-    )
+    assert np.array_equal(twin[:, : lengths.shape[1]], lengths) and not twin[:, lengths.shape[1] :].any()
 
 
 @PROPERTY_SETTINGS
@@ -523,9 +502,7 @@ def test_patching_is_incremental(batch, config, data):
     st.none() | st.integers(1, 5),
     st.booleans(),
 )
-def test_raising_the_threshold_never_adds_patches(
-    batch, threshold, raise_by, include_next, max_len, monotonic
-):
+def test_raising_the_threshold_never_adds_patches(batch, threshold, raise_by, include_next, max_len, monotonic):
     ids, entropies = batch
     kw = {
         "mode": "entropy",
@@ -550,9 +527,7 @@ def test_split_long_patches_matches_spec(raw_rows, max_len):
     lengths = np.array([r + [0] * (width - len(r)) for r in packed], dtype=np.int64)
     split = split_long_patches(lengths, max_len)
     for row, original in zip(rows(split), rows(lengths), strict=True):
-        expected = [
-            piece for x in original for piece in [max_len] * (x // max_len) + [x % max_len] if piece
-        ]
+        expected = [piece for x in original for piece in [max_len] * (x // max_len) + [x % max_len] if piece]
         assert row == expected
     pid = patch_ids_from_lengths(lengths, int(lengths.sum(axis=1).min()))
     assert np.all(np.diff(pid, axis=1) >= 0)
@@ -687,10 +662,7 @@ def test_bad_input_in_the_jnp_twin():
 
 def synthetic_corpus(seed: int = 0, documents: int = 40) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
-    return [
-        rng.gamma(0.6, 1.4, size=int(rng.integers(3, 400))).astype(np.float32)
-        for _ in range(documents)
-    ]
+    return [rng.gamma(0.6, 1.4, size=int(rng.integers(3, 400))).astype(np.float32) for _ in range(documents)]
 
 
 def per_document_lengths(docs, threshold, max_patch_length=None) -> list[int]:
@@ -716,9 +688,7 @@ def test_calibration_on_the_worked_example():
     assert (at_theta.patches, at_theta.tokens, at_theta.bytes) == (23, 81, 79)
     assert round(at_theta.mean_tokens_per_patch, 2) == 3.52
     assert (at_theta.median_tokens_per_patch, at_theta.max_tokens_per_patch) == (1.0, 19)
-    assert at_theta.max_bytes_per_patch == 18 and at_theta.mean_bytes_per_patch == pytest.approx(
-        79 / 23
-    )
+    assert at_theta.max_bytes_per_patch == 18 and at_theta.mean_bytes_per_patch == pytest.approx(79 / 23)
     found = calibrate_threshold(sentence, 81 / 23)
     assert found.patches == 23
     assert 1.2395234108 < found.threshold < 1.3370712996  # the gap that holds θ = 1.3354

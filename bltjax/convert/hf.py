@@ -56,7 +56,9 @@ def _rope_theta(sub: dict, where: str, path: pathlib.Path, default: float) -> fl
     rope = sub.get("rope_parameters") or {}
     rope_type = rope.get("rope_type", "default")
     if rope_type != "default":
-        raise CheckpointError(f"{path}: field '{where}rope_parameters.rope_type' is {rope_type!r}; only 'default' is supported")
+        raise CheckpointError(
+            f"{path}: field '{where}rope_parameters.rope_type' is {rope_type!r}; only 'default' is supported"
+        )
     if sub.get("rope_scaling"):
         raise CheckpointError(f"{path}: field '{where}rope_scaling' is set; RoPE scaling is not supported")
     return float(rope.get("rope_theta", sub.get("rope_theta", default)))
@@ -65,30 +67,18 @@ def _rope_theta(sub: dict, where: str, path: pathlib.Path, default: float) -> fl
 # transformers' class defaults (those of the released blt-1b): `save_pretrained` leaves out
 # nothing of a sub-config, but hand-written config.json files may.
 _STACK_DEFAULTS = {
-    "encoder_config.": dict(
-        hidden_size=1024, num_attention_heads=16, num_hidden_layers=1, rope_theta=500000.0
-    ),
-    "decoder_config.": dict(
-        hidden_size=1024, num_attention_heads=16, num_hidden_layers=9, rope_theta=500000.0
-    ),
-    "global_config.": dict(
-        hidden_size=2048, num_attention_heads=16, num_hidden_layers=25, rope_theta=500000.0
-    ),
-    "patcher_config.": dict(
-        hidden_size=768, num_attention_heads=12, num_hidden_layers=14, rope_theta=10000.0
-    ),
+    "encoder_config.": dict(hidden_size=1024, num_attention_heads=16, num_hidden_layers=1, rope_theta=500000.0),
+    "decoder_config.": dict(hidden_size=1024, num_attention_heads=16, num_hidden_layers=9, rope_theta=500000.0),
+    "global_config.": dict(hidden_size=2048, num_attention_heads=16, num_hidden_layers=25, rope_theta=500000.0),
+    "patcher_config.": dict(hidden_size=768, num_attention_heads=12, num_hidden_layers=14, rope_theta=10000.0),
 }
 
 
-def _stack_from_hf(
-    sub: dict, where: str, path: pathlib.Path, window: int | None
-) -> TransformerConfig:
+def _stack_from_hf(sub: dict, where: str, path: pathlib.Path, window: int | None) -> TransformerConfig:
     defaults = _STACK_DEFAULTS[where]
     act = sub.get("hidden_act", "silu")
     if act != "silu" and where != "patcher_config.":  # transformers forces silu in the patcher
-        raise CheckpointError(
-            f"{path}: field '{where}hidden_act' is {act!r}; BLT blocks use 'silu' (SwiGLU)"
-        )
+        raise CheckpointError(f"{path}: field '{where}hidden_act' is {act!r}; BLT blocks use 'silu' (SwiGLU)")
     dim = int(_field(sub, "hidden_size", where, path, defaults["hidden_size"]))
     heads = int(_field(sub, "num_attention_heads", where, path, defaults["num_attention_heads"]))
     kv_heads = int(sub.get("num_key_value_heads") or heads)
@@ -118,9 +108,7 @@ def blt_config_from_hf(config: dict, path: pathlib.Path = pathlib.Path(CONFIG_FI
     if config.get("vocab_size", VOCAB_SIZE) != VOCAB_SIZE:
         raise CheckpointError(f"{path}: field 'vocab_size' is {config['vocab_size']}; expected {VOCAB_SIZE}")
     if config.get("tie_word_embeddings"):
-        raise CheckpointError(
-            f"{path}: field 'tie_word_embeddings' is true; BLT never ties weights"
-        )
+        raise CheckpointError(f"{path}: field 'tie_word_embeddings' is true; BLT never ties weights")
     window = config.get("local_attention_window_len", 512)  # null: full causal attention
     encoder_sub = config.get("encoder_config") or {}
     decoder_sub = config.get("decoder_config") or {}
@@ -163,9 +151,7 @@ def blt_config_from_hf(config: dict, path: pathlib.Path = pathlib.Path(CONFIG_FI
 def entropy_model_config_from_hf(config: dict, path: pathlib.Path = pathlib.Path(CONFIG_FILE)) -> ByteLMConfig:
     """The ByteLMConfig of the checkpoint's entropy patcher (`patcher_config`)."""
     if config.get("patch_in_forward") is False or "patcher_config" not in config:
-        raise CheckpointError(
-            f"{path}: field 'patcher_config' is missing (the checkpoint has no entropy patcher)"
-        )
+        raise CheckpointError(f"{path}: field 'patcher_config' is missing (the checkpoint has no entropy patcher)")
     sub = config["patcher_config"] or {}
     stack = _stack_from_hf(sub, "patcher_config.", path, sub.get("sliding_window", 512))
     return ByteLMConfig(stack=stack, document_mask=False)
@@ -196,9 +182,8 @@ def blt_config_to_hf(cfg: BLTConfig, entropy_model: ByteLMConfig | None = None, 
         "pooling": cfg.pooling != "max",
         "patch_query_init": cfg.patch_query_init != "hidden",
         "hash_normalize": cfg.hash_normalize,
-        "cross_attn_heads": cfg.cross_attn_heads not in (None, cfg.encoder.n_heads) or (
-            cfg.cross_attn_heads is not None and cfg.encoder.kv_heads != cfg.encoder.n_heads
-        ),
+        "cross_attn_heads": cfg.cross_attn_heads not in (None, cfg.encoder.n_heads)
+        or (cfg.cross_attn_heads is not None and cfg.encoder.kv_heads != cfg.encoder.n_heads),
         "decoder.window": cfg.decoder.window != cfg.encoder.window,
         "latent.window": cfg.latent.window is not None,
         "repool_every_cross_attn_layer": (
@@ -211,7 +196,9 @@ def blt_config_to_hf(cfg: BLTConfig, entropy_model: ByteLMConfig | None = None, 
         unsupported[f"{stack}.head_dim"] = s.head_dim not in (None, s.dim // s.n_heads)
     bad = [name for name, flag in unsupported.items() if flag]
     if bad:
-        raise CheckpointError(f"config.model.{bad[0]}: this value has no equivalent in transformers' BLT; cannot export")
+        raise CheckpointError(
+            f"config.model.{bad[0]}: this value has no equivalent in transformers' BLT; cannot export"
+        )
     if cfg.document_mask:
         warnings.warn(
             "config.model.document_mask is on, transformers' BLT has no document masks: rows holding "
@@ -219,11 +206,18 @@ def blt_config_to_hf(cfg: BLTConfig, entropy_model: ByteLMConfig | None = None, 
             stacklevel=2,
         )
     encoder = _stack_to_hf(cfg.encoder, "blt_local_encoder")
-    encoder.update(cross_attn_all_layers=cfg.cross_attn_all_layers_encoder, cross_attn_k=cfg.cross_attn_k,
-                   hidden_size_global=cfg.latent.dim, sliding_window=cfg.encoder.window)
+    encoder.update(
+        cross_attn_all_layers=cfg.cross_attn_all_layers_encoder,
+        cross_attn_k=cfg.cross_attn_k,
+        hidden_size_global=cfg.latent.dim,
+        sliding_window=cfg.encoder.window,
+    )
     decoder = _stack_to_hf(cfg.decoder, "blt_local_decoder")
-    decoder.update(cross_attn_all_layers=cfg.cross_attn_all_layers_decoder, cross_attn_k=cfg.cross_attn_k,
-                   hidden_size_global=cfg.latent.dim)
+    decoder.update(
+        cross_attn_all_layers=cfg.cross_attn_all_layers_decoder,
+        cross_attn_k=cfg.cross_attn_k,
+        hidden_size_global=cfg.latent.dim,
+    )
     latent = _stack_to_hf(cfg.latent, "blt_global_transformer")
     latent.pop("vocab_size")
     out = {
@@ -397,7 +391,9 @@ class _SafetensorsReader:
 
 def _read_json(path: pathlib.Path) -> dict:
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file (a Hugging Face BLT folder holds {CONFIG_FILE} and {WEIGHTS_FILE})")
+        raise FileNotFoundError(
+            f"{path}: no such file (a Hugging Face BLT folder holds {CONFIG_FILE} and {WEIGHTS_FILE})"
+        )
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -407,7 +403,9 @@ def _read_json(path: pathlib.Path) -> dict:
 def _weights(model_dir: pathlib.Path) -> _SafetensorsReader:
     path = model_dir / WEIGHTS_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file (a Hugging Face BLT folder holds {CONFIG_FILE} and {WEIGHTS_FILE})")
+        raise FileNotFoundError(
+            f"{path}: no such file (a Hugging Face BLT folder holds {CONFIG_FILE} and {WEIGHTS_FILE})"
+        )
     return _SafetensorsReader(path)
 
 
@@ -509,9 +507,7 @@ def save_hf_blt(
     tensors = to_hf_state_dict(model, params)
     if entropy_model is not None:
         tensors.update(to_hf_state_dict(*entropy_model))
-    _atomic_write(
-        out_dir / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})
-    )
+    _atomic_write(out_dir / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     _atomic_write(
         out_dir / CONFIG_FILE,
         lambda tmp: pathlib.Path(tmp).write_text(json.dumps(hf_config, indent=2) + "\n"),

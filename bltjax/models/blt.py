@@ -63,9 +63,7 @@ class BLT(nn.Module):
         self.sow("intermediates", "decoder_patch_ids", dpid)
 
         encoder_mask = local_causal_mask(positions, token_segments, cfg.encoder.window)
-        byte_states, slots = LocalEncoder(cfg, name="local_encoder")(
-            tokens, hash_ids, positions, encoder_mask, pid, p
-        )
+        byte_states, slots = LocalEncoder(cfg, name="local_encoder")(tokens, hash_ids, positions, encoder_mask, pid, p)
         self.sow("intermediates", "encoder_hidden", byte_states)
         patch_vectors = slots.reshape(b, p, cfg.cross_attn_k * cfg.encoder.dim)
         self.sow("intermediates", "encoder_patch_embeds", patch_vectors)

@@ -44,9 +44,7 @@ def hash_ids_numpy(tokens: np.ndarray, n: int, prime: int, vocab: int) -> np.nda
 
 def all_hash_ids_numpy(tokens: np.ndarray, sizes: Sequence[int], functions: int, vocab: int) -> np.ndarray:
     """Ids for every table, [tables, ..., N]; tables are ordered function-major, then n (§4.2)."""
-    return np.stack(
-        [hash_ids_numpy(tokens, n, HASH_PRIMES[f], vocab) for f in range(functions) for n in sizes]
-    )
+    return np.stack([hash_ids_numpy(tokens, n, HASH_PRIMES[f], vocab) for f in range(functions) for n in sizes])
 
 
 # --- 64-bit wrapping arithmetic with 16-bit limbs in uint32 words (jit-friendly) -------------

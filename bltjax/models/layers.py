@@ -7,6 +7,7 @@ D head dim, E model width, F FFN width.
 from __future__ import annotations
 
 import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -100,9 +101,7 @@ def apply_rope(x_BTHD: jax.Array, positions_BT: jax.Array, theta: float) -> jax.
     return rotated.reshape(x_BTHD.shape).astype(x_BTHD.dtype)
 
 
-def local_causal_mask(
-    positions_BT: jax.Array, segment_ids_BT: jax.Array | None, window: int | None
-) -> jax.Array:
+def local_causal_mask(positions_BT: jax.Array, segment_ids_BT: jax.Array | None, window: int | None) -> jax.Array:
     """[B, T, T] mask: causal, same segment, and i - j < window (spec §5.4)."""
     q = positions_BT[:, :, None]
     k = positions_BT[:, None, :]

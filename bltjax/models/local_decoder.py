@@ -52,12 +52,12 @@ class LocalDecoder(nn.Module):
             if cfg.cross_attn_all_layers_decoder or i == 0:
                 f = depth_factor(cfg.init_std_factor, i, stack.n_layers, e)
                 updated = CrossAttention(
-                e, heads, e**-0.5 / f, stack.norm_eps, kv_heads, name=f"cross_attention_{i}", **kw
-            )(
-                    x, slots, **cross
-                )
+                    e, heads, e**-0.5 / f, stack.norm_eps, kv_heads, name=f"cross_attention_{i}", **kw
+                )(x, slots, **cross)
                 x = x + updated if cfg.double_cross_attn_residual else updated
-            x = TransformerBlock(stack, i, cfg.init_std_factor, name=f"layers_{i}", **kw)(x, positions_BN, self_mask_BNN)
+            x = TransformerBlock(stack, i, cfg.init_std_factor, name=f"layers_{i}", **kw)(
+                x, positions_BN, self_mask_BNN
+            )
         x = RMSNorm(stack.norm_eps, name="final_norm", **kw)(x)
         self.sow("intermediates", "decoder_output", x)
         logits = Linear((e,), (cfg.vocab_size,), ("embed", "vocab"), e**-0.5, name="output", **kw)(x)

@@ -102,8 +102,6 @@ class LocalEncoder(nn.Module):
             f = depth_factor(cfg.init_std_factor, i, stack.n_layers, e)
             updated = CrossAttention(
                 e, heads, e**-0.5 / f, stack.norm_eps, kv_heads, name=f"cross_attention_{i}", **kw
-            )(
-                slots, x, mask_BTS=cross_mask
-            )
+            )(slots, x, mask_BTS=cross_mask)
             slots = slots + updated if cfg.double_cross_attn_residual else updated
         return x, slots

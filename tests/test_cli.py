@@ -1,0 +1,98 @@
+"""The command-line entry points, run as a user runs them (in subprocesses)."""
+
+import importlib.util
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+from bltjax.config import ConfigError, load_config, validate
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted((REPO / "experiments").glob("*.py"))
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_readme_opens_with_the_two_setup_commands():
+    lines = (REPO / "README.md").read_text().splitlines()
+    block = lines[lines.index("```bash") + 1 : lines.index("```")]
+    commands = [line.split("#")[0].strip() for line in block]
+    assert commands == ["bash launch/quickstart.sh", "bash tests/run.sh"]
+    assert "bash tests/run.sh" in (REPO / ".ci" / "run").read_text()
+
+
+def test_main_job_prints_bits_per_byte():
+    """The README's main command itself, in this test environment's virtualenv."""
+    env = dict(os.environ, BLTJAX_VENV=sys.prefix, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    result = subprocess.run(
+        ["bash", "launch/quickstart.sh", "--config.seed=3", "--max_rows=2"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    bpb = float(re.search(r"bits-per-byte: ([0-9.]+)", result.stdout).group(1))
+    assert 6.0 < bpb < 12.0  # random weights: about log2(260) = 8.02, spread by random logits
+    assert "jargon_file" in result.stdout
+
+
+def test_describe_reports_parameter_counts():
+    result = _run("bltjax.describe", "--config", "experiments/blt_1b.py")
+    assert result.returncode == 0, result.stderr
+    assert "| latent | 1,284,608,000 |" in result.stdout
+
+
+def test_bad_override_is_rejected_with_the_field_name():
+    result = _run("bltjax.describe", "--config", "experiments/blt_tiny.py", "--config.model.encoder.n_heads=5")
+    assert result.returncode != 0
+    assert "config.model.encoder.n_heads: expected a divisor of dim=64, got 5" in result.stderr
+    result = _run("bltjax.describe", "--config", "experiments/blt_tiny.py", "--config.model.encodr.dim=8")
+    assert result.returncode != 0 and "encodr" in result.stderr
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
+def test_every_experiment_validates_and_documents_its_command(path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for variant in getattr(module, "VARIANTS", [None]):
+        config = load_config(f"{path}:{variant}" if variant else str(path))
+        validate(config)
+    doc = path.read_text().split('"""')[1]
+    assert re.search(r"^\s+python -m bltjax\.\w+ --config experiments/" + path.name, doc, flags=re.M)
+
+
+def _tiny():
+    return load_config(str(REPO / "experiments" / "blt_tiny.py"))
+
+
+@pytest.mark.parametrize(
+    "edit, field",
+    [
+        (lambda c: setattr(c.model.decoder, "dim", 96), "config.model.decoder.dim"),
+        (lambda c: setattr(c.model.encoder, "n_kv_heads", 3), "config.model.encoder.n_kv_heads"),
+        (lambda c: setattr(c.model, "hash_functions", 12), "config.model.hash_functions"),
+        (lambda c: setattr(c.model, "pooling", "median"), "config.model.pooling"),
+        (lambda c: setattr(c.data, "max_patches", 500), "config.data.max_patches"),
+        (
+            lambda c: (setattr(c.patching, "mode", "static"), setattr(c.patching, "threshold", 1.0)),
+            "config.patching.threshold",
+        ),
+        (lambda c: setattr(c.patching, "mode", "bpe"), "config.patching.mode"),
+        (lambda c: setattr(c.model, "dtype", "float16"), "config.model.dtype"),
+    ],
+)
+def test_inconsistent_configs_name_the_field(edit, field):
+    config = _tiny()
+    edit(config)
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        validate(config)

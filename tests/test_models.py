@@ -1,0 +1,155 @@
+"""Model behaviour: causality, document masks, padding, RoPE convention, GQA, sizes."""
+
+import dataclasses
+import math
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bltjax import tokenizer
+from bltjax.config import load_config
+from bltjax.describe import count_parameters
+from bltjax.model_factory import build_model, parameter_shapes
+from bltjax.models.blt import BLT
+from bltjax.models.byte_lm import next_byte_entropy
+from bltjax.models.layers import apply_rope, attend
+
+EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
+
+
+def tiny(name: str = "blt_tiny.py"):
+    return load_config(str(EXPERIMENTS / name))
+
+
+@pytest.fixture(scope="module")
+def blt_tiny():
+    config = tiny()
+    model = build_model(config)
+    text = "Causality: the logits of byte i never look at byte i + 1."
+    tokens = tokenizer.encode(text)[None, :48].astype(np.int32)
+    lengths = np.array([[1, 5, 3, 9, 1, 12, 7, 11, 0, 0]], np.int32)  # N + 1 = 49, padded
+    params = jax.jit(model.init)(jax.random.key(0), tokens, lengths)["params"]
+    apply = jax.jit(lambda p, t, lengths: model.apply({"params": p}, t, lengths))
+    return model, params, apply, tokens, lengths
+
+
+def test_blt_is_causal(blt_tiny):
+    _, params, apply, tokens, lengths = blt_tiny
+    base = np.asarray(apply(params, tokens, lengths))
+    assert np.isfinite(base).all()
+    for j in [1, 5, 6, 17, 18, 30, 47]:  # inside patches and on both sides of boundaries
+        changed = tokens.copy()
+        changed[0, j] = 4 + (int(changed[0, j]) + 17) % 256
+        out = np.asarray(apply(params, changed, lengths))
+        np.testing.assert_array_equal(out[0, :j], base[0, :j], err_msg=f"position < {j} saw byte {j}")
+        assert not np.allclose(out[0, j:], base[0, j:]), "perturbing a byte should change later logits"
+
+
+def test_byte_lm_is_causal_and_entropy_is_bounded():
+    config = tiny("entropy_model.py:tiny")
+    model = build_model(config)
+    tokens = tokenizer.encode("entropy models predict the next byte")[None].astype(np.int32)
+    params = jax.jit(model.init)(jax.random.key(1), tokens)["params"]
+    apply = jax.jit(lambda p, t: model.apply({"params": p}, t))
+    base = np.asarray(apply(params, tokens))
+    for j in [1, 9, 20, tokens.shape[1] - 1]:
+        changed = tokens.copy()
+        changed[0, j] = 4 + (int(changed[0, j]) + 1) % 256
+        np.testing.assert_array_equal(np.asarray(apply(params, changed))[0, :j], base[0, :j])
+    entropy = np.asarray(next_byte_entropy(base))
+    assert (entropy >= 0).all() and (entropy <= math.log(260) + 1e-4).all()
+
+
+def _two_documents(document_mask: bool):
+    config = tiny()
+    config.model.document_mask = document_mask
+    model = build_model(config)
+    first = tokenizer.encode("first document, long enough to matter.")  # BOS ... EOS
+    second = tokenizer.encode("second one")
+    tokens = np.concatenate([first, second])[None].astype(np.int32)
+    lengths = np.array([[1, 10, 10, first.size - 21, 1, second.size]], np.int32)  # EOS ends patch 3
+    params = jax.jit(model.init)(jax.random.key(0), tokens, lengths)["params"]
+    return model, params, tokens, lengths, first.size
+
+
+@pytest.mark.parametrize("document_mask", [True, False])
+def test_documents_are_isolated_only_with_document_masks(document_mask):
+    model, params, tokens, lengths, split = _two_documents(document_mask)
+    apply = jax.jit(lambda t: model.apply({"params": params}, t, lengths))
+    base = np.asarray(apply(tokens))
+    changed = tokens.copy()
+    changed[0, 3] = 4 + ord("#")  # far from the boundary: no hash window reaches the 2nd document
+    out = np.asarray(apply(changed))
+    same = np.allclose(out[0, split:], base[0, split:], atol=1e-6)
+    assert same == document_mask
+
+
+def test_padding_gives_finite_values_and_gradients(blt_tiny):
+    model, params, _, tokens, lengths = blt_tiny
+    batch_tokens = np.concatenate([tokens, tokens])
+    batch_lengths = np.concatenate([lengths, np.array([[1, 47, 1, 0, 0, 0, 0, 0, 0, 0]], np.int32)])
+
+    def loss(p):
+        logits = model.apply({"params": p}, batch_tokens, batch_lengths)
+        return jnp.mean(jax.nn.logsumexp(logits, axis=-1))
+
+    value, grads = jax.jit(jax.value_and_grad(loss))(params)
+    assert np.isfinite(float(value))
+    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+
+
+def test_rope_rotates_adjacent_pairs():
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 3, 1, 8)), jnp.float32)
+    positions = jnp.array([[0, 1, 7]])
+    out = np.asarray(apply_rope(x, positions, theta=100.0))
+    xs = np.asarray(x)
+    for t, s in enumerate([0, 1, 7]):
+        for m in range(4):
+            w = 100.0 ** (-2 * m / 8)
+            a, b = xs[0, t, 0, 2 * m], xs[0, t, 0, 2 * m + 1]
+            expected = [a * np.cos(s * w) - b * np.sin(s * w), a * np.sin(s * w) + b * np.cos(s * w)]
+            np.testing.assert_allclose(out[0, t, 0, 2 * m : 2 * m + 2], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_query_attention_equals_repeated_heads():
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(2, 5, 4, 8)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(2, 5, 2, 8)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(2, 5, 2, 8)), jnp.float32)
+    mask = jnp.tril(jnp.ones((5, 5), bool))[None].repeat(2, 0)
+    grouped = attend(q, k, v, mask)
+    repeated = attend(q, jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2), mask)
+    np.testing.assert_allclose(np.asarray(grouped), np.asarray(repeated), rtol=1e-5, atol=1e-6)
+    empty = attend(q, k, v, jnp.zeros((2, 5, 5), bool))
+    np.testing.assert_array_equal(np.asarray(empty), 0.0)  # no key: zero output, not NaN
+
+
+def test_bfloat16_compute_gives_float32_logits_close_to_float32(blt_tiny):
+    model, params, apply, tokens, lengths = blt_tiny
+    bf16 = BLT(dataclasses.replace(model.config, dtype="bfloat16"))
+    out = jax.jit(lambda p: bf16.apply({"params": p}, tokens, lengths))(params)
+    assert out.dtype == jnp.float32
+    ref = np.asarray(apply(params, tokens, lengths))
+    assert np.max(np.abs(np.asarray(out) - ref)) / np.max(np.abs(ref)) < 0.05
+
+
+def test_blt_1b_parameter_counts_match_spec():
+    """Spec §14.4: global 1.285B, hash tables 3.07B, local encoder 19.4M, decoder 157.8M."""
+    counts = count_parameters(parameter_shapes(tiny("blt_1b.py")))
+    assert counts["latent"] == 25 * (4 * 2048**2 + 3 * 2048 * 5632 + 2 * 2048)  # + two norms a block
+    assert counts["hash_embedding"] == 6 * 500002 * 1024
+    block = 4 * 1024**2 + 3 * 1024 * 2816
+    cross = 4 * 1024**2 + 2 * 1024
+    byte_table = 260 * 1024
+    assert counts["local_encoder"] == block + 2 * 1024 + cross + 1024 * 2048 + byte_table
+    assert counts["local_decoder"] == 9 * (block + 2 * 1024 + cross) + 2048 * 2048 + 1024 + byte_table
+    assert abs(counts["latent"] / 1.285e9 - 1) < 0.001
+
+
+def test_released_entropy_model_size():
+    counts = count_parameters(parameter_shapes(tiny("entropy_model.py:released")))
+    non_embedding = counts["total"] - 2 * 260 * 768
+    assert abs(non_embedding / 99.1e6 - 1) < 0.002
