@@ -63,11 +63,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from bltjax.tokenizer import OFFSET, VOCAB_SIZE
+
 if TYPE_CHECKING:
     import jax
 
-OFFSET = 4
-VOCAB_SIZE = 260
 MODES = ("static", "space", "entropy", "byte")
 
 
