@@ -266,3 +266,13 @@ def test_bfloat16_checkpoints_load(fixtures_dir, tmp_path):
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reference), strict=False):
         assert a.dtype == np.float32
         np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-2)
+
+
+def test_export_refuses_what_transformers_cannot_run(fixtures_dir, tmp_path):
+    import dataclasses
+
+    model, params = hf.load_hf_blt(_fixture_b(fixtures_dir))
+    windowed = hf.BLT(dataclasses.replace(model.config, cross_attn_window_decoder=4))
+    with pytest.raises(hf.CheckpointError, match="config.model.cross_attn_window_decoder"):
+        hf.save_hf_blt(windowed, params, tmp_path / "out")
+    assert not (tmp_path / "out" / "model.safetensors").exists()

@@ -182,14 +182,14 @@ def blt_config_to_hf(cfg: BLTConfig, entropy_model: ByteLMConfig | None = None, 
         "pooling": cfg.pooling != "max",
         "patch_query_init": cfg.patch_query_init != "hidden",
         "hash_normalize": cfg.hash_normalize,
-        "cross_attn_heads": cfg.cross_attn_heads not in (None, cfg.encoder.n_heads)
-        or (cfg.cross_attn_heads is not None and cfg.encoder.kv_heads != cfg.encoder.n_heads),
+        # transformers' cross-attentions use each local stack's own (kv) head counts.
+        "cross_attn_heads": cfg.cross_attn_heads is not None
+        and any(cfg.cross_attn_heads != s.n_heads or s.kv_heads != s.n_heads for s in (cfg.encoder, cfg.decoder)),
         "decoder.window": cfg.decoder.window != cfg.encoder.window,
         "latent.window": cfg.latent.window is not None,
         "repool_every_cross_attn_layer": (
             not cfg.repool_every_cross_attn_layer and cfg.cross_attn_all_layers_encoder and cfg.encoder.n_layers > 1
         ),
-        "decoder.n_heads": cfg.decoder.n_heads != cfg.encoder.n_heads and cfg.cross_attn_heads is not None,
     }
     for stack in ("encoder", "latent", "decoder"):
         s = getattr(cfg, stack)
@@ -499,11 +499,10 @@ def save_hf_blt(
     With ``entropy_model=(byte_lm, params)`` the patcher is included, so that
     `BltForCausalLM` can patch by itself. Each file is written atomically.
     """
+    patcher_cfg = entropy_model[0].config if entropy_model is not None else None
+    hf_config = blt_config_to_hf(model.config, patcher_cfg, threshold)  # refuses before writing
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cfg = model.config
-    patcher_cfg = entropy_model[0].config if entropy_model is not None else None
-    hf_config = blt_config_to_hf(cfg, patcher_cfg, threshold)
     tensors = to_hf_state_dict(model, params)
     if entropy_model is not None:
         tensors.update(to_hf_state_dict(*entropy_model))
