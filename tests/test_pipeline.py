@@ -509,6 +509,27 @@ def test_grain_iterator_state_round_trip(data_dir):
     np.testing.assert_array_equal(expected[0]["tokens"], batch_at_step(dataset(data_dir, config), 3)["tokens"])
 
 
+def test_grain_iterator_state_saves_and_restores_through_orbax(data_dir, tmp_path):
+    """The data position goes into the same orbax step as the train state (grain's handler)."""
+    import grain
+    import orbax.checkpoint as ocp
+
+    config = make_config("space")
+    iterator = make_iterator(dataset(data_dir, config))
+    for _ in range(2):
+        next(iterator)
+    with ocp.CheckpointManager(tmp_path / "ckpt", item_names=("data",)) as manager:
+        manager.save(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(iterator)))
+        manager.wait_until_finished()
+    expected = next(iterator)
+    fresh = make_iterator(dataset(data_dir, config))
+    with ocp.CheckpointManager(tmp_path / "ckpt", item_names=("data",)) as manager:
+        manager.restore(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
+    got = next(fresh)
+    for key in expected:
+        np.testing.assert_array_equal(got[key], expected[key])
+
+
 _PROCESS_SCRIPT = textwrap.dedent(
     """
     import sys, numpy as np, jax
