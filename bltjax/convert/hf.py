@@ -17,7 +17,6 @@ import math
 import os
 import pathlib
 import struct
-import tempfile
 import warnings
 from typing import Any
 
@@ -28,6 +27,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from bltjax.atomic import write_atomic
 from bltjax.models.blt import BLT
 from bltjax.models.byte_lm import ByteLM
 from bltjax.models.configs import BLTConfig, ByteLMConfig, TransformerConfig
@@ -474,18 +474,6 @@ def to_hf_state_dict(model: BLT | ByteLM, params: dict) -> dict[str, np.ndarray]
     return tensors
 
 
-def _atomic_write(path: pathlib.Path, write) -> None:
-    """Writes through a temporary file in the same folder and renames it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_hf_blt(
     model: BLT,
     params: dict,
@@ -506,8 +494,8 @@ def save_hf_blt(
     tensors = to_hf_state_dict(model, params)
     if entropy_model is not None:
         tensors.update(to_hf_state_dict(*entropy_model))
-    _atomic_write(out_dir / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(
+    write_atomic(out_dir / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_atomic(
         out_dir / CONFIG_FILE,
         lambda tmp: pathlib.Path(tmp).write_text(json.dumps(hf_config, indent=2) + "\n"),
     )

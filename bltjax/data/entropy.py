@@ -79,6 +79,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from bltjax import checkpoint_io
+from bltjax.atomic import write_atomic
 from bltjax.calibrate import UNITS, calibrate_threshold
 from bltjax.config import base_byte_lm_config
 from bltjax.data import prepare
@@ -127,17 +128,8 @@ def sha256_file(path: pathlib.Path) -> str:
 
 
 def _atomic_write(path: pathlib.Path, data: bytes) -> str:
-    """Writes ``data`` via a temporary file + os.replace; returns its sha256."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """Writes ``data`` atomically; returns its sha256 (recorded in sidecars.json)."""
+    write_atomic(path, data)
     return hashlib.sha256(data).hexdigest()
 
 

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from bltjax import tokenizer
+from bltjax.atomic import write_atomic
 
 FORMAT_NAME = "bltjax-byte-shards"
 FORMAT_VERSION = 1
@@ -440,23 +441,6 @@ def _sha256_file(path: pathlib.Path) -> str:
     return digest.hexdigest()
 
 
-def _write_atomic(path: pathlib.Path, data: bytes) -> None:
-    """Writes ``data`` to a hidden temp file next to ``path`` and renames it into place.
-
-    Readers therefore see the old file or the complete new one, never a half-written one.
-    """
-    temp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(temp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    finally:
-        if temp.exists():
-            temp.unlink()
-
-
 def _same_content(path: pathlib.Path, size: int, sha256: str) -> bool:
     return path.is_file() and path.stat().st_size == size and _sha256_file(path) == sha256
 
@@ -502,7 +486,7 @@ class _ShardWriter:
         ):
             path = self.output / name
             if not _same_content(path, len(data), sha):
-                _write_atomic(path, data)
+                write_atomic(path, data)
                 kept = False
         self.state.shards_kept += kept
         self.state.shards_written += not kept
@@ -626,7 +610,7 @@ def prepare(
         "splits": {split: [s.to_json() for s in writers[split].shards] for split in SPLITS},
         "summary": summary,
     }
-    _write_atomic(manifest_path, (json.dumps(document, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
+    write_atomic(manifest_path, (json.dumps(document, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
     for stale in out.iterdir():  # shards of an earlier, longer run that the manifest no longer lists
         match = _SHARD_FILE.match(stale.name)
         if match and int(match.group(2)) >= len(writers[match.group(1)].shards):
