@@ -256,14 +256,31 @@ def _load_documents(paths: Sequence[str]) -> list[np.ndarray]:
     return documents
 
 
+def _sidecar_documents(args: argparse.Namespace) -> list[np.ndarray]:
+    """Per-document entropies from the sidecars of a prepared folder (imports the data stack lazily)."""
+    import pathlib
+
+    from bltjax.data import entropy, prepare
+
+    data = pathlib.Path(args.data)
+    return entropy.sidecar_documents(data, prepare.load_manifest(data).shards(args.split), args.max_tokens)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bltjax.calibrate", description=__doc__.split("\n\n")[0])
-    parser.add_argument(
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
         "--entropies",
         nargs="+",
-        required=True,
         metavar="FILE.npy",
         help="1-D array = one document; 2-D array = one document per row",
+    )
+    source.add_argument(
+        "--data", metavar="DIR", help="a prepared folder with entropy sidecars (python -m bltjax.entropy)"
+    )
+    parser.add_argument("--split", default="train", help="with --data: the split to calibrate on")
+    parser.add_argument(
+        "--max-tokens", type=int, default=None, help="with --data: whole documents up to this many tokens"
     )
     parser.add_argument("--target-patch-size", type=float, required=True, help="e.g. 4.5, 6 or 8")
     parser.add_argument("--unit", choices=UNITS, default="tokens", help="what the target counts (default: tokens)")
@@ -273,8 +290,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", metavar="FILE", help="also write the result as JSON")
     args = parser.parse_args(argv)
     try:
+        documents = _load_documents(args.entropies) if args.entropies else _sidecar_documents(args)
         result = calibrate_threshold(
-            _load_documents(args.entropies),
+            documents,
             args.target_patch_size,
             unit=args.unit,
             max_patch_length=args.max_patch_length,

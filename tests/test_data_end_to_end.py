@@ -8,6 +8,8 @@ exactly the entropy rule applied to the window, and the model accepts every batc
 from __future__ import annotations
 
 import pathlib
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -44,6 +46,14 @@ def test_prepare_entropy_pipeline_model_round_trip(tmp_path):
             assert entropy.entropy_path(data, shard.name).parent == data  # sidecars lie next to the shard
             assert entropy.entropy_path(data, shard.name).exists()
             assert entropy.starts_path(data, shard.name, tag).exists()
+
+    # The calibration tool reads the same sidecars.
+    result = subprocess.run(
+        [sys.executable, "-m", "bltjax.calibrate", "--data", str(data), "--target-patch-size", "4"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "threshold" in result.stdout
 
     # 3. pipeline in entropy mode with the same threshold, then the model on its batches.
     config = load_config(str(REPO / "experiments" / "blt_tiny.py"))

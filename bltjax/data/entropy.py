@@ -572,10 +572,13 @@ class RunSummary:
     calibration: dict | None
 
 
-def _calibration_documents(
-    data_dir: pathlib.Path, shards: Sequence[prepare.ShardInfo], limit: int | None
+def sidecar_documents(
+    data_dir: pathlib.Path, shards: Sequence[prepare.ShardInfo], limit: int | None = None
 ) -> list[np.ndarray]:
-    """Per-document entropies of `shards` in stream order, whole documents up to `limit` tokens."""
+    """Per-document entropies of `shards` in stream order, whole documents up to `limit` tokens.
+
+    This is what threshold calibration reads (here and in `python -m bltjax.calibrate --data`).
+    """
     documents: list[np.ndarray] = []
     budget = math.inf if limit is None else int(limit)
     for shard in shards:
@@ -719,7 +722,7 @@ def run(
         if not train:
             raise SidecarError(f"{data_dir / MANIFEST_FILE}: no 'train' split to calibrate the threshold on")
         result = calibrate_threshold(
-            _calibration_documents(data_dir, train, calibration_tokens), float(target_patch_size), unit=unit
+            sidecar_documents(data_dir, train, calibration_tokens), float(target_patch_size), unit=unit
         )
         calibration = dataclasses.asdict(result)
         threshold = float(result.threshold)
