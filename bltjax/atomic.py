@@ -1,4 +1,6 @@
-"""Atomic file writes: readers see the old file or the complete new one, never a partial one.
+"""File integrity: atomic writes, and the sha256 that manifests and sidecars record.
+
+Atomic writes mean readers see the old file or the complete new one, never a partial one.
 
 Every writer in bltjax (shards, manifests, sidecars, exported checkpoints) goes through here:
 write a hidden temporary sibling ``.NAME.tmp``, flush it to disk, then `os.replace` it into
@@ -8,6 +10,7 @@ the next run overwrites (and `prepare` sweeps up).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pathlib
 from collections.abc import Callable
@@ -34,3 +37,12 @@ def write_atomic(path: str | os.PathLike, data: bytes | Callable[[str], None]) -
     finally:
         if temp.exists():
             temp.unlink()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 8 MiB blocks (shards can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(1 << 23):
+            digest.update(block)
+    return digest.hexdigest()

@@ -79,7 +79,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from bltjax import checkpoint_io
-from bltjax.atomic import write_atomic
+from bltjax.atomic import sha256_file, write_atomic
 from bltjax.calibrate import UNITS, calibrate_threshold
 from bltjax.config import base_byte_lm_config
 from bltjax.data import prepare
@@ -117,14 +117,6 @@ def entropy_path(data_dir: str | os.PathLike, shard: str) -> pathlib.Path:
 
 def starts_path(data_dir: str | os.PathLike, shard: str, tag: str) -> pathlib.Path:
     return pathlib.Path(data_dir) / f"{shard}.starts.{tag}.bits"
-
-
-def sha256_file(path: pathlib.Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 23):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _atomic_write(path: pathlib.Path, data: bytes) -> str:

@@ -54,7 +54,6 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import pathlib
@@ -64,6 +63,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from bltjax.atomic import sha256_file
 from bltjax.data import prepare
 from bltjax.patching import lengths_from_start_mask, patch_lengths, split_long_patches
 from bltjax.tokenizer import BOE_ID, VOCAB_SIZE
@@ -210,14 +210,6 @@ def _stamp(*paths: str) -> tuple[tuple[str, int, int], ...]:
     return tuple((path, stat.st_size, stat.st_mtime_ns) for path, stat in zip(paths, stats, strict=True))
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(1 << 23):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _check_size(path: str, expected: int, what: str) -> None:
     if not os.path.isfile(path):
         raise DataError(f"{path}: missing {what}")
@@ -248,7 +240,7 @@ def check_shard(shard: Shard, *, contents: bool) -> None:
     if shard.starts_path is not None:
         stamp = _stamp(shard.starts_path)
         if stamp not in _VERIFIED:
-            actual = _sha256(shard.starts_path)
+            actual = sha256_file(shard.starts_path)
             if actual != shard.starts_sha256:
                 raise DataError(
                     f"{shard.starts_path}: sha256 {actual} differs from {shard.starts_sha256} recorded in "

@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from bltjax import tokenizer
-from bltjax.atomic import write_atomic
+from bltjax.atomic import sha256_file, write_atomic
 
 FORMAT_NAME = "bltjax-byte-shards"
 FORMAT_VERSION = 1
@@ -433,16 +433,8 @@ def _human(nbytes: float) -> str:
     return f"{nbytes / 1024**power:,.1f} {('B', 'KiB', 'MiB', 'GiB')[power]}"
 
 
-def _sha256_file(path: pathlib.Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _same_content(path: pathlib.Path, size: int, sha256: str) -> bool:
-    return path.is_file() and path.stat().st_size == size and _sha256_file(path) == sha256
+    return path.is_file() and path.stat().st_size == size and sha256_file(path) == sha256
 
 
 class _ShardWriter:
@@ -761,7 +753,7 @@ def verify_shard(data_dir: str | os.PathLike, split: str, index: int, manifest: 
         (tokens_path, "tokens_sha256", info.tokens_sha256),
         (docs_path, "docs_sha256", info.docs_sha256),
     ):
-        actual = _sha256_file(p)
+        actual = sha256_file(p)
         if actual != expected:
             raise DataFormatError(
                 f"{p}: sha256 {actual} does not match field 'splits.{split}[{index}].{key}' = {expected} "
