@@ -12,6 +12,7 @@ official BLT code in two switches that `load_hf_blt` sets (spec §18): no docume
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -330,23 +331,34 @@ def hf_entropy_parameter_name(path: tuple[str, ...]) -> str:
 # --- tensor layouts ---------------------------------------------------------------------------
 
 
-def _hf_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Shape of the torch tensor holding a bltjax parameter of ``shape``."""
+def _hf_shape(path: tuple[str, ...], shape: tuple[int, ...], hash_vocab: int | None = None) -> tuple[int, ...]:
+    """Shape of the torch tensor holding a bltjax parameter of ``shape``.
+
+    The hash tables are one [tables * hash_vocab, dim] matrix there: rows padded here up to
+    ``hash_rows_multiple`` (never read) do not exist in transformers.
+    """
     if path[-1] == "tables":
-        return (shape[0] * shape[1], shape[2])
+        return (shape[0] * (hash_vocab or shape[1]), shape[2])
     if path[-1] == "kernel":
         n_in = 2 if path[-2] == "out" else 1
         return (math.prod(shape[n_in:]), math.prod(shape[:n_in]))
     return tuple(shape)
 
 
-def _from_hf(path: tuple[str, ...], tensor: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+def _from_hf(
+    path: tuple[str, ...], tensor: np.ndarray, shape: tuple[int, ...], hash_vocab: int | None = None
+) -> np.ndarray:
     if path[-1] == "kernel":
         return tensor.T.reshape(shape)
+    if path[-1] == "tables":
+        tables = tensor.reshape(shape[0], hash_vocab or shape[1], shape[2])
+        return np.pad(tables, [(0, 0), (0, shape[1] - tables.shape[1]), (0, 0)])
     return tensor.reshape(shape)
 
 
-def _to_hf(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
+def _to_hf(path: tuple[str, ...], value: np.ndarray, hash_vocab: int | None = None) -> np.ndarray:
+    if path[-1] == "tables":
+        value = value[:, :hash_vocab]  # drops the padding rows
     hf_shape = _hf_shape(path, value.shape)
     if path[-1] == "kernel":
         return np.ascontiguousarray(value.reshape(hf_shape[::-1]).T)
@@ -409,7 +421,9 @@ def _weights(model_dir: pathlib.Path) -> _SafetensorsReader:
     return _SafetensorsReader(path)
 
 
-def _load_tree(module: nn.Module, example_args: tuple, name_of, reader: _SafetensorsReader, dtype) -> dict:
+def _load_tree(
+    module: nn.Module, example_args: tuple, name_of, reader: _SafetensorsReader, dtype, hash_vocab: int | None = None
+) -> dict:
     """Fills the module's parameter tree from ``reader``, checking every name and shape."""
     shapes = nn.meta.unbox(jax.eval_shape(lambda: module.init(jax.random.key(0), *example_args))["params"])
     available = reader.keys()
@@ -419,13 +433,13 @@ def _load_tree(module: nn.Module, example_args: tuple, name_of, reader: _Safeten
         name = name_of(path)
         if name not in available:
             raise CheckpointError(f"{reader.path}: parameter '{name}' (bltjax {'/'.join(path)}) is missing")
-        expected = _hf_shape(path, leaf.shape)
+        expected = _hf_shape(path, leaf.shape, hash_vocab)
         if reader.shape(name) != expected:
             raise CheckpointError(
                 f"{reader.path}: parameter '{name}' has shape {list(reader.shape(name))}, "
                 f"expected {list(expected)} from config.json"
             )
-        return _from_hf(path, reader.get(name), leaf.shape).astype(dtype)
+        return _from_hf(path, reader.get(name), leaf.shape, hash_vocab).astype(dtype)
 
     return jax.tree_util.tree_map_with_path(load, shapes)
 
@@ -434,17 +448,20 @@ def _example_blt_args() -> tuple[np.ndarray, np.ndarray]:
     return np.ones((1, 4), np.int32), np.array([[1, 4]], np.int32)
 
 
-def load_hf_blt(model_dir: str | os.PathLike, *, dtype=np.float32) -> tuple[BLT, dict]:
+def load_hf_blt(model_dir: str | os.PathLike, *, dtype=np.float32, hash_rows_multiple: int = 1) -> tuple[BLT, dict]:
     """Imports a `transformers` BLT folder: returns (model, params) with float32 logits.
 
     ``model.apply({'params': params}, tokens[B, N], patch_lengths[B, P])`` then gives the
-    logits `BltForCausalLM` gives for the same ids and patch lengths.
+    logits `BltForCausalLM` gives for the same ids and patch lengths. With
+    ``hash_rows_multiple`` > 1 the hash tables are zero-padded to that row multiple (for a mesh).
     """
     model_dir = pathlib.Path(model_dir)
     config_path = model_dir / CONFIG_FILE
     cfg = blt_config_from_hf(_read_json(config_path), config_path)
+    cfg = dataclasses.replace(cfg, hash_rows_multiple=hash_rows_multiple)
     model = BLT(cfg)
-    params = _load_tree(model, _example_blt_args(), lambda p: hf_parameter_name(cfg, p), _weights(model_dir), dtype)
+    name_of = lambda p: hf_parameter_name(cfg, p)  # noqa: E731
+    params = _load_tree(model, _example_blt_args(), name_of, _weights(model_dir), dtype, cfg.hash_vocab)
     return model, params
 
 
@@ -461,16 +478,19 @@ def load_hf_entropy_model(model_dir: str | os.PathLike, *, dtype=np.float32) -> 
 def to_hf_state_dict(model: BLT | ByteLM, params: dict) -> dict[str, np.ndarray]:
     """float32 tensors under their `transformers` names and layouts ([out, in] linear weights).
 
-    A ByteLM is named as the patcher of a BLT checkpoint (``model.patcher.*``).
+    A ByteLM is named as the patcher of a BLT checkpoint (``model.patcher.*``). Hash-table rows
+    padded for a mesh (``hash_rows_multiple``) are dropped.
     """
+    hash_vocab = None
     if isinstance(model, BLT):
         name_of = lambda path: hf_parameter_name(model.config, path)  # noqa: E731
+        hash_vocab = model.config.hash_vocab
     else:
         name_of = hf_entropy_parameter_name
     tensors = {}
     for key_path, value in jax.tree_util.tree_flatten_with_path(nn.meta.unbox(params))[0]:
         path = tuple(k.key for k in key_path)
-        tensors[name_of(path)] = _to_hf(path, np.asarray(value, np.float32))
+        tensors[name_of(path)] = _to_hf(path, np.asarray(value, np.float32), hash_vocab)
     return tensors
 
 

@@ -7,9 +7,11 @@
       -> local decoder  -> logits [B, N, 260]
 
 Shapes are static: rows are padded with BOE tokens and zero-length patches, and every mask is
-built from ids by comparisons. Intermediate tensors are sown into the "intermediates"
-collection (apply with ``mutable=["intermediates"]`` to read them), which is how the parity
-tests locate the first stage that disagrees with a reference.
+built from ids by comparisons inside the attention that uses it (positions, document segment
+ids and the stack's window; no [B, N, N] mask is materialised for the windowed local stacks).
+Intermediate tensors are sown into the "intermediates" collection (apply with
+``mutable=["intermediates"]`` to read them), which is how the parity tests locate the first
+stage that disagrees with a reference.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import jax.numpy as jnp
 from bltjax.models.configs import BLTConfig
 from bltjax.models.hash_embed import all_hash_ids
 from bltjax.models.latent import LatentTransformer
-from bltjax.models.layers import eos_segment_ids, local_causal_mask, positions_like
+from bltjax.models.layers import eos_segment_ids, positions_like
 from bltjax.models.local_decoder import LocalDecoder
 from bltjax.models.local_encoder import LocalEncoder
 from bltjax.models.patch_ids import check_patch_lengths, decoder_patch_ids, patch_ids, with_next_token
@@ -62,8 +64,8 @@ class BLT(nn.Module):
         self.sow("intermediates", "encoder_patch_ids", pid)
         self.sow("intermediates", "decoder_patch_ids", dpid)
 
-        encoder_mask = local_causal_mask(positions, token_segments, cfg.encoder.window)
-        byte_states, slots = LocalEncoder(cfg, name="local_encoder")(tokens, hash_ids, positions, encoder_mask, pid, p)
+        encoder = LocalEncoder(cfg, name="local_encoder")
+        byte_states, slots = encoder(tokens, hash_ids, positions, token_segments, pid, p)
         self.sow("intermediates", "encoder_hidden", byte_states)
         patch_vectors = slots.reshape(b, p, cfg.cross_attn_k * cfg.encoder.dim)
         self.sow("intermediates", "encoder_patch_embeds", patch_vectors)
@@ -74,9 +76,7 @@ class BLT(nn.Module):
             # A patch ends a document if it holds an EOS (spec §7).
             patch_has_eos = jnp.zeros((b, p), bool).at[jnp.arange(b)[:, None], pid].max(is_eos)
             patch_segments = eos_segment_ids(patch_has_eos)
-        latent_mask = local_causal_mask(patch_positions, patch_segments, cfg.latent.window)
-        global_out = LatentTransformer(cfg, name="latent")(patch_vectors, patch_positions, latent_mask)
+        global_out = LatentTransformer(cfg, name="latent")(patch_vectors, patch_positions, patch_segments)
         self.sow("intermediates", "global_output", global_out)
 
-        decoder_mask = local_causal_mask(positions, token_segments, cfg.decoder.window)
-        return LocalDecoder(cfg, name="local_decoder")(byte_states, global_out, positions, decoder_mask, dpid)
+        return LocalDecoder(cfg, name="local_decoder")(byte_states, global_out, positions, token_segments, dpid)

@@ -17,7 +17,6 @@ from bltjax.models.layers import (
     Transformer,
     dtype_of,
     eos_segment_ids,
-    local_causal_mask,
     positions_like,
     truncated_normal_init,
 )
@@ -44,8 +43,7 @@ class ByteLM(nn.Module):
         x = jnp.take(table, tokens, axis=0).astype(kw["dtype"])
         positions = positions_like(tokens)
         segments = eos_segment_ids(tokens == EOS_ID) if cfg.document_mask else None
-        mask = local_causal_mask(positions, segments, stack.window)
-        x = Transformer(stack, cfg.init_std_factor, name="transformer", **kw)(x, positions, mask)
+        x = Transformer(stack, cfg.init_std_factor, remat=cfg.remat, name="transformer", **kw)(x, positions, segments)
         x = RMSNorm(stack.norm_eps, name="final_norm", **kw)(x)
         logits = Linear((stack.dim,), (cfg.vocab_size,), ("embed", "vocab"), stack.dim**-0.5, name="output", **kw)(x)
         return logits.astype(jnp.float32)

@@ -30,6 +30,14 @@ HASH_PRIMES = (
 INIT_STD_FACTORS = ("disabled", "current_depth", "global_depth", "dim_ratio")
 POOLING_MODES = ("max", "avg", "min")
 PATCH_QUERY_INITS = ("hidden", "embedding")
+# Activation rematerialisation: "block" recomputes each TransformerBlock in the backward pass
+# (activations kept: one [B, T, E] per block) instead of storing its attention and FFN internals.
+REMAT_MODES = ("none", "block")
+
+
+def round_up(value: int, multiple: int) -> int:
+    """The smallest multiple of ``multiple`` that is >= ``value``."""
+    return -(-value // multiple) * multiple
 
 
 def swiglu_hidden_dim(dim: int, multiple_of: int = 256, ffn_dim_multiplier: float = 1.0) -> int:
@@ -98,10 +106,18 @@ class BLTConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     init_std_factor: str = "disabled"
+    remat: str = "none"  # one of REMAT_MODES; not model semantics (same parameters, same values)
+    # The hash tables get round_up(hash_vocab, hash_rows_multiple) rows so that their row axis
+    # divides the mesh; ids stay < hash_vocab, so the zero padding rows are never read.
+    hash_rows_multiple: int = 1
 
     @property
     def num_hash_tables(self) -> int:
         return self.hash_functions * len(self.hash_sizes)
+
+    @property
+    def hash_table_rows(self) -> int:
+        return round_up(self.hash_vocab, self.hash_rows_multiple)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,3 +130,4 @@ class ByteLMConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     init_std_factor: str = "disabled"
+    remat: str = "none"  # one of REMAT_MODES

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bltjax.models.configs import HASH_PRIMES
+from bltjax.models.configs import HASH_PRIMES, round_up
 from bltjax.models.layers import truncated_normal_init
 
 _MASK64 = (1 << 64) - 1
@@ -115,22 +115,31 @@ def all_hash_ids(tokens: jax.Array, sizes: Sequence[int], functions: int, vocab:
 class HashNgramEmbedding(nn.Module):
     """Sum of one row per hash table: E[t, hash_id_t(i)] over the tables t (spec §4.2).
 
-    Tables are stored as one [tables, vocab, width] parameter so that their rows can be
-    sharded together; they are free in FLOPs but dominate the parameter count at scale.
+    Tables are stored as one [tables, rows, width] parameter so that their rows can be sharded
+    together; they are free in FLOPs but dominate the parameter count at scale. ``rows`` is
+    ``vocab`` rounded up to ``rows_multiple`` so that the row axis divides the mesh; the extra
+    rows are zeros that no id reaches (ids are < vocab).
     """
 
     num_tables: int
     vocab: int
     dim: int
     param_dtype: jnp.dtype = jnp.float32
+    rows_multiple: int = 1
 
     @nn.compact
     def __call__(self, hash_ids_TBN: jax.Array) -> jax.Array:
         tables = self.param(
             "tables",
-            nn.with_logical_partitioning(truncated_normal_init(self.dim**-0.5), (None, "hash_rows", "embed")),
-            (self.num_tables, self.vocab, self.dim),
+            nn.with_logical_partitioning(self._init, ("hash_tables", "hash_rows", "hash_embed")),
+            (self.num_tables, round_up(self.vocab, self.rows_multiple), self.dim),
             self.param_dtype,
         )
         rows = jax.vmap(lambda table, ids: jnp.take(table, ids, axis=0))(tables, hash_ids_TBN)
         return rows.sum(axis=0)
+
+    def _init(self, key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
+        """Draws the [tables, vocab, dim] weights, then zero-pads the rows: the same start on any mesh."""
+        tables, rows, dim = shape
+        real = truncated_normal_init(self.dim**-0.5)(key, (tables, self.vocab, dim), dtype)
+        return jnp.pad(real, [(0, 0), (0, rows - self.vocab), (0, 0)])

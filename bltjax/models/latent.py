@@ -19,7 +19,7 @@ class LatentTransformer(nn.Module):
     config: BLTConfig
 
     @nn.compact
-    def __call__(self, patches_BPX: jax.Array, positions_BP: jax.Array, mask_BPP: jax.Array) -> jax.Array:
+    def __call__(self, patches_BPX: jax.Array, positions_BP: jax.Array, segment_ids_BP: jax.Array | None) -> jax.Array:
         cfg = self.config
         kw = dict(dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype))
         width_in = patches_BPX.shape[-1]
@@ -28,4 +28,5 @@ class LatentTransformer(nn.Module):
             x = Linear(
                 (width_in,), (cfg.latent.dim,), ("patch_slots", "embed"), width_in**-0.5, name="input_projection", **kw
             )(x)
-        return Transformer(cfg.latent, cfg.init_std_factor, name="transformer", **kw)(x, positions_BP, mask_BPP)
+        stack = Transformer(cfg.latent, cfg.init_std_factor, remat=cfg.remat, name="transformer", **kw)
+        return stack(x, positions_BP, segment_ids_BP)

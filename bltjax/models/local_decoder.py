@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from bltjax.models.configs import BLTConfig
-from bltjax.models.layers import CrossAttention, Linear, RMSNorm, TransformerBlock, depth_factor, dtype_of
+from bltjax.models.layers import CrossAttention, Linear, RMSNorm, block_class, depth_factor, dtype_of
 
 
 class LocalDecoder(nn.Module):
@@ -26,7 +26,7 @@ class LocalDecoder(nn.Module):
         byte_states_BNE: jax.Array,
         global_BPG: jax.Array,
         positions_BN: jax.Array,
-        self_mask_BNN: jax.Array,
+        segment_ids_BN: jax.Array | None,
         dpid_BN: jax.Array,
     ) -> jax.Array:
         cfg = self.config
@@ -47,6 +47,7 @@ class LocalDecoder(nn.Module):
             cross = dict(mask_BTS=(slot_patch <= dpid) & (dpid < slot_patch + window))
 
         heads, kv_heads = (cfg.cross_attn_heads, None) if cfg.cross_attn_heads else (stack.n_heads, stack.kv_heads)
+        block = block_class(cfg.remat)
         x = byte_states_BNE
         for i in range(stack.n_layers):
             if cfg.cross_attn_all_layers_decoder or i == 0:
@@ -55,9 +56,7 @@ class LocalDecoder(nn.Module):
                     e, heads, e**-0.5 / f, stack.norm_eps, kv_heads, name=f"cross_attention_{i}", **kw
                 )(x, slots, **cross)
                 x = x + updated if cfg.double_cross_attn_residual else updated
-            x = TransformerBlock(stack, i, cfg.init_std_factor, name=f"layers_{i}", **kw)(
-                x, positions_BN, self_mask_BNN
-            )
+            x = block(stack, i, cfg.init_std_factor, name=f"layers_{i}", **kw)(x, positions_BN, segment_ids_BN)
         x = RMSNorm(stack.norm_eps, name="final_norm", **kw)(x)
         self.sow("intermediates", "decoder_output", x)
         logits = Linear((e,), (cfg.vocab_size,), ("embed", "vocab"), e**-0.5, name="output", **kw)(x)

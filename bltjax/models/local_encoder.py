@@ -2,7 +2,9 @@
 
 A light byte transformer (sliding-window attention) whose states are pooled per patch into
 queries that then cross-attend to the bytes of their own patch. The pooled-query init, the
-double residual and the own-patch mask are those of the released checkpoints.
+double residual and the own-patch window are those of the released checkpoints. With that
+window the cross-attention is a per-patch softmax over gathered queries (`attend_own_patch`),
+never a [P*k, N] mask; wider windows use the dense mask.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from bltjax.models.hash_embed import HashNgramEmbedding
 from bltjax.models.layers import (
     CrossAttention,
     Linear,
-    TransformerBlock,
+    block_class,
     depth_factor,
     dtype_of,
     truncated_normal_init,
@@ -60,7 +62,7 @@ class LocalEncoder(nn.Module):
         tokens_BN: jax.Array,
         hash_ids_TBN: jax.Array,
         positions_BN: jax.Array,
-        self_mask_BNN: jax.Array,
+        segment_ids_BN: jax.Array | None,
         pid_BN: jax.Array,
         n_patches: int,
     ) -> tuple[jax.Array, jax.Array]:
@@ -77,7 +79,7 @@ class LocalEncoder(nn.Module):
         x = jnp.take(byte_table, tokens_BN, axis=0)
         if cfg.num_hash_tables:
             x = x + HashNgramEmbedding(
-                cfg.num_hash_tables, cfg.hash_vocab, e, kw["param_dtype"], name="hash_embedding"
+                cfg.num_hash_tables, cfg.hash_vocab, e, kw["param_dtype"], cfg.hash_rows_multiple, name="hash_embedding"
             )(hash_ids_TBN)
             if cfg.hash_normalize:
                 x = x / (len(cfg.hash_sizes) + 1)
@@ -85,14 +87,16 @@ class LocalEncoder(nn.Module):
         self.sow("intermediates", "encoder_input_embeds", x)
         embeddings = x
 
-        cross_mask = encoder_cross_attn_mask(pid_BN, n_patches, k, cfg.cross_attn_window_encoder)
+        if cfg.cross_attn_window_encoder == 1:
+            cross = dict(key_patch_BS=pid_BN, slots_per_patch=k)
+        else:
+            cross = dict(mask_BTS=encoder_cross_attn_mask(pid_BN, n_patches, k, cfg.cross_attn_window_encoder))
+        block = block_class(cfg.remat)
         project_patches = Linear((e,), (k * e,), ("embed", "patch_slots"), e**-0.5, name="patch_projection", **kw)
         heads, kv_heads = (cfg.cross_attn_heads, None) if cfg.cross_attn_heads else (stack.n_heads, stack.kv_heads)
         slots = None
         for i in range(stack.n_layers):
-            x = TransformerBlock(stack, i, cfg.init_std_factor, name=f"layers_{i}", **kw)(
-                x, positions_BN, self_mask_BNN
-            )
+            x = block(stack, i, cfg.init_std_factor, name=f"layers_{i}", **kw)(x, positions_BN, segment_ids_BN)
             if not (cfg.cross_attn_all_layers_encoder or i == stack.n_layers - 1):
                 continue
             if slots is None or cfg.repool_every_cross_attn_layer:
@@ -102,6 +106,6 @@ class LocalEncoder(nn.Module):
             f = depth_factor(cfg.init_std_factor, i, stack.n_layers, e)
             updated = CrossAttention(
                 e, heads, e**-0.5 / f, stack.norm_eps, kv_heads, name=f"cross_attention_{i}", **kw
-            )(slots, x, mask_BTS=cross_mask)
+            )(slots, x, **cross)
             slots = slots + updated if cfg.double_cross_attn_residual else updated
         return x, slots

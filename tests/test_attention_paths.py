@@ -1,0 +1,236 @@
+"""The fast attention paths equal the dense masked ones; remat and padded hash tables change nothing.
+
+Blockwise sliding-window self-attention and the gathered own-patch encoder cross-attention are
+checked against `attend` with the dense mask (values and gradients); `remat="block"` against
+no remat; hash tables padded to a row multiple against unpadded ones (and the HF export).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bltjax.convert import hf
+from bltjax.models.blt import BLT
+from bltjax.models.byte_lm import ByteLM
+from bltjax.models.configs import BLTConfig, ByteLMConfig, TransformerConfig
+from bltjax.models.hash_embed import HashNgramEmbedding
+from bltjax.models.layers import (
+    attend,
+    attend_own_patch,
+    blockwise_local_attend,
+    blockwise_pays,
+    causal_self_attend,
+    eos_segment_ids,
+    local_causal_mask,
+    positions_like,
+)
+from bltjax.models.local_encoder import encoder_cross_attn_mask
+from bltjax.models.patch_ids import patch_ids
+
+
+def _qkv(seed: int, b: int, t: int, s: int, h: int, kv: int, d: int = 8):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    q = jax.random.normal(keys[0], (b, t, h, d))
+    k = jax.random.normal(keys[1], (b, s, kv, d))
+    v = jax.random.normal(keys[2], (b, s, kv, d))
+    return q, k, v
+
+
+def _values_and_grads(f, cotangent, *args):
+    """f(*args) and the gradient of sum(f * cotangent) with respect to every argument, jitted."""
+
+    def run(*args):
+        out, vjp = jax.vjp(f, *args)
+        return out, vjp(cotangent)
+
+    return jax.jit(run)(*args)
+
+
+def _segments(seed: int, b: int, t: int, eos_rate: float) -> jax.Array:
+    is_end = np.random.default_rng(seed).random((b, t)) < eos_rate
+    return eos_segment_ids(jnp.asarray(is_end))
+
+
+@pytest.mark.parametrize(
+    "t, window, block, heads, kv_heads, eos_rate",
+    [
+        (37, 8, None, 4, 4, 0.0),  # T not a multiple of the block
+        (64, 16, 8, 4, 2, 0.1),  # window spans two previous blocks; GQA
+        (50, 12, 5, 2, 1, 0.3),  # window not a multiple of the block; MQA; many documents
+        (40, 1, None, 2, 2, 0.0),  # only itself
+        (33, 7, 32, 2, 2, 0.05),  # block larger than the window
+    ],
+)
+def test_blockwise_local_attention_equals_dense(t, window, block, heads, kv_heads, eos_rate):
+    q, k, v = _qkv(t + window, 2, t, t, heads, kv_heads)
+    positions = positions_like(q[..., 0, 0])
+    segments = _segments(t, 2, t, eos_rate) if eos_rate else None
+    cotangent = jax.random.normal(jax.random.key(1), q.shape)
+
+    def dense(q, k, v):
+        return attend(q, k, v, local_causal_mask(positions, segments, window))
+
+    def blockwise(q, k, v):
+        return blockwise_local_attend(q, k, v, positions, segments, window, block)
+
+    (want, want_grads), (got, got_grads) = (_values_and_grads(f, cotangent, q, k, v) for f in (dense, blockwise))
+    np.testing.assert_allclose(got, want, atol=2e-6, rtol=1e-6)
+    for want_grad, got_grad in zip(want_grads, got_grads, strict=True):
+        np.testing.assert_allclose(got_grad, want_grad, atol=1e-5, rtol=1e-5)
+
+
+def test_dispatch_uses_blockwise_only_when_it_pays():
+    assert blockwise_pays(4096, 512) and not blockwise_pays(4096, None)
+    assert not blockwise_pays(24, 16)  # 16 + 16 keys per query is not fewer than 24
+    q, k, v = _qkv(3, 1, 24, 24, 2, 2)
+    positions = positions_like(q[..., 0, 0])
+    for window in (None, 5, 16):
+        want = jax.jit(lambda q, k, v, w=window: attend(q, k, v, local_causal_mask(positions, None, w)))(q, k, v)
+        got = jax.jit(lambda q, k, v, w=window: causal_self_attend(q, k, v, positions, None, w))(q, k, v)
+        np.testing.assert_allclose(got, want, atol=2e-6)
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2)])
+def test_own_patch_cross_attention_equals_dense(heads, kv_heads):
+    # Row 0 adds up to N, row 1 to N + 1; both end in empty (zero-length) padding patches.
+    n, k = 23, 2
+    lengths = jnp.array([[1, 3, 2, 7, 1, 4, 5, 0, 0], [1, 1, 9, 13, 0, 0, 0, 0, 0]])
+    pid = patch_ids(lengths, n)
+    p = lengths.shape[1]
+    q, keys, v = _qkv(7, 2, p * k, n, heads, kv_heads)
+    cotangent = jax.random.normal(jax.random.key(2), q.shape)
+
+    def dense(q, keys, v):
+        return attend(q, keys, v, encoder_cross_attn_mask(pid, p, k, 1))
+
+    def gathered(q, keys, v):
+        return attend_own_patch(q, keys, v, pid, k)
+
+    (want, want_grads), (out, got_grads) = (_values_and_grads(f, cotangent, q, keys, v) for f in (dense, gathered))
+    np.testing.assert_allclose(out, want, atol=2e-6, rtol=1e-6)
+    empty = np.asarray(lengths) == 0
+    assert np.all(np.asarray(out).reshape(2, p, k, -1)[empty] == 0)
+    for want_grad, got_grad in zip(want_grads, got_grads, strict=True):
+        np.testing.assert_allclose(got_grad, want_grad, atol=1e-5, rtol=1e-5)
+        assert np.isfinite(np.asarray(got_grad)).all()
+
+
+def _tiny_blt(layers: int = 2, **kw) -> BLTConfig:
+    return BLTConfig(
+        encoder=TransformerConfig(32, 1, 4, window=8),
+        latent=TransformerConfig(48, layers, 4),
+        decoder=TransformerConfig(32, layers, 2, window=8),
+        hash_sizes=(3, 4),
+        hash_vocab=97,
+        **kw,
+    )
+
+
+def _batch():
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(4, 260, (2, 40)).astype(np.int32)
+    tokens[:, 0] = 1
+    tokens[0, 17] = 2  # an EOS: two documents in row 0
+    lengths = np.array([[1, 6, 9, 5, 8, 12, 0], [1, 4, 4, 4, 4, 4, 20]], np.int32)  # N + 1 = 41
+    return tokens, lengths
+
+
+def _random_params(model, *args) -> dict:
+    """Random parameters of the model's tree (Linen init compiles slowly on CPU; this is instant)."""
+    shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), *args)["params"])
+    leaves, tree = jax.tree.flatten(shapes)
+    rng = np.random.default_rng(0)
+    return jax.tree.unflatten(tree, [jnp.asarray(rng.normal(0, 0.3, leaf.shape), leaf.dtype) for leaf in leaves])
+
+
+def _loss_and_grads(model, params, *args):
+    targets = jnp.roll(jnp.asarray(args[0]), -1, axis=1)
+
+    def loss(p):
+        logits = model.apply({"params": p}, *args)
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], axis=-1))
+
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+
+def _shapes_and_names(model, *args):
+    return jax.tree.map(lambda x: (x.shape, x.dtype), jax.eval_shape(model.init, jax.random.key(0), *args))
+
+
+def test_block_remat_gives_same_parameters_loss_and_gradients():
+    tokens, lengths = _batch()
+    plain, remat = BLT(_tiny_blt(layers=1)), BLT(_tiny_blt(layers=1, remat="block"))
+    # Same names, shapes and logical axes (Partitioned names are part of the tree structure).
+    assert _shapes_and_names(plain, tokens, lengths) == _shapes_and_names(remat, tokens, lengths)
+    params = _random_params(plain, tokens, lengths)
+    (loss, grads), (remat_loss, remat_grads) = (_loss_and_grads(m, params, tokens, lengths) for m in (plain, remat))
+    np.testing.assert_allclose(remat_loss, loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), remat_grads, grads)
+
+
+def test_byte_lm_remat_and_blockwise_path():
+    tokens, _ = _batch()
+    stack = TransformerConfig(32, 1, 4, n_kv_heads=2, window=8)
+    plain, remat = ByteLM(ByteLMConfig(stack)), ByteLM(ByteLMConfig(stack, remat="block"))
+    assert _shapes_and_names(plain, tokens) == _shapes_and_names(remat, tokens)
+    params = _random_params(plain, tokens)
+    (loss, grads), (remat_loss, remat_grads) = (_loss_and_grads(m, params, tokens) for m in (plain, remat))
+    np.testing.assert_allclose(remat_loss, loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), remat_grads, grads)
+    # A window covering the whole row takes the dense path: the same logits as the blockwise one.
+    wide = ByteLM(ByteLMConfig(dataclasses.replace(stack, window=None)))
+    short = tokens[:, :8]
+    np.testing.assert_allclose(
+        jax.jit(plain.apply)({"params": params}, short), jax.jit(wide.apply)({"params": params}, short), atol=1e-5
+    )
+
+
+def test_hash_table_init_does_not_depend_on_the_row_multiple():
+    ids = jnp.array([[[0, 4, 6]], [[1, 1, 2]]])  # [tables=2, B=1, N=3]
+    plain = HashNgramEmbedding(num_tables=2, vocab=7, dim=3)
+    padded = HashNgramEmbedding(num_tables=2, vocab=7, dim=3, rows_multiple=4)
+    tables = plain.init(jax.random.key(0), ids)["params"]["tables"]
+    padded_tables = padded.init(jax.random.key(0), ids)["params"]["tables"]
+    assert padded_tables.names == ("hash_tables", "hash_rows", "hash_embed")
+    assert padded_tables.value.shape == (2, 8, 3)
+    np.testing.assert_array_equal(padded_tables.value[:, :7], tables.value)
+    assert not np.asarray(padded_tables.value[:, 7:]).any()
+    np.testing.assert_array_equal(
+        padded.apply({"params": {"tables": padded_tables}}, ids), plain.apply({"params": {"tables": tables}}, ids)
+    )
+
+
+def test_padded_hash_tables_same_logits_and_export(tmp_path):
+    tokens, lengths = _batch()
+    cfg = _tiny_blt(document_mask=False, repool_every_cross_attn_layer=True)
+    padded_cfg = dataclasses.replace(cfg, hash_rows_multiple=8)
+    model, padded = BLT(cfg), BLT(padded_cfg)
+    assert padded_cfg.hash_table_rows == 104
+    params = _random_params(model, tokens, lengths)
+    tables = np.asarray(params["local_encoder"]["hash_embedding"]["tables"])
+    padded_params = jax.tree.map(lambda x: x, params)
+    padded_params["local_encoder"]["hash_embedding"]["tables"] = jnp.pad(tables, [(0, 0), (0, 7), (0, 0)])
+    shapes = nn.meta.unbox(jax.eval_shape(padded.init, jax.random.key(0), tokens, lengths)["params"])
+    assert jax.tree.map(lambda x: x.shape, shapes) == jax.tree.map(lambda x: x.shape, padded_params)
+    logits = jax.jit(model.apply)({"params": params}, tokens, lengths)
+    np.testing.assert_array_equal(jax.jit(padded.apply)({"params": padded_params}, tokens, lengths), logits)
+
+    state = hf.to_hf_state_dict(padded, padded_params)
+    np.testing.assert_array_equal(state["model.encoder_hash_tok_embedding.weight"], tables.reshape(2 * 97, 32))
+    assert hf.blt_config_to_hf(padded_cfg) == hf.blt_config_to_hf(cfg)  # not model semantics
+    hf.save_hf_blt(padded, padded_params, tmp_path / "export")
+    loaded, loaded_params = hf.load_hf_blt(tmp_path / "export", hash_rows_multiple=8)
+    assert loaded.config.hash_rows_multiple == 8
+    np.testing.assert_array_equal(
+        loaded_params["local_encoder"]["hash_embedding"]["tables"],
+        padded_params["local_encoder"]["hash_embedding"]["tables"],
+    )
+    np.testing.assert_allclose(jax.jit(loaded.apply)({"params": loaded_params}, tokens, lengths), logits, atol=1e-6)
+    plain_loaded, plain_params = hf.load_hf_blt(tmp_path / "export")
+    np.testing.assert_array_equal(plain_params["local_encoder"]["hash_embedding"]["tables"], tables)
