@@ -1,0 +1,477 @@
+"""FLOPs per byte, and the peak FLOP/s of a device: the two halves of MFU.
+
+Two counts, for two questions:
+
+* **Analytic** (`analytic_flops_per_byte`, built from the primitives of spec §14.1 and the BLT
+  sum of §14.2): the paper's formula, with d_ff = 4, multi-head attention, every attention
+  averaged over (m + 1) / 2 keys, and a 256-way output head. It is the count the paper's
+  iso-FLOP comparisons use, so **MFU is reported with it**::
+
+      MFU = train FLOPs per byte (3 x analytic forward) x bytes/s / peak FLOP/s
+
+  Runs, sweeps and paper numbers are then comparable, whatever the implementation does.
+
+* **Matmul** (`matmul_flops_per_byte`): the multiply-adds of bltjax's modules, with the real
+  SwiGLU width, grouped-query heads, head_dim, the exact causal-window key average, k slots per
+  patch, the E_C / W_in / D_C projections and the 260-way head. Attention counts only the
+  scores a query may see (its causal window; a patch slot's own bytes); ``dense_attention=True``
+  counts every query against every key of its row instead, an upper bound. What a forward pass
+  actually asks for (`traced_matmul_flops`) lies between the two, depending on how the
+  attention kernels skip masked blocks. Benchmarks use it for hardware efficiency.
+
+Neither counts elementwise work (norms, softmax, RoPE) or embedding lookups, and neither
+subtracts document masking, which depends on the data. Backward = 2 x forward (spec §14.1).
+
+Peaks: `peak_flops_per_device` reads a table of published dense peaks keyed by
+``jax.Device.device_kind`` and otherwise measures a jitted matmul (`measured_matmul_peak`);
+`peak_flops_total` gives the whole job's peak, counting a CPU host once however many fake
+devices it exposes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.extend import core as jex_core
+
+from bltjax.config import model_config
+from bltjax.models.configs import BLTConfig, ByteLMConfig, TransformerConfig
+
+# Output vocabulary of the analytic count: spec §14.2 writes the decoder head as V = 256 (the
+# byte values); the byte LM's analytic head uses the same so BLT and byte LM compare like for
+# like. The matmul count uses the real head width, `record.vocab_size` (260).
+ANALYTIC_BYTE_VOCAB = 256
+TRAIN_MULTIPLIER = 3  # forward + backward (= 2 x forward), spec §14.1
+
+
+# --- §14.1 primitives (paper Table 11): forward FLOPs per query position -----------------------
+
+
+def attention_flops(n_layers: float, width: float, context: float) -> float:
+    """Attention(l, h, m) = 4·l·h·(m + 1)/2: QK^T and AV over the (m + 1)/2 keys of a causal row."""
+    return 2.0 * n_layers * width * (context + 1)
+
+
+def qkvo_flops(n_layers: float, width: float, kv_per_query: float) -> float:
+    """QKVO(l, h, r) = (2r + 2)·2·l·h²: Q and O once per query, K and V for r key vectors per query."""
+    return (2.0 * kv_per_query + 2.0) * 2.0 * n_layers * width * width
+
+
+def feed_forward_flops(n_layers: float, width: float) -> float:
+    """FeedForward(l, h) = 2·l·2·h·(4h) = 16·l·h²: two h x 4h matrices (the paper's d_ff = 4)."""
+    return 16.0 * n_layers * width * width
+
+
+def de_embedding_flops(width: float, vocab: float) -> float:
+    """DeEmbedding(h, V) = 2·h·V: the output head (embedding lookups are free)."""
+    return 2.0 * width * vocab
+
+
+def transformer_flops(width: float, n_layers: float, context: float, vocab: float) -> float:
+    """TransfFL(h, l, m, V) = 24·l·h² + 2·l·h·(m + 1) + 2·h·V per position."""
+    return (
+        feed_forward_flops(n_layers, width)
+        + qkvo_flops(n_layers, width, 1.0)
+        + attention_flops(n_layers, width, context)
+        + de_embedding_flops(width, vocab)
+    )
+
+
+def cross_attention_flops(width: float, n_layers: float, context: float, kv_per_query: float) -> float:
+    """CrossFL(h, l, m, r) = Attention(l, h, m) + QKVO(l, h, r) per query."""
+    return attention_flops(n_layers, width, context) + qkvo_flops(n_layers, width, kv_per_query)
+
+
+# --- per-byte breakdowns -----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class FlopBreakdown:
+    """Forward FLOPs per byte by component (spec §14.2 columns).
+
+    A byte LM has no patches: its whole transformer, head included, is `global_`.
+    """
+
+    global_: float = 0.0
+    encoder: float = 0.0
+    decoder: float = 0.0  # decoder blocks and the output head
+    encoder_cross: float = 0.0
+    decoder_cross: float = 0.0
+
+    @property
+    def total_forward(self) -> float:
+        return self.global_ + self.encoder + self.decoder + self.encoder_cross + self.decoder_cross
+
+    @property
+    def train(self) -> float:
+        """Training FLOPs per byte: forward + backward = 3 x forward."""
+        return TRAIN_MULTIPLIER * self.total_forward
+
+    def as_dict(self) -> dict[str, float]:
+        """Every component plus the totals, e.g. for a JSON report."""
+        values = {f.name.rstrip("_"): getattr(self, f.name) for f in dataclasses.fields(self)}
+        values.update(total_forward=self.total_forward, train=self.train)
+        return values
+
+
+def _context(window: int | None, context: float) -> float:
+    return context if window is None else min(window, context)
+
+
+def _cross_layers(n_layers: int, all_layers: bool) -> int:
+    return n_layers if all_layers else 1
+
+
+def blt_flops_per_byte(record: BLTConfig, *, context_bytes: float, mean_patch_size: float) -> FlopBreakdown:
+    """The paper's FL_BLT (spec §14.2) by component, analytic.
+
+    n_ctx = ``context_bytes``, n_p = ``mean_patch_size``, k = ``cross_attn_k``; the local
+    windows are the stacks' windows (the context when None). Cross-attention layers are
+    counted as configured (every layer or one), which is l_E / l_D for the paper's models.
+    """
+    n_ctx, n_p, k = float(context_bytes), float(mean_patch_size), float(record.cross_attn_k)
+    if n_ctx <= 0 or n_p <= 0:
+        raise ValueError(f"context_bytes and mean_patch_size must be positive, got {context_bytes}, {mean_patch_size}")
+    enc, lat, dec = record.encoder, record.latent, record.decoder
+    n_patches = n_ctx / n_p
+    cross_enc = _cross_layers(enc.n_layers, record.cross_attn_all_layers_encoder)
+    cross_dec = _cross_layers(dec.n_layers, record.cross_attn_all_layers_decoder)
+    return FlopBreakdown(
+        global_=transformer_flops(lat.dim, lat.n_layers, _context(lat.window, n_patches), 0) / n_p,
+        encoder=transformer_flops(enc.dim, enc.n_layers, _context(enc.window, n_ctx), 0),
+        decoder=transformer_flops(dec.dim, dec.n_layers, _context(dec.window, n_ctx), ANALYTIC_BYTE_VOCAB),
+        encoder_cross=cross_attention_flops(enc.dim, cross_enc, n_p, n_p / k) * k / n_p,
+        decoder_cross=cross_attention_flops(dec.dim, cross_dec, k, k / n_p),
+    )
+
+
+def byte_lm_flops_per_byte(record: ByteLMConfig, *, context_bytes: float) -> FlopBreakdown:
+    """A plain byte transformer, analytic: TransfFL(h, l, m = min(window, n_ctx), V = 256)."""
+    stack = record.stack
+    return FlopBreakdown(
+        global_=transformer_flops(stack.dim, stack.n_layers, _context(stack.window, context_bytes), ANALYTIC_BYTE_VOCAB)
+    )
+
+
+def bpe_flops_per_byte(dim: int, layers: int, vocab: int, context_bytes: float, bytes_per_token: float) -> float:
+    """The token baseline FL_BPE = TransfFL(h, l, n_ctx / n_bpe, |vocab|) / n_bpe (forward, spec §14.2)."""
+    tokens = context_bytes / bytes_per_token
+    return transformer_flops(dim, layers, tokens, vocab) / bytes_per_token
+
+
+# --- what bltjax multiplies -------------------------------------------------------------------
+
+
+def mean_causal_keys(length: float, window: int | None) -> float:
+    """Mean number of keys a query sees in a causal row of ``length`` with a sliding window.
+
+    Query i sees min(i + 1, w) keys; without a window (or w >= length) the mean is (n + 1) / 2.
+    """
+    if window is None or window >= length:
+        return (length + 1) / 2
+    return (window * (window + 1) / 2 + (length - window) * window) / length
+
+
+def _block_matmul_flops(stack: TransformerConfig, keys: float) -> float:
+    """One pre-norm block, one query position: projections, attention scores/values, SwiGLU."""
+    q_width = stack.n_heads * stack.resolved_head_dim
+    kv_width = stack.kv_heads * stack.resolved_head_dim
+    projections = 2 * stack.dim * (2 * q_width + 2 * kv_width)
+    attention = 4 * q_width * keys
+    ffn = 6 * stack.dim * stack.hidden_dim
+    return projections + attention + ffn
+
+
+def _cross_widths(record: BLTConfig, stack: TransformerConfig) -> tuple[int, int]:
+    """(query width, key/value width) of a cross-attention layer, as `layers.CrossAttention` builds it."""
+    heads = record.cross_attn_heads or stack.n_heads
+    kv_heads = heads if record.cross_attn_heads else stack.kv_heads
+    head_dim = stack.dim // heads
+    return heads * head_dim, kv_heads * head_dim
+
+
+def blt_matmul_flops_per_byte(
+    record: BLTConfig, *, context_bytes: int, mean_patch_size: float, dense_attention: bool = False
+) -> FlopBreakdown:
+    """Forward matmul FLOPs per byte of bltjax's BLT (see the module docstring).
+
+    With ``dense_attention`` every query scores every key of its row (local stacks: N keys,
+    global: N / n_p patches, encoder slots: all N bytes, decoder bytes: all k·N / n_p slots),
+    the upper bound of a masked-dense implementation.
+    """
+    n, n_p, k = float(context_bytes), float(mean_patch_size), record.cross_attn_k
+    if n <= 0 or n_p <= 0:
+        raise ValueError(f"context_bytes and mean_patch_size must be positive, got {context_bytes}, {mean_patch_size}")
+    enc, lat, dec = record.encoder, record.latent, record.decoder
+    e, g = enc.dim, lat.dim
+    n_patches = n / n_p
+
+    def keys(stack: TransformerConfig, length: float) -> float:
+        return length if dense_attention else mean_causal_keys(length, stack.window)
+
+    encoder = enc.n_layers * _block_matmul_flops(enc, keys(enc, n))
+
+    q_w, kv_w = _cross_widths(record, enc)
+    layers = _cross_layers(enc.n_layers, record.cross_attn_all_layers_encoder)
+    poolings = layers if record.repool_every_cross_attn_layer else 1
+    slot_keys = n if dense_attention else record.cross_attn_window_encoder * n_p
+    per_patch = poolings * 2 * e * k * e + layers * k * (4 * e * q_w + 4 * q_w * slot_keys)  # E_C; Q, O, scores
+    encoder_cross = per_patch / n_p + layers * 4 * e * kv_w  # K and V of every byte
+
+    input_projection = 2 * k * e * g if k * e != g else 0
+    global_ = (input_projection + lat.n_layers * _block_matmul_flops(lat, keys(lat, n_patches))) / n_p
+
+    q_w, kv_w = _cross_widths(record, dec)
+    layers = _cross_layers(dec.n_layers, record.cross_attn_all_layers_decoder)
+    per_patch = 2 * g * k * dec.dim + layers * k * 4 * dec.dim * kv_w  # D_C; K and V of every slot
+    slots = k * n_patches if dense_attention else k * record.cross_attn_window_decoder
+    decoder_cross = per_patch / n_p + layers * (4 * dec.dim * q_w + 4 * q_w * slots)
+
+    decoder = dec.n_layers * _block_matmul_flops(dec, keys(dec, n)) + 2 * dec.dim * record.vocab_size
+    return FlopBreakdown(global_, encoder, decoder, encoder_cross, decoder_cross)
+
+
+def byte_lm_matmul_flops_per_byte(
+    record: ByteLMConfig, *, context_bytes: int, dense_attention: bool = False
+) -> FlopBreakdown:
+    """Forward matmul FLOPs per byte of bltjax's byte LM (blocks + 260-way head) as `global_`."""
+    stack = record.stack
+    keys = float(context_bytes) if dense_attention else mean_causal_keys(context_bytes, stack.window)
+    return FlopBreakdown(global_=stack.n_layers * _block_matmul_flops(stack, keys) + 2 * stack.dim * record.vocab_size)
+
+
+# --- from an experiment config ----------------------------------------------------------------
+
+
+def expected_patch_size(config: ml_collections.ConfigDict) -> float:
+    """The mean patch size the FLOP counts assume for an experiment: static -> its size, byte -> 1,
+    space / entropy -> ``config.patching.patch_size`` (the calibrated target mean)."""
+    patching = config.patching
+    if patching.mode == "byte":
+        return 1.0
+    if patching.patch_size is None:
+        raise ValueError(
+            f"config.patching.patch_size: expected the expected mean patch size for mode={patching.mode!r} "
+            "(or pass mean_patch_size= the measured mean), got None"
+        )
+    return float(patching.patch_size)
+
+
+def _records(config: ml_collections.ConfigDict, mean_patch_size: float | None):
+    """The model record, and the mean patch size for a BLT (None for a byte LM)."""
+    record = model_config(config)
+    if isinstance(record, BLTConfig):
+        n_p = expected_patch_size(config) if mean_patch_size is None else float(mean_patch_size)
+        return record, n_p
+    return record, None
+
+
+def analytic_flops_per_byte(
+    config: ml_collections.ConfigDict, *, mean_patch_size: float | None = None
+) -> FlopBreakdown:
+    """Spec §14 FLOPs per byte of an experiment, context = ``config.data.seq_len``: **the MFU count**.
+
+    ``mean_patch_size`` overrides the config's expectation, e.g. with the realised mean of the
+    batches seen (entropy patching makes the FLOPs data-dependent).
+    """
+    record, n_p = _records(config, mean_patch_size)
+    if n_p is None:
+        return byte_lm_flops_per_byte(record, context_bytes=config.data.seq_len)
+    return blt_flops_per_byte(record, context_bytes=config.data.seq_len, mean_patch_size=n_p)
+
+
+def matmul_flops_per_byte(
+    config: ml_collections.ConfigDict, *, mean_patch_size: float | None = None, dense_attention: bool = False
+) -> FlopBreakdown:
+    """bltjax's own matmul FLOPs per byte of an experiment (benchmarks; see the module docstring)."""
+    record, n_p = _records(config, mean_patch_size)
+    if n_p is None:
+        return byte_lm_matmul_flops_per_byte(record, context_bytes=config.data.seq_len, dense_attention=dense_attention)
+    return blt_matmul_flops_per_byte(
+        record, context_bytes=config.data.seq_len, mean_patch_size=n_p, dense_attention=dense_attention
+    )
+
+
+def mfu(train_flops_per_byte: float, bytes_per_second: float, peak_flops_per_second: float) -> float:
+    """Model FLOPs utilisation in [0, 1]: achieved training FLOP/s over the job's peak."""
+    return train_flops_per_byte * bytes_per_second / peak_flops_per_second
+
+
+# --- counting the matmuls of a traced program -------------------------------------------------
+
+
+def _dot_flops(eqn) -> int:
+    """2 x (batch x lhs-free x contracted) x rhs-free = 2 x |lhs| x |rhs free dims|."""
+    (_, rhs_contract), (_, rhs_batch) = eqn.params["dimension_numbers"]
+    lhs, rhs = (v.aval.shape for v in eqn.invars[:2])
+    shared = set(rhs_contract) | set(rhs_batch)
+    return 2 * math.prod(lhs) * math.prod(d for i, d in enumerate(rhs) if i not in shared)
+
+
+def _jaxpr_matmul_flops(jaxpr) -> int:
+    total = 0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            total += _dot_flops(eqn)
+        elif name == "cond":
+            total += max(_jaxpr_matmul_flops(branch.jaxpr) for branch in eqn.params["branches"])
+        else:
+            inner = sum(_jaxpr_matmul_flops(sub) for sub in jex_core.jaxprs_in_params(eqn.params))
+            total += inner * (eqn.params["length"] if name == "scan" else 1)
+    return total
+
+
+def traced_matmul_flops(fun: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
+    """FLOPs of every ``dot_general`` in ``fun(*args)``'s jaxpr (2 per multiply-add).
+
+    Scans count their body ``length`` times, conds their costliest branch, while loops once.
+    This is what the program asks the matmul units for, independent of XLA's cost model.
+    """
+    return _jaxpr_matmul_flops(jax.make_jaxpr(fun)(*args, **kwargs).jaxpr)
+
+
+# --- device peaks ------------------------------------------------------------------------------
+
+# Dense (no 2:4 sparsity) peak FLOP/s per JAX device. TPU v4 and later expose one device per
+# chip. "float32" on NVIDIA is the TF32 tensor-core peak, which XLA uses for float32 matmuls at
+# JAX's default precision; with jax_default_matmul_precision = "highest" the table is skipped
+# and the peak is measured. TPU float32 throughput depends on the precision passes: measured.
+# Sources: NVIDIA datasheets list peaks "with sparsity"; the dense peak is half.
+_PEAKS: dict[str, tuple[dict[str, float], str]] = {
+    "tpu_v4": ({"bfloat16": 275e12}, "cloud.google.com/tpu/docs/v4: 275 TFLOP/s bf16 per chip"),
+    "tpu_v5e": ({"bfloat16": 197e12}, "cloud.google.com/tpu/docs/v5e: 197 TFLOP/s bf16 per chip"),
+    "tpu_v5p": ({"bfloat16": 459e12}, "cloud.google.com/tpu/docs/v5p: 459 TFLOP/s bf16 per chip"),
+    "tpu_v6e": ({"bfloat16": 918e12}, "cloud.google.com/tpu/docs/v6e: 918 TFLOP/s bf16 per chip"),
+    "nvidia_h100_sxm": (
+        {"bfloat16": 989.5e12, "float32": 494.5e12},
+        "NVIDIA H100 datasheet (SXM): BF16 1979, TF32 989 TFLOP/s with sparsity",
+    ),
+    "nvidia_h100_pcie": (
+        {"bfloat16": 756.5e12, "float32": 378e12},
+        "NVIDIA H100 datasheet (PCIe): BF16 1513, TF32 756 TFLOP/s with sparsity",
+    ),
+    "nvidia_h200": (
+        {"bfloat16": 989.5e12, "float32": 494.5e12},
+        "NVIDIA H200 datasheet (SXM): BF16 1979, TF32 989 TFLOP/s with sparsity",
+    ),
+    "nvidia_a100": (
+        {"bfloat16": 312e12, "float32": 156e12},
+        "NVIDIA A100 datasheet: BF16 312, TF32 156 TFLOP/s dense",
+    ),
+}
+
+
+def device_family(device_kind: str) -> str | None:
+    """The `_PEAKS` key of a ``jax.Device.device_kind`` string, or None when unknown."""
+    kind = device_kind.lower().strip()
+    if kind == "tpu v4":
+        return "tpu_v4"
+    if kind in ("tpu v5 lite", "tpu v5e", "tpu v5litepod"):
+        return "tpu_v5e"
+    if kind in ("tpu v5", "tpu v5p"):
+        return "tpu_v5p"
+    if kind in ("tpu v6 lite", "tpu v6e"):
+        return "tpu_v6e"
+    if kind.startswith("nvidia h100"):
+        return "nvidia_h100_pcie" if "pcie" in kind else "nvidia_h100_sxm"
+    if kind.startswith("nvidia h200"):
+        return "nvidia_h200"
+    if kind.startswith("nvidia a100"):
+        return "nvidia_a100"
+    return None
+
+
+def _dtype_name(dtype: Any) -> str:
+    return jnp.dtype(dtype).name
+
+
+def _timed_matmul(dtype_name: str, size: int, device: jax.Device) -> float:
+    matmul = jax.jit(jnp.matmul)
+    key_a, key_b = jax.random.split(jax.random.key(0))
+    a = jax.device_put(jax.random.normal(key_a, (size, size), dtype_name), device)
+    b = jax.device_put(jax.random.normal(key_b, (size, size), dtype_name), device)
+    matmul(a, b).block_until_ready()  # compile and warm up
+    best = math.inf
+    for _ in range(5):
+        start = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * size**3 / best
+
+
+@functools.cache
+def _measured(dtype_name: str, size: int, device: jax.Device) -> float:
+    return _timed_matmul(dtype_name, size, device)
+
+
+def measured_matmul_peak(dtype: Any = "float32", size: int = 1024, device: jax.Device | None = None) -> float:
+    """FLOP/s of a jitted ``size``³ matmul on ``device`` (best of 5 after a warm-up), cached per process.
+
+    On CPU this is the whole host (XLA's thread pool spans every core), not one fake device.
+    1024³ float32 takes about 8 ms on two idle cores (2048³: 60 ms, the same rate), so the
+    measurement, compile included, costs a fraction of a second.
+    """
+    device = device or jax.local_devices()[0]
+    return _measured(_dtype_name(dtype), int(size), device)
+
+
+def _table_peak(device: jax.Device, dtype_name: str) -> tuple[float, str] | None:
+    family = device_family(getattr(device, "device_kind", ""))
+    if family is None:
+        return None
+    if dtype_name == "float32" and str(jax.config.jax_default_matmul_precision) in ("highest", "float32"):
+        return None
+    peaks, source = _PEAKS[family]
+    if dtype_name not in peaks:
+        return None
+    return peaks[dtype_name], f"table: {device.device_kind} {dtype_name} ({source})"
+
+
+def peak_flops_per_device(device: jax.Device, dtype: Any = "bfloat16") -> tuple[float, str]:
+    """(peak FLOP/s, where the number comes from) for one device and matmul dtype.
+
+    Known accelerators come from the table; anything else (CPU, unknown kinds, TPU float32) is
+    measured on a local device of the same kind. For CPU devices the value is the host's peak.
+    """
+    dtype_name = _dtype_name(dtype)
+    known = _table_peak(device, dtype_name)
+    if known is not None:
+        return known
+    local_devices = jax.local_devices()
+    if device not in local_devices:  # another host's device (or a description of one): measure a local twin
+        device = next((d for d in local_devices if d.device_kind == device.device_kind), local_devices[0])
+    source = f"measured: 1024^3 {dtype_name} matmul on {device.device_kind}"
+    return measured_matmul_peak(dtype_name, device=device), source
+
+
+def peak_flops_total(devices: Iterable[jax.Device] | None = None, dtype: Any = "bfloat16") -> tuple[float, str]:
+    """The whole job's peak FLOP/s: accelerators add up, a CPU host counts once per process.
+
+    With ``--xla_force_host_platform_device_count=8`` one host exposes 8 CPU devices that share
+    the same cores, so their peak is the host's measured peak, not 8 times it.
+    """
+    devices: Sequence[jax.Device] = list(jax.devices() if devices is None else devices)
+    if not devices:
+        raise ValueError("peak_flops_total: expected at least one device")
+    total, sources = 0.0, []
+    cpu_processes: set[int] = set()
+    for device in devices:
+        if device.platform == "cpu":
+            if device.process_index in cpu_processes:
+                continue
+            cpu_processes.add(device.process_index)
+        value, source = peak_flops_per_device(device, dtype)
+        total += value
+        if source not in sources:
+            sources.append(source)
+    count = f"{len(cpu_processes)} CPU host(s)" if cpu_processes else f"{len(devices)} device(s)"
+    return total, f"{count}; " + "; ".join(sources)

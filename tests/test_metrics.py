@@ -1,0 +1,181 @@
+"""Loss / bits-per-byte arithmetic (spec §11) and the metrics writer (JSONL, TensorBoard, console)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bltjax import metrics
+from bltjax.tokenizer import BOE_ID, BOS_ID, EOS_ID, OFFSET
+
+# --- loss arithmetic ------------------------------------------------------------------------------
+
+
+def test_spec_example_one_bit_per_byte():
+    assert metrics.bits_per_byte(693.147, 1000) == pytest.approx(1.000, abs=1e-6)
+    assert float(jax.jit(metrics.bits_per_byte)(jnp.float32(693.147), jnp.int32(1000))) == pytest.approx(1.0, 1e-6)
+
+
+def test_bits_per_byte_of_nothing_is_nan():
+    assert math.isnan(metrics.bits_per_byte(0.0, 0))
+    assert bool(jnp.isnan(metrics.bits_per_byte(jnp.float32(0.0), jnp.int32(0))))
+
+
+def test_token_nll_is_float32_negative_log_softmax():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 5, 260)).astype(np.float32) * 3
+    targets = rng.integers(0, 260, size=(2, 5))
+    nll = metrics.token_nll(jnp.asarray(logits, jnp.bfloat16), jnp.asarray(targets))
+    assert nll.dtype == jnp.float32 and nll.shape == (2, 5)
+    bf = np.asarray(jnp.asarray(logits, jnp.bfloat16).astype(jnp.float32), np.float64)
+    log_probs = bf - np.log(np.exp(bf).sum(-1, keepdims=True))
+    expected = -np.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
+    np.testing.assert_allclose(np.asarray(nll), expected, rtol=1e-5)
+    uniform = metrics.token_nll(jnp.zeros((1, 3, 260)), jnp.array([[4, 5, 6]]))
+    np.testing.assert_allclose(np.asarray(uniform), math.log(260), rtol=1e-6)  # 8.02 bits
+
+
+def test_summaries_separate_special_targets_from_bytes():
+    targets = jnp.array([[OFFSET + 104, OFFSET + 105, EOS_ID, BOE_ID], [BOS_ID, OFFSET, OFFSET + 255, BOE_ID]])
+    mask = jnp.array([[1, 1, 1, 0], [1, 1, 1, 0]])
+    nll = jnp.array([[1.0, 2.0, 4.0, 100.0], [8.0, 16.0, 32.0, 100.0]])
+    summary = jax.jit(metrics.summarize_nll)(nll, targets, mask)
+    assert float(summary["nats_sum"]) == 63.0 and int(summary["n_targets"]) == 6
+    assert float(summary["nats_bytes_sum"]) == 51.0 and int(summary["n_bytes"]) == 4  # no EOS, BOS, BOE
+    values = metrics.loss_metrics(summary)
+    assert float(values["loss"]) == pytest.approx(63.0 / 6)
+    assert float(values["bpb"]) == pytest.approx(63.0 / (6 * math.log(2)))
+    assert float(values["bpb_bytes"]) == pytest.approx(51.0 / (4 * math.log(2)))
+
+
+def test_summaries_add_up_before_dividing():
+    a = dict(nats_sum=10.0, n_targets=4, nats_bytes_sum=6.0, n_bytes=2)
+    b = dict(nats_sum=2.0, n_targets=4, nats_bytes_sum=2.0, n_bytes=2)
+    total = metrics.add_summaries(a, b)
+    assert total == dict(nats_sum=12.0, n_targets=8, nats_bytes_sum=8.0, n_bytes=4)
+    assert metrics.loss_metrics(total)["bpb"] == pytest.approx(12 / (8 * math.log(2)))  # not the mean of two bpbs
+
+
+# --- progress line ----------------------------------------------------------------------------------
+
+
+def test_format_progress_full_line():
+    values = dict(
+        loss=1.2341,
+        bpb=1.7804,
+        bytes_per_sec=12345.0,
+        patches_per_sec=2730.0,
+        mean_patch_size=4.523,
+        mfu=0.2312,
+        learning_rate=3e-4,
+    )
+    line = metrics.format_progress(120, 2000, values, 83.7)
+    assert line == (
+        "step  120/2000 | loss 1.234 | bpb 1.780 | 12.3k bytes/s | 2.73k patches/s | patch 4.52 | MFU 23.1% "
+        "| lr 3.0e-4 | 0:01:23"
+    )
+
+
+def test_format_progress_without_patches_or_totals():
+    line = metrics.format_progress(7, None, dict(loss=2.0, bytes_per_sec=2.5e6, learning_rate=1e-3), 3725)
+    assert line == "step 7 | loss 2.000 | 2.5M bytes/s | lr 1.0e-3 | 1:02:05"
+    assert metrics.format_progress(0, 10, {}, 0) == "step  0/10 | 0:00:00"
+
+
+# --- writer -----------------------------------------------------------------------------------------
+
+
+def _write_steps(writer, steps, scale=1.0):
+    for step in steps:
+        writer.write(step, dict(loss=scale * step, bpb=np.float32(scale * step / 2), bytes_per_sec=jnp.float32(1e4)))
+
+
+def test_writer_outputs(tmp_path):
+    console = io.StringIO()
+    with metrics.MetricsWriter(tmp_path, console=console, total_steps=3) as writer:
+        _write_steps(writer, [1, 2, 3])
+        writer.write(3, dict(loss=0.5, bpb=0.7), split="validation")
+    records = metrics.read_jsonl(tmp_path / "metrics.jsonl")
+    assert [(r["step"], r["split"]) for r in records] == [(1, "train"), (2, "train"), (3, "train"), (3, "validation")]
+    assert records[1]["loss"] == 2.0 and records[1]["bpb"] == 1.0 and records[0]["time"] > 1.6e9
+    train = metrics.read_tensorboard_scalars(tmp_path / "tensorboard" / "train")
+    assert train["loss"] == [(1, 1.0), (2, 2.0), (3, 3.0)]
+    assert train["bytes_per_sec"][0] == (1, 1e4)
+    assert metrics.read_tensorboard_scalars(tmp_path / "tensorboard" / "validation") == {
+        "loss": [(3, 0.5)],
+        "bpb": [(3, pytest.approx(0.7))],
+    }
+    lines = console.getvalue().splitlines()
+    assert lines[0].startswith("step 1/3 | loss 1.000 | bpb 0.500 | 10k bytes/s |")
+    assert lines[-1].startswith("[validation] step 3/3 | loss 0.500 | bpb 0.700 |")
+
+
+def test_jsonl_is_flushed_per_record(tmp_path):
+    writer = metrics.MetricsWriter(tmp_path, console=None, tensorboard=False)
+    writer.write(1, dict(loss=1.0))
+    assert metrics.read_jsonl(tmp_path / "metrics.jsonl")[0]["loss"] == 1.0  # before close()
+    writer.close()
+
+
+def test_other_processes_write_nothing(tmp_path):
+    console = io.StringIO()
+    with metrics.MetricsWriter(tmp_path / "run", process_index=1, console=console) as writer:
+        _write_steps(writer, [1, 2])
+        assert writer.truncate_after(1) == 0
+    assert not (tmp_path / "run").exists() and console.getvalue() == ""
+
+
+def test_resume_shows_each_step_once(tmp_path):
+    with metrics.MetricsWriter(tmp_path, console=None) as writer:
+        _write_steps(writer, range(1, 6))
+    with metrics.MetricsWriter(tmp_path, console=None) as writer:  # restored from the step-3 checkpoint
+        assert writer.truncate_after(3) == 2
+        _write_steps(writer, [4, 5], scale=10.0)
+    records = metrics.read_jsonl(tmp_path / "metrics.jsonl")
+    assert [(r["step"], r["loss"]) for r in records] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0)]
+    scalars = metrics.read_tensorboard_scalars(tmp_path / "tensorboard" / "train")
+    assert scalars["loss"] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0)]
+    assert len(list((tmp_path / "tensorboard" / "train").glob("events.out.tfevents.*"))) == 2  # no clobbering
+
+
+def test_truncate_drops_a_torn_line_and_appends_cleanly(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps({"step": 1, "split": "train", "loss": 1.0}) + "\n" + '{"step": 2, "spl')
+    with metrics.MetricsWriter(tmp_path, console=None, tensorboard=False) as writer:
+        writer.write(2, dict(loss=2.0))  # appended after the torn line, on a line of its own
+    assert [r["step"] for r in metrics.read_jsonl(path)] == [1, 2]
+    with metrics.MetricsWriter(tmp_path, console=None, tensorboard=False) as writer:
+        assert writer.truncate_after(1) == 2  # the torn line and step 2
+    assert path.read_text() == json.dumps({"step": 1, "split": "train", "loss": 1.0}) + "\n"
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_tensorboard_reader_skips_a_partial_record(tmp_path):
+    with metrics.MetricsWriter(tmp_path, console=None) as writer:
+        _write_steps(writer, [1, 2])
+    (event_file,) = (tmp_path / "tensorboard" / "train").glob("events.out.tfevents.*")
+    data = event_file.read_bytes()
+    event_file.write_bytes(data[:-5])  # the last record cut mid-way, as while it is being written
+    scalars = metrics.read_tensorboard_scalars(tmp_path / "tensorboard" / "train")
+    assert scalars["loss"] == [(1, 1.0), (2, 2.0)]
+    assert scalars["bytes_per_sec"] == [(1, 1e4)]  # step 2's was the record cut off
+
+
+def test_non_scalar_and_reserved_metrics_are_rejected(tmp_path):
+    with metrics.MetricsWriter(tmp_path, console=None, tensorboard=False) as writer:
+        with pytest.raises(ValueError, match="scalars"):
+            writer.write(1, dict(loss=np.ones(3)))
+        with pytest.raises(ValueError, match="'step' is a reserved key"):
+            writer.write(1, dict(step=3))
+
+
+def test_console_defaults_to_stdout(tmp_path, capsys):
+    with metrics.MetricsWriter(tmp_path, tensorboard=False) as writer:
+        writer.write(5, dict(loss=1.5))
+    assert capsys.readouterr().out.startswith("step 5 | loss 1.500 | 0:00:00")
