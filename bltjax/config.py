@@ -26,6 +26,8 @@ from bltjax.models.configs import (
 )
 
 MODEL_TYPES = ("blt", "byte_lm")
+SCHEDULES = ("cosine", "linear", "constant")
+REMAT_MODES = ("none", "block")
 PATCHING_MODES = ("entropy", "space", "static", "byte")
 DTYPES = ("float32", "bfloat16")
 
@@ -67,9 +69,43 @@ def _common() -> ml_collections.ConfigDict:
     config.seed = 0
     config.data = ml_collections.ConfigDict(
         dict(
+            path="",  # a folder written by `python -m bltjax.prepare` (+ `bltjax.entropy` for entropy patching)
             seq_len=128,  # bytes per row fed to the model (N)
             batch_size=4,  # global batch, rows
             max_patches=64,  # static patch columns per row (P); overflow is the pipeline's business
+            verify="eager",  # content hashes of shards at start: eager / lazy / size (pipeline docstring)
+        )
+    )
+    # Device mesh (bltjax/sharding.py): -1 on one axis = all remaining devices.
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # AdamW of spec §13; the official code decays every parameter (decay_all=True).
+    config.optimizer = ml_collections.ConfigDict(
+        dict(
+            learning_rate=4e-4,
+            warmup_steps=2000,
+            schedule="cosine",  # cosine / linear decay after warm-up, or constant
+            final_lr_ratio=0.0,  # the paper decays to 0; the official default is 0.1
+            b1=0.9,
+            b2=0.95,
+            eps=1e-8,
+            weight_decay=0.1,
+            decay_all=True,  # False: no weight decay on norms, embeddings and hash tables
+            clip_norm=1.0,  # global gradient-norm clipping, once per optimizer step
+        )
+    )
+    config.train = ml_collections.ConfigDict(
+        dict(
+            steps=1000,  # optimizer steps
+            grad_accum=1,  # micro-batches per step (batch_size must divide evenly)
+            log_every=10,  # console / TensorBoard / JSONL metrics
+            eval_every=200,  # validation bits-per-byte; 0 = never
+            eval_batches=4,  # validation batches per evaluation
+            eval_split="validation",
+            checkpoint_every=200,  # 0 = only at the end and on SIGTERM
+            keep=3,  # latest checkpoints kept
+            keep_every=0,  # also keep every step divisible by this; 0 = none
+            async_checkpoint=True,
+            data_threads=0,  # grain read threads; 0 is fastest on small hosts
         )
     )
     return config
@@ -112,6 +148,7 @@ def base_byte_lm_config() -> ml_collections.ConfigDict:
             dtype="float32",
             param_dtype="float32",
             init_std_factor="disabled",
+            remat="none",
         )
     )
     return config
@@ -248,6 +285,7 @@ def _validate_stack(stack: TransformerConfig, where: str) -> None:
 
 
 def _validate_common(model, where: str) -> None:
+    _require(model.remat in REMAT_MODES, f"{where}.remat", f"one of {REMAT_MODES}", model.remat)
     _require(model.dtype in DTYPES, f"{where}.dtype", f"one of {DTYPES}", model.dtype)
     _require(model.param_dtype in DTYPES, f"{where}.param_dtype", f"one of {DTYPES}", model.param_dtype)
     _require(
@@ -306,6 +344,12 @@ def _validate_blt(model: BLTConfig) -> None:
         model.hash_functions,
     )
     _require(
+        _positive_int(model.hash_rows_multiple),
+        f"{w}.hash_rows_multiple",
+        "a positive integer (hash table rows are padded to a multiple of it)",
+        model.hash_rows_multiple,
+    )
+    _require(
         _positive_int(model.hash_vocab) and model.hash_vocab < 2**31,
         f"{w}.hash_vocab",
         "an integer in [1, 2**31)",
@@ -348,11 +392,78 @@ def _validate_patching(config: ml_collections.ConfigDict) -> None:
     )
 
 
+def _schema(model_type: str) -> ml_collections.ConfigDict:
+    return base_blt_config() if model_type == "blt" else base_byte_lm_config()
+
+
+def _unknown_keys(config: Any, schema: Any, where: str) -> list[str]:
+    if not isinstance(schema, ml_collections.ConfigDict) or not isinstance(config, ml_collections.ConfigDict):
+        return []
+    if where in ("config.model.encoder", "config.model.latent", "config.model.decoder", "config.model.stack"):
+        schema = stack_config(1, 1, 1)
+    unknown = [f"{where}.{key}" for key in config.keys() if key not in schema]
+    for key in config.keys():
+        if key in schema:
+            unknown += _unknown_keys(config[key], schema[key], f"{where}.{key}")
+    return unknown
+
+
+def check_keys(config: ml_collections.ConfigDict) -> None:
+    """Rejects keys the schema of its model_type does not have (a typo would otherwise be ignored)."""
+    unknown = _unknown_keys(config, _schema(config.get("model_type")), "config")
+    if unknown:
+        raise ConfigError(
+            f"{unknown[0]}: unknown key (not in the {config.model_type} config schema of bltjax/config.py)"
+        )
+
+
+def _validate_training(config: ml_collections.ConfigDict) -> None:
+    mesh = config.mesh
+    for axis in ("data", "fsdp", "tensor"):
+        value = mesh[axis]
+        _require(value == -1 or _positive_int(value), f"config.mesh.{axis}", "a positive integer or -1 (fill)", value)
+    _require(
+        sum(mesh[a] == -1 for a in ("data", "fsdp", "tensor")) <= 1, "config.mesh", "at most one axis set to -1", mesh
+    )
+    opt = config.optimizer
+    w = "config.optimizer"
+    _require(opt.learning_rate > 0, f"{w}.learning_rate", "a positive number", opt.learning_rate)
+    _require(isinstance(opt.warmup_steps, int) and opt.warmup_steps >= 0, f"{w}.warmup_steps", "an int >= 0",
+             opt.warmup_steps)  # fmt: skip
+    _require(opt.schedule in SCHEDULES, f"{w}.schedule", f"one of {SCHEDULES}", opt.schedule)
+    _require(0 <= opt.final_lr_ratio <= 1, f"{w}.final_lr_ratio", "a number in [0, 1]", opt.final_lr_ratio)
+    for name in ("b1", "b2"):
+        _require(0 <= opt[name] < 1, f"{w}.{name}", "a number in [0, 1)", opt[name])
+    _require(opt.eps > 0, f"{w}.eps", "a positive number", opt.eps)
+    _require(opt.weight_decay >= 0, f"{w}.weight_decay", "a number >= 0", opt.weight_decay)
+    _require(opt.clip_norm is None or opt.clip_norm > 0, f"{w}.clip_norm", "None or a positive number", opt.clip_norm)
+    train = config.train
+    w = "config.train"
+    _require(_positive_int(train.steps), f"{w}.steps", "a positive integer", train.steps)
+    _require(_positive_int(train.grad_accum), f"{w}.grad_accum", "a positive integer", train.grad_accum)
+    _require(
+        config.data.batch_size % train.grad_accum == 0,
+        f"{w}.grad_accum",
+        f"a divisor of config.data.batch_size={config.data.batch_size}",
+        train.grad_accum,
+    )
+    _require(_positive_int(train.log_every), f"{w}.log_every", "a positive integer", train.log_every)
+    for name in ("eval_every", "checkpoint_every", "keep_every", "data_threads"):
+        value = train[name]
+        _require(isinstance(value, int) and value >= 0, f"{w}.{name}", "an integer >= 0", value)
+    _require(_positive_int(train.eval_batches), f"{w}.eval_batches", "a positive integer", train.eval_batches)
+    _require(_positive_int(train.keep), f"{w}.keep", "a positive integer", train.keep)
+    _require(config.data.verify in ("eager", "lazy", "size"), "config.data.verify", "eager, lazy or size",
+             config.data.verify)  # fmt: skip
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError, naming the field, for any value that cannot work together."""
     _require(
         config.get("model_type") in MODEL_TYPES, "config.model_type", f"one of {MODEL_TYPES}", config.get("model_type")
     )
+    check_keys(config)
+    _validate_training(config)
     data = config.data
     _require(_positive_int(data.seq_len) and data.seq_len >= 2, "config.data.seq_len", "an integer >= 2", data.seq_len)
     _require(_positive_int(data.batch_size), "config.data.batch_size", "a positive integer", data.batch_size)

@@ -1,0 +1,205 @@
+"""The device mesh and how every parameter and batch is laid out on it.
+
+    mesh axes   data    -- pure data parallelism: parameters replicated
+                fsdp    -- data parallelism whose parameters (and optimizer state) are sharded
+                tensor  -- model parallelism inside a layer (heads, MLP width, hash rows)
+
+Modules name the axes of their parameters logically ("embed", "heads", "mlp", ...; see
+`models/layers.py`) and `LOGICAL_RULES` maps those names onto mesh axes, in one table that
+`format_rules` prints at start-up (MaxText's approach). A dimension that the mesh cannot
+divide evenly is replicated instead, and reported, so any config runs on any mesh.
+
+The mesh uses `AxisType.Auto`: Linen's logical partitioning is GSPMD-style and fails on the
+Explicit axes that `jax.make_mesh` defaults to in this jax version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# logical axis -> mesh axes (None: replicated). Order matters only for readability.
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("patch_slots", "tensor"),
+    ("hash_rows", ("fsdp", "tensor")),
+    ("head_dim", None),
+    ("vocab", None),
+    ("norm", None),
+    ("hash_tables", None),
+    ("hash_embed", None),
+)
+
+
+class MeshError(ValueError):
+    """A mesh shape that does not fit the devices or the batch; names the config field."""
+
+
+def mesh_shape(config: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
+    """Resolves `config.mesh` (-1 = the remaining devices) against the number of devices."""
+    sizes = {axis: int(config.mesh[axis]) for axis in MESH_AXES}
+    fixed = math.prod(size for size in sizes.values() if size != -1)
+    for axis, size in sizes.items():
+        if size == -1:
+            if n_devices % fixed:
+                raise MeshError(f"config.mesh: the fixed axes ({fixed} devices) do not divide {n_devices} devices")
+            sizes[axis] = n_devices // fixed
+    if math.prod(sizes.values()) != n_devices:
+        raise MeshError(
+            f"config.mesh: data x fsdp x tensor = {math.prod(sizes.values())} devices {sizes}, but there are "
+            f"{n_devices}; set one axis to -1 to fill"
+        )
+    return sizes
+
+
+def make_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The ('data', 'fsdp', 'tensor') mesh of `config.mesh` over all (or the given) devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = mesh_shape(config, len(devices))
+    shape = tuple(sizes[axis] for axis in MESH_AXES)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def batch_shards(mesh: Mesh) -> int:
+    """How many ways the batch axis is split."""
+    return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+
+
+def check_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+    """Every micro-batch must split evenly over the batch axes (data x fsdp)."""
+    micro = config.data.batch_size // config.train.grad_accum
+    shards = batch_shards(mesh)
+    if micro % shards:
+        raise MeshError(
+            f"config.data.batch_size: {config.data.batch_size} rows / grad_accum {config.train.grad_accum} = {micro} "
+            f"rows per micro-batch, not divisible by the {shards} batch shards of mesh {dict(mesh.shape)}"
+        )
+
+
+def hash_rows_multiple(mesh: Mesh) -> int:
+    """The row padding that lets the hash tables shard over every axis `hash_rows` maps to."""
+    axes = dict(LOGICAL_RULES)["hash_rows"]
+    return math.prod(mesh.shape[axis] for axis in axes)
+
+
+def _mesh_axes(entry: Any) -> tuple[str, ...]:
+    if entry is None:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where one parameter lives: its mesh spec, and any dimension left replicated because of size."""
+
+    path: str
+    shape: tuple[int, ...]
+    spec: P
+    replicated_dims: tuple[int, ...]
+
+
+def _fit(shape: tuple[int, ...], spec: P, mesh: Mesh) -> tuple[P, tuple[int, ...]]:
+    """Drops mesh axes from dimensions they do not divide (replicating those dimensions)."""
+    entries, dropped = [], []
+    for dim, entry in enumerate(tuple(spec) + (None,) * (len(shape) - len(spec))):
+        axes = _mesh_axes(entry)
+        ways = math.prod(mesh.shape[a] for a in axes)
+        if axes and shape[dim] % ways:
+            entries.append(None)
+            dropped.append(dim)
+        else:
+            entries.append(entry)
+    return P(*entries), tuple(dropped)
+
+
+def _path_name(path: tuple) -> str:
+    return "/".join(str(getattr(key, "key", getattr(key, "name", key))) for key in path)
+
+
+def placements(abstract_tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_RULES) -> Any:
+    """A tree of `Placement` for a tree of (possibly logically boxed) abstract arrays."""
+    logical_specs = nn.get_partition_spec(abstract_tree)
+    mesh_specs = nn.logical_to_mesh(logical_specs, rules)
+    leaves = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(abstract_tree))[0]
+    spec_leaves = jax.tree.leaves(mesh_specs, is_leaf=lambda x: isinstance(x, P))
+    if len(leaves) != len(spec_leaves):
+        raise RuntimeError("sharding: parameter tree and partition specs disagree in structure")
+    result = []
+    for (path, leaf), spec in zip(leaves, spec_leaves, strict=True):
+        shape = tuple(getattr(leaf, "shape", ()))
+        fitted, dropped = _fit(shape, spec if isinstance(spec, P) else P(), mesh)
+        result.append(Placement(_path_name(path), shape, fitted, dropped))
+    treedef = jax.tree.structure(nn.meta.unbox(abstract_tree))
+    return jax.tree.unflatten(treedef, result)
+
+
+def shardings_of(placement_tree: Any, mesh: Mesh) -> Any:
+    """NamedShardings from a `placements` tree."""
+    return jax.tree.map(
+        lambda p: NamedSharding(mesh, p.spec), placement_tree, is_leaf=lambda x: isinstance(x, Placement)
+    )
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Rows over (data, fsdp); every other axis of a batch field is replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def sharded_init(init_fn: Callable[..., Any], shardings: Any, *args: Any) -> Any:
+    """Runs `init_fn(*args)` under jit straight into `shardings`: no full-size host copy exists."""
+    return jax.jit(init_fn, out_shardings=shardings)(*args)
+
+
+def format_rules(mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_RULES) -> str:
+    """The logical-axis rules as a table, with how many ways each logical axis is split."""
+    lines = [f"mesh {dict(mesh.shape)} over {mesh.devices.size} {mesh.devices.flat[0].platform} devices"]
+    lines.append(f"  {'logical axis':<12} {'mesh axes':<18} ways")
+    for logical, entry in rules:
+        axes = _mesh_axes(entry)
+        ways = math.prod(mesh.shape[a] for a in axes)
+        lines.append(f"  {logical:<12} {','.join(axes) or '-':<18} {ways}")
+    return "\n".join(lines)
+
+
+def format_placements(placement_tree: Any, mesh: Mesh) -> str:
+    """One line per parameter: shape, mesh spec and per-device shard shape (largest first)."""
+    items = jax.tree.leaves(placement_tree, is_leaf=lambda x: isinstance(x, Placement))
+    items = sorted(items, key=lambda p: -math.prod(p.shape))
+    lines = []
+    for p in items:
+        shard = NamedSharding(mesh, p.spec).shard_shape(p.shape)
+        note = f"  (dims {list(p.replicated_dims)} replicated: not divisible)" if p.replicated_dims else ""
+        lines.append(f"  {p.path:<60} {str(p.shape):<22} {str(tuple(p.spec)):<34} shard {shard}{note}")
+    return "\n".join(lines)
+
+
+def describe_array(x: jax.Array) -> str:
+    """`shape spec -> shard shape` of a live array (for tests and logs)."""
+    spec = x.sharding.spec if hasattr(x.sharding, "spec") else x.sharding
+    return f"{x.shape} {spec} -> {x.sharding.shard_shape(x.shape)}"
+
+
+def addressable_fraction(x: jax.Array) -> float:
+    """Fraction of the array's elements one device holds (1.0 = replicated)."""
+    shard = x.sharding.shard_shape(x.shape)
+    return float(np.prod(shard) / max(np.prod(x.shape), 1))

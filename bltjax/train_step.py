@@ -1,0 +1,126 @@
+"""The pure training and evaluation steps: ``train_step(state, batch) -> (state, metrics)``.
+
+Loss (spec §11): per micro-batch, the mean next-byte NLL over its loss-mask targets, divided by
+the number of micro-batches, so that the summed gradient is the mean of the micro-batch means
+(the official definition). Gradient accumulation runs inside the step with `jax.lax.scan`, so a
+step is one compiled program whatever the accumulation factor; gradients are accumulated in
+float32 whatever the parameter dtype.
+
+The micro-batch of index a takes rows a, a + A, a + 2A, ... of the global batch (a reshape to
+[B/A, A] then a swap), so every device keeps contributing rows to every micro-batch instead of
+the micro-batches walking across the devices.
+
+Metrics are sums (nats, counted targets, byte targets) rather than means, so that the host can
+aggregate any number of steps exactly into bits-per-byte.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding
+
+from bltjax.metrics import summarize_nll, token_nll
+from bltjax.train_state import TrainState
+
+Batch = Mapping[str, jax.Array]
+MODEL_INPUTS = {"blt": ("tokens", "patch_lengths"), "byte_lm": ("tokens",)}
+
+
+def batch_fields(model_type: str) -> tuple[str, ...]:
+    """The batch fields a model type trains on."""
+    return (*MODEL_INPUTS[model_type], "targets", "loss_mask")
+
+
+def _nll_stats(model: nn.Module, model_type: str, params: Any, batch: Batch) -> dict[str, jax.Array]:
+    logits = model.apply({"params": params}, *(batch[name] for name in MODEL_INPUTS[model_type]))
+    nll = token_nll(logits, batch["targets"])
+    return summarize_nll(nll, batch["targets"], batch["loss_mask"])
+
+
+def _split_micro(batch: Batch, accum: int, sharding: NamedSharding | None) -> Batch:
+    """[B, ...] -> [A, B/A, ...] with micro-batch a = rows a::A (see module docstring)."""
+
+    def split(x: jax.Array) -> jax.Array:
+        rows = x.shape[0]
+        x = x.reshape(rows // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+        if sharding is not None:
+            spec = jax.sharding.PartitionSpec(None, *sharding.spec)
+            x = jax.lax.with_sharding_constraint(x, NamedSharding(sharding.mesh, spec))
+        return x
+
+    return {name: split(value) for name, value in batch.items()}
+
+
+def make_train_step(
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    *,
+    model_type: str,
+    grad_accum: int = 1,
+    batch_sharding: NamedSharding | None = None,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """The un-jitted pure step; `jit_train_step` adds shardings and donation."""
+    fields = batch_fields(model_type)
+
+    def micro_grads(params: Any, micro: Batch) -> tuple[Any, dict[str, jax.Array]]:
+        def loss_fn(p: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+            stats = _nll_stats(model, model_type, p, micro)
+            loss = stats["nats_sum"] / (stats["n_targets"] + 1e-6) / grad_accum
+            return loss, stats
+
+        (_, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return jax.tree.map(lambda g: g.astype(jnp.float32), grads), stats
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        batch = {name: batch[name] for name in fields}
+        if grad_accum == 1:
+            grads, stats = micro_grads(state.params, batch)
+        else:
+            micro = _split_micro(batch, grad_accum, batch_sharding)
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+
+            def body(carry, one):
+                grads_sum, stats_sum = carry
+                grads, stats = micro_grads(state.params, one)
+                return (jax.tree.map(jnp.add, grads_sum, grads), jax.tree.map(jnp.add, stats_sum, stats)), None
+
+            first_stats = jax.eval_shape(lambda: micro_grads(state.params, jax.tree.map(lambda x: x[0], micro))[1])
+            stats_zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first_stats)
+            (grads, stats), _ = jax.lax.scan(body, (zeros, stats_zero), micro)
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(stats)
+        metrics["loss"] = stats["nats_sum"] / (stats["n_targets"] + 1e-6)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        metrics["learning_rate"] = schedule(state.step)
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return train_step
+
+
+def jit_train_step(step_fn: Callable, state_shardings: Any, batch_sharding: NamedSharding) -> Callable:
+    """Explicit in/out shardings; the old state is donated (its buffers become the new state's)."""
+    return jax.jit(
+        step_fn,
+        in_shardings=(state_shardings, batch_sharding),
+        out_shardings=(state_shardings, None),
+        donate_argnums=(0,),
+    )
+
+
+def make_eval_step(model: nn.Module, *, model_type: str) -> Callable[[Any, Batch], dict[str, jax.Array]]:
+    """``eval_step(params, batch) -> summed NLL statistics`` (no gradients)."""
+    fields = batch_fields(model_type)
+
+    def eval_step(params: Any, batch: Batch) -> dict[str, jax.Array]:
+        return _nll_stats(model, model_type, params, {name: batch[name] for name in fields})
+
+    return eval_step
