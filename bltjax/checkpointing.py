@@ -21,6 +21,7 @@ from typing import Any
 
 import grain
 import jax
+from absl import logging as absl_logging
 import orbax.checkpoint as ocp
 
 ITEMS = ("state", "data", "meta")
@@ -31,9 +32,21 @@ METADATA_FILE = "_CHECKPOINT_METADATA"
 MIN_REPLICA_PARALLEL_SLICE_BYTES = 64 << 20
 
 
+_registered = False
+
+
 def _register_array_handler() -> None:
+    global _registered
+    if _registered:
+        return
     handler = ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=MIN_REPLICA_PARALLEL_SLICE_BYTES)
-    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)  # orbax warns that a handler is replaced: intended
+    try:
+        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    finally:
+        absl_logging.set_verbosity(verbosity)
+    _registered = True
 
 
 def _is_complete(step_dir: pathlib.Path) -> bool:

@@ -430,19 +430,22 @@ def train(
     return Trainer(config, workdir, console, devices).run()
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path.py[:variant]).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, TensorBoard logs.")
+def define_flags() -> None:
+    """Command-line flags, defined only when this module is the program (others import it)."""
+    config_flags.DEFINE_config_file("config", None, "Experiment config file (path.py[:variant]).")
+    flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, TensorBoard logs.")
 
 
 def main(argv: list[str]) -> None:
     del argv
-    if _CONFIG.value is None or not _WORKDIR.value:
+    config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+    if config is None or not workdir:
         raise app.UsageError("--config and --workdir are required")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     compile_cache.enable()
     try:
-        result = train(_CONFIG.value, _WORKDIR.value)
+        result = train(config, workdir)
     except (ConfigError, WorkdirError, pipeline.DataError, sharding.MeshError, TrainingDivergedError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
@@ -455,4 +458,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
