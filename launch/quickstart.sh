@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: a tiny BLT on the bundled real corpus.
-# Creates/refreshes ./.venv itself, so it works on a fresh machine. Extra flags are passed on,
-# e.g. bash launch/quickstart.sh --config.seed=3
+# The main job on the embedded default: prepare the bundled corpus -> train a tiny entropy model
+# -> entropy sidecars -> train a tiny BLT -> validation bits-per-byte (about 10 min on 2 cores).
+# Creates/refreshes ./.venv itself, so it works on a fresh machine. Rerunning resumes; flags are
+# passed on, e.g. bash launch/quickstart.sh --workdir runs/other --blt_steps 500
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/venv.sh ""
-exec python -m bltjax.demo --config experiments/blt_tiny.py "$@"
+exec python -m bltjax.quickstart "$@"
