@@ -21,8 +21,8 @@ from typing import Any
 
 import grain
 import jax
-from absl import logging as absl_logging
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 
 ITEMS = ("state", "data", "meta")
 METADATA_FILE = "_CHECKPOINT_METADATA"
