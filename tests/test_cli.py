@@ -28,17 +28,34 @@ def test_readme_opens_with_the_two_setup_commands():
     assert "bash tests/run.sh" in (REPO / ".ci" / "run").read_text()
 
 
-def test_main_job_prints_bits_per_byte():
-    """The README's main command itself, in this test environment's virtualenv."""
-    env = dict(os.environ, BLTJAX_VENV=sys.prefix, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    result = subprocess.run(
-        ["bash", "launch/quickstart.sh", "--config.seed=3", "--max_rows=2"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+def test_main_job_runs_every_stage_and_resumes(tmp_path):
+    """The README's main command itself (shortened by its own flags), then its rerun."""
+    env = dict(
+        os.environ,
+        BLTJAX_VENV=sys.prefix,
+        XLA_FLAGS="--xla_force_host_platform_device_count=1",
+        BLTJAX_COMPILE_CACHE=str(REPO / ".pytest_cache" / "jax_quickstart"),
     )
+    command = ["bash", "launch/quickstart.sh", "--workdir", str(tmp_path / "qs"), "--entropy_steps=3",
+               "--blt_steps=3", "--corpus=jargon_file_4.4.7_appendix_a.txt,zh_tang_song_poems.jsonl"]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for stage in range(1, 7):
+        assert f"== {stage}/6" in result.stdout
+    bpb = float(re.search(r"BLT validation bpb: +([0-9.]+)", result.stdout).group(1))
+    assert 2.0 < bpb < 12.0
+    assert (tmp_path / "qs" / "blt" / "checkpoints" / "3").is_dir()
+    assert (tmp_path / "qs" / "entropy_model" / "export" / "config.json").is_file()
+    assert list((tmp_path / "qs" / "data").glob("*.starts.*.bits"))
+
+    rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resumed" in rerun.stdout and "at step 3" in rerun.stdout
+    assert f"BLT validation bpb:           {bpb:.4f}" in rerun.stdout  # the same model, evaluated again
+
+
+def test_demo_scores_the_bundled_corpus():
+    result = _run("bltjax.demo", "--config", "experiments/blt_tiny.py", "--config.seed=3", "--max_rows=2")
     assert result.returncode == 0, result.stderr
     bpb = float(re.search(r"bits-per-byte: ([0-9.]+)", result.stdout).group(1))
     assert 6.0 < bpb < 12.0  # random weights: about log2(260) = 8.02, spread by random logits
