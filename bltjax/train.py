@@ -162,6 +162,7 @@ class _Window:
     start: float
     steps: int = 0
     timed_steps: int = 0
+    paused: float = 0.0  # seconds spent evaluating: not training throughput
     sums: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def add(self, values: Mapping[str, float], timed: bool = True) -> None:
@@ -294,7 +295,7 @@ class Trainer:
         return flops.analytic_flops_per_byte(self.config, mean_patch_size=mean_patch).train
 
     def _log_window(self, writer: MetricsWriter, step: int, window: _Window, now: float) -> None:
-        s, elapsed = window.sums, max(now - window.start, 1e-9)
+        s, elapsed = window.sums, max(now - window.start - window.paused, 1e-9)
         processes = jax.process_count()
         values = {
             "loss": s["nats_sum"] / max(s["n_targets"], 1.0),
@@ -407,10 +408,11 @@ class Trainer:
                     consume(pending)  # never save or evaluate a state whose loss was not checked
                     pending = None
                 if eval_due:
+                    eval_start = time.time()
                     result = self.evaluate(state.params)
                     validation_bpb = result["bpb"]
                     writer.write(step, result, split="validation")
-                    window.start = time.time()  # evaluation time is not training throughput
+                    window.paused += time.time() - eval_start
                 if checkpoint_due:
                     self._save(step, state, iterator, wait=step == total)
         if pending is not None:
