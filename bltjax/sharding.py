@@ -161,10 +161,6 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
-
-
 def sharded_init(init_fn: Callable[..., Any], shardings: Any, *args: Any) -> Any:
     """Runs `init_fn(*args)` under jit straight into `shardings`: no full-size host copy exists."""
     return jax.jit(init_fn, out_shardings=shardings)(*args)
@@ -191,12 +187,6 @@ def format_placements(placement_tree: Any, mesh: Mesh) -> str:
         note = f"  (dims {list(p.replicated_dims)} replicated: not divisible)" if p.replicated_dims else ""
         lines.append(f"  {p.path:<60} {str(p.shape):<22} {str(tuple(p.spec)):<34} shard {shard}{note}")
     return "\n".join(lines)
-
-
-def describe_array(x: jax.Array) -> str:
-    """`shape spec -> shard shape` of a live array (for tests and logs)."""
-    spec = x.sharding.spec if hasattr(x.sharding, "spec") else x.sharding
-    return f"{x.shape} {spec} -> {x.sharding.shard_shape(x.shape)}"
 
 
 def addressable_fraction(x: jax.Array) -> float:
