@@ -52,6 +52,48 @@ def _values_and_grads(f, cotangent, *args):
     return jax.jit(run)(*args)
 
 
+def _autodiff_attend(q, k, v, mask):
+    """The plain formula, differentiated by JAX: the reference for the custom backward pass."""
+    b, t, h, d = q.shape
+    kv_heads = k.shape[2]
+    qg = q.reshape(b, t, kv_heads, h // kv_heads, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k) / np.sqrt(d)
+    visible = mask[:, None, None]
+    probs = jax.nn.softmax(jnp.where(visible, scores, -1e30), axis=-1)
+    probs = jnp.where(visible.any(axis=-1, keepdims=True), probs, 0.0)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
+
+
+@pytest.mark.parametrize("heads, kv_heads, window", [(4, 4, None), (4, 2, 6), (2, 1, 3)])
+def test_attention_backward_equals_autodiff(heads, kv_heads, window):
+    """`attend` and the blockwise path recompute scores in their backward pass: same gradients.
+
+    Segments, a window and one query row with no visible key at all (its output and every
+    gradient through it must be 0) are included.
+    """
+    t = 29
+    q, k, v = _qkv(7 + heads, 2, t, t, heads, kv_heads)
+    positions = positions_like(q[..., 0, 0])
+    segments = _segments(5, 2, t, 0.2)
+    mask = local_causal_mask(positions, segments, window).at[1, 4].set(False)  # query 4 of row 1: no key
+    cotangent = jax.random.normal(jax.random.key(2), q.shape)
+    want, want_grads = _values_and_grads(lambda q, k, v: _autodiff_attend(q, k, v, mask), cotangent, q, k, v)
+    got, got_grads = _values_and_grads(lambda q, k, v: attend(q, k, v, mask), cotangent, q, k, v)
+    np.testing.assert_allclose(got, want, atol=2e-6, rtol=1e-6)
+    assert not np.any(got[1, 4])
+    for want_grad, got_grad in zip(want_grads, got_grads, strict=True):
+        np.testing.assert_allclose(got_grad, want_grad, atol=1e-5, rtol=1e-5)
+    if window is not None:
+        reference = local_causal_mask(positions, segments, window)
+        want, want_grads = _values_and_grads(lambda q, k, v: _autodiff_attend(q, k, v, reference), cotangent, q, k, v)
+        blockwise = _values_and_grads(
+            lambda q, k, v: blockwise_local_attend(q, k, v, positions, segments, window, 4), cotangent, q, k, v
+        )
+        np.testing.assert_allclose(blockwise[0], want, atol=2e-6, rtol=1e-6)
+        for want_grad, got_grad in zip(want_grads, blockwise[1], strict=True):
+            np.testing.assert_allclose(got_grad, want_grad, atol=1e-5, rtol=1e-5)
+
+
 def _segments(seed: int, b: int, t: int, eos_rate: float) -> jax.Array:
     is_end = np.random.default_rng(seed).random((b, t)) < eos_rate
     return eos_segment_ids(jnp.asarray(is_end))

@@ -6,6 +6,7 @@ D head dim, E model width, F FFN width.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -122,11 +123,72 @@ def eos_segment_ids(is_end_BT: jax.Array) -> jax.Array:
     return jnp.cumsum(ends, axis=-1) - ends
 
 
-def _masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
-    """float32 softmax over the last axis; masked keys get 0 and a row with no key is all 0."""
-    scores = jnp.where(mask, scores.astype(jnp.float32), MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1)
-    return jnp.where(mask.any(axis=-1, keepdims=True), probs, 0.0)
+def _no_expand(x_BSKD: jax.Array) -> jax.Array:
+    """[B, S, K, D] -> [B, 1, S, K, D]: the dense path is the blockwise one with a single block."""
+    return x_BSKD[:, None]
+
+
+def _attention_forward(q, k, v, mask, expand, scale):
+    """Masked softmax attention over blocks; returns (out, log-sum-exp) with f32 statistics.
+
+    q [B, n, Q, K, G, D] (n blocks of Q queries, K kv heads, G queries per kv head),
+    k / v [B, S', K, D] expanded by ``expand`` to [B, n, S, K, D], mask [B, n, Q, S].
+    """
+    keys, values = expand(k), expand(v)
+    scores = jnp.einsum("bnqkgd,bnskd->bnkgqs", q, keys, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask[:, :, None, None], scores, MASK_VALUE)
+    peak = jnp.max(scores, axis=-1)  # [B, n, K, G, Q]
+    # Masked keys give exp(MASK_VALUE - peak) = 0 whenever the row has a visible key.
+    weights = jnp.exp(scores - peak[..., None])
+    total = jnp.sum(weights, axis=-1)
+    out = jnp.einsum("bnkgqs,bnskd->bnqkgd", weights.astype(values.dtype), values, preferred_element_type=jnp.float32)
+    # A query without any visible key (its peak is MASK_VALUE) gets 0, and an infinite
+    # log-sum-exp so that its recomputed probabilities in the backward pass are 0 too.
+    has_key = peak > MASK_VALUE / 2
+    out = jnp.where(jnp.moveaxis(has_key, -1, 2)[..., None], out / jnp.moveaxis(total, -1, 2)[..., None], 0.0)
+    lse = jnp.where(has_key, peak + jnp.log(total), jnp.inf)
+    return out.astype(q.dtype), lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _softmax_attention(q, k, v, mask, expand, scale):
+    """Softmax attention whose backward pass recomputes the scores instead of storing them.
+
+    Autodiff of the plain formula keeps the [queries, keys] scores, probabilities and mask of
+    every layer alive until the backward pass (about 200 MB per local layer of the reference
+    shape at 4096 bytes). This version keeps only q, k, v, the output and one log-sum-exp per
+    query (the flash-attention backward), so activation memory is O(T * D) per layer.
+    """
+    return _attention_forward(q, k, v, mask, expand, scale)[0]
+
+
+def _softmax_attention_fwd(q, k, v, mask, expand, scale):
+    out, lse = _attention_forward(q, k, v, mask, expand, scale)
+    return out, (q, k, v, mask, out, lse)
+
+
+def _softmax_attention_bwd(expand, scale, residuals, d_out):
+    q, k, v, mask, out, lse = residuals
+    # Recompute only once d_out exists (see `_after`), one layer at a time.
+    q, k, v = (_after(d_out, x) for x in (q, k, v))
+    (keys, expand_keys), (values, expand_values) = jax.vjp(expand, k), jax.vjp(expand, v)
+    f32 = jnp.float32
+    scores = jnp.einsum("bnqkgd,bnskd->bnkgqs", q, keys, preferred_element_type=f32) * scale
+    visible = mask[:, :, None, None]
+    probs = jnp.where(visible, jnp.exp(scores - lse[..., None]), 0.0)
+    d_out32 = d_out.astype(f32)
+    d_probs = jnp.einsum("bnqkgd,bnskd->bnkgqs", d_out32, values.astype(f32))
+    row_dot = jnp.moveaxis(jnp.sum(d_out32 * out.astype(f32), axis=-1), 2, -1)  # [B, n, K, G, Q]
+    d_scores = probs * (d_probs - row_dot[..., None]) * scale
+    d_q = jnp.einsum("bnkgqs,bnskd->bnqkgd", d_scores, keys.astype(f32))
+    d_keys = jnp.einsum("bnkgqs,bnqkgd->bnskd", d_scores, q.astype(f32))
+    d_values = jnp.einsum("bnkgqs,bnqkgd->bnskd", probs, d_out32)
+    (d_k,) = expand_keys(d_keys.astype(keys.dtype))
+    (d_v,) = expand_values(d_values.astype(values.dtype))
+    return d_q.astype(q.dtype), d_k, d_v, None
+
+
+_softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 
 
 def attend(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, mask_BTS: jax.Array) -> jax.Array:
@@ -137,11 +199,9 @@ def attend(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, mask_BTS: ja
     """
     b, t, h, d = q_BTHD.shape
     kv_heads = k_BSKD.shape[2]
-    q = q_BTHD.reshape(b, t, kv_heads, h // kv_heads, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k_BSKD, preferred_element_type=jnp.float32)
-    probs = _masked_softmax(scores / math.sqrt(d), mask_BTS[:, None, None, :, :])
-    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v_BSKD.dtype), v_BSKD)
-    return out.reshape(b, t, h, d)
+    q = q_BTHD.reshape(b, 1, t, kv_heads, h // kv_heads, d)
+    out = _softmax_attention(q, k_BSKD, v_BSKD, mask_BTS[:, None], _no_expand, 1 / math.sqrt(d))
+    return out.reshape(b, t, h, d).astype(v_BSKD.dtype)
 
 
 def default_block_size(window: int) -> int:
@@ -197,8 +257,6 @@ def blockwise_local_attend(
     nb = -(-t // block)
     q = jnp.pad(q_BTHD, [(0, 0), (0, nb * block - t), (0, 0), (0, 0)])
     q = q.reshape(b, nb, block, kv_heads, h // kv_heads, d)
-    k = _with_history(k_BTKD, block, n_prev, 0)  # [B, nb, S, K, D], S = (n_prev + 1) * block
-    v = _with_history(v_BTKD, block, n_prev, 0)
     q_pos = jnp.pad(positions_BT, [(0, 0), (0, nb * block - t)]).reshape(b, nb, block)
     k_pos = _with_history(positions_BT, block, n_prev, 0)
     k_valid = _with_history(jnp.ones((b, t), bool), block, n_prev, False)
@@ -207,10 +265,11 @@ def blockwise_local_attend(
         q_seg = jnp.pad(segment_ids_BT, [(0, 0), (0, nb * block - t)]).reshape(b, nb, block)
         k_seg = _with_history(segment_ids_BT, block, n_prev, 0)
     mask = _visible(q_pos[..., :, None], k_pos[..., None, :], q_seg, k_seg, window) & k_valid[..., None, :]
-    scores = jnp.einsum("bnqkgd,bnskd->bnkgqs", q, k, preferred_element_type=jnp.float32)
-    probs = _masked_softmax(scores / math.sqrt(d), mask[:, :, None, None])
-    out = jnp.einsum("bnkgqs,bnskd->bnqkgd", probs.astype(v.dtype), v)
-    return out.reshape(b, nb * block, h, d)[:, :t]
+    # Keys and values enter as [B, T, K, D]; each block's key history is built inside the
+    # attention (forward and backward), so the (n_prev + 1)-fold copies are never stored.
+    expand = functools.partial(_with_history, block=block, n_prev=n_prev, fill=0)
+    out = _softmax_attention(q, k_BTKD, v_BTKD, mask, expand, 1 / math.sqrt(d))
+    return out.reshape(b, nb * block, h, d)[:, :t].astype(v_BTKD.dtype)
 
 
 def causal_self_attend(
@@ -280,17 +339,69 @@ class SwiGLU(nn.Module):
         )
 
 
+def _after(cotangent: jax.Array, x: jax.Array) -> jax.Array:
+    """``x`` made data-dependent on ``cotangent`` (adds 0 * one element of it).
+
+    XLA's CPU scheduler is free to run a recomputation as soon as its inputs exist, i.e. at the
+    start of the backward pass, which keeps every layer's recomputed activations alive at once
+    (this is why `jax.checkpoint` alone does not bound memory there, and an optimization
+    barrier does not survive to scheduling). Anchoring the inputs to the incoming gradient
+    makes each layer's recomputation wait for the layer above.
+    """
+    return x + (0.0 * cotangent.reshape(-1)[0]).astype(x.dtype)
+
+
+def checkpoint_after_cotangent(fn, n_differentiable: int = 2):
+    """Rematerialisation of ``fn(*args) -> y`` that recomputes only once dy arrives.
+
+    The first ``n_differentiable`` arguments (parameters, activations) get gradients; the rest
+    (positions, segment ids, masks, indices) get none. The forward pass keeps only the
+    arguments; the backward pass re-runs ``fn`` under `jax.vjp` on inputs anchored to dy (see
+    `_after`).
+    """
+
+    @jax.custom_vjp
+    def run(*args):
+        return fn(*args)
+
+    def forward(*args):
+        return fn(*args), args
+
+    def backward(args, d_y):
+        inputs = jax.tree.map(functools.partial(_after, d_y), args[:n_differentiable])
+        aux = args[n_differentiable:]
+        _, vjp = jax.vjp(lambda *inputs: fn(*inputs, *aux), *inputs)
+        return (*vjp(d_y), *(None for _ in aux))
+
+    run.defvjp(forward, backward)
+    return run
+
+
 class TransformerBlock(nn.Module):
-    """Pre-norm block: h = x + Attn(norm(x)); out = h + FFN(norm(h)) (spec §5.1)."""
+    """Pre-norm block: h = x + Attn(norm(x)); out = h + FFN(norm(h)) (spec §5.1).
+
+    With ``remat`` the block keeps only its input for the backward pass and recomputes its
+    attention and FFN activations there (`checkpoint_after_cotangent`), trading about one extra
+    forward for activation memory; parameters and values are the same either way.
+    """
 
     config: TransformerConfig
     layer_index: int = 0
     init_std_factor: str = "disabled"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x_BTE: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array | None = None) -> jax.Array:
+        if self.remat and not self.is_initializing():
+            plain = self.clone(parent=None, remat=False)
+
+            def apply_block(params, x, positions, segment_ids):
+                return plain.apply({"params": params}, x, positions, segment_ids)
+
+            rematerialised = checkpoint_after_cotangent(apply_block)
+            return rematerialised(self.variables["params"], x_BTE, positions_BT, segment_ids_BT)
         cfg = self.config
         f = depth_factor(self.init_std_factor, self.layer_index, cfg.n_layers, cfg.dim)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -301,16 +412,12 @@ class TransformerBlock(nn.Module):
         return h + ffn(normed)
 
 
-def block_class(remat: str) -> type[TransformerBlock]:
-    """`TransformerBlock`, wrapped in `nn.remat` for ``remat == "block"`` (same parameter names).
-
-    Rematerialised blocks keep only their input for the backward pass and recompute attention
-    scores and FFN activations, trading about one extra forward for activation memory.
-    """
+def block_class(remat: str):
+    """The block constructor for a remat mode: `TransformerBlock`, rematerialised for "block"."""
     if remat == "none":
         return TransformerBlock
     if remat == "block":
-        return nn.remat(TransformerBlock)
+        return functools.partial(TransformerBlock, remat=True)
     raise ValueError(f"remat: expected one of {REMAT_MODES}, got {remat!r}")
 
 
@@ -351,6 +458,7 @@ class CrossAttention(nn.Module):
     n_kv_heads: int | None = None  # None: multi-head
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    remat: bool = False  # recompute in the backward pass, as `TransformerBlock` does
 
     @nn.compact
     def __call__(
@@ -362,6 +470,15 @@ class CrossAttention(nn.Module):
         key_patch_BS: jax.Array | None = None,
         slots_per_patch: int = 1,
     ) -> jax.Array:
+        if self.remat and not self.is_initializing():
+            plain = self.clone(parent=None, remat=False)
+
+            def apply_cross(params, queries, keys, mask, gather_index, key_patch):
+                return plain.apply({"params": params}, queries, keys, mask, gather_index, key_patch, slots_per_patch)
+
+            return checkpoint_after_cotangent(apply_cross, 3)(
+                self.variables["params"], queries_BTE, keys_BSE, mask_BTS, gather_index_BTR, key_patch_BS
+            )
         e, h, kv_heads = self.dim, self.n_heads, self.n_kv_heads or self.n_heads
         d = e // h
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)

@@ -48,12 +48,13 @@ class LocalDecoder(nn.Module):
 
         heads, kv_heads = (cfg.cross_attn_heads, None) if cfg.cross_attn_heads else (stack.n_heads, stack.kv_heads)
         block = block_class(cfg.remat)
+        remat = cfg.remat == "block"  # the cross-attentions are recomputed like the blocks
         x = byte_states_BNE
         for i in range(stack.n_layers):
             if cfg.cross_attn_all_layers_decoder or i == 0:
                 f = depth_factor(cfg.init_std_factor, i, stack.n_layers, e)
                 updated = CrossAttention(
-                    e, heads, e**-0.5 / f, stack.norm_eps, kv_heads, name=f"cross_attention_{i}", **kw
+                    e, heads, e**-0.5 / f, stack.norm_eps, kv_heads, remat=remat, name=f"cross_attention_{i}", **kw
                 )(x, slots, **cross)
                 x = x + updated if cfg.double_cross_attn_residual else updated
             x = block(stack, i, cfg.init_std_factor, name=f"layers_{i}", **kw)(x, positions_BN, segment_ids_BN)

@@ -92,6 +92,7 @@ class LocalEncoder(nn.Module):
         else:
             cross = dict(mask_BTS=encoder_cross_attn_mask(pid_BN, n_patches, k, cfg.cross_attn_window_encoder))
         block = block_class(cfg.remat)
+        remat = cfg.remat == "block"  # the cross-attentions are recomputed like the blocks
         project_patches = Linear((e,), (k * e,), ("embed", "patch_slots"), e**-0.5, name="patch_projection", **kw)
         heads, kv_heads = (cfg.cross_attn_heads, None) if cfg.cross_attn_heads else (stack.n_heads, stack.kv_heads)
         slots = None
@@ -105,7 +106,7 @@ class LocalEncoder(nn.Module):
                 slots = project_patches(pooled).reshape(x.shape[0], n_patches * k, e)
             f = depth_factor(cfg.init_std_factor, i, stack.n_layers, e)
             updated = CrossAttention(
-                e, heads, e**-0.5 / f, stack.norm_eps, kv_heads, name=f"cross_attention_{i}", **kw
+                e, heads, e**-0.5 / f, stack.norm_eps, kv_heads, remat=remat, name=f"cross_attention_{i}", **kw
             )(slots, x, **cross)
             slots = slots + updated if cfg.double_cross_attn_residual else updated
         return x, slots
