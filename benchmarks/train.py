@@ -9,7 +9,9 @@ Rows
 ----
 * **bltjax BLT**: the reference shape (batch 4 x 4096 bytes; local width 256, 4 heads, SwiGLU 768,
   1 encoder and 4 decoder layers, window 512; global 512 x 4 layers, 8 heads, SwiGLU 1536;
-  k = 2; hash n-grams 3..8 with 30000 rows each; float32; AdamW) trained with the project's own
+  k = 2; hash n-grams 3..8 with 30000 rows each; float32; AdamW; `model.remat` from ``--remat``,
+  default "block": each block and cross-attention is recomputed in the backward pass, which is
+  the setting for the memory target) trained with the project's own
   step: `make_train_step` + `jit_train_step` on a one-device mesh, state from
   `create_train_state`. Patches are fixed with a mean of 4.5 bytes: lengths 1, 4, 5, 4, 5, ...
   (training convention, row sum N + 1; the config says static patching with size 5 only so that
@@ -235,10 +237,12 @@ def child_bltjax(args, which: str) -> dict:
 
     base_rss = max_rss_mib()
     config = blt_config(args.batch, args.seq_len, args.model)
+    config.model.remat = args.remat
     if which == "baseline":
         target = flops.matmul_flops_per_byte(config, mean_patch_size=MEAN_PATCH).train
         encoder = config.model.encoder
         config = baseline_config(args.batch, args.seq_len, target, encoder.window, encoder.dim)
+        config.model.remat = args.remat  # the same trade as the BLT row: FLOP/s compare like with like
     model_type = config.model_type
     peak = flops.measured_matmul_peak("float32")
 
@@ -482,7 +486,7 @@ def run_child(which: str, args, timeout: float) -> dict:
         command = [sys.executable, str(pathlib.Path(__file__).resolve()), "--child", which, "--child-out", str(out),
                    "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--steps", str(args.steps),
                    "--hf-steps", str(args.hf_steps), "--hf-warmup", str(args.hf_warmup),
-                   "--threads", str(args.threads), "--model", args.model]  # fmt: skip
+                   "--threads", str(args.threads), "--model", args.model, "--remat", args.remat]  # fmt: skip
         if args.skip_components:
             command.append("--skip-components")
         env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -533,6 +537,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for the HF child")
     parser.add_argument("--model", choices=sorted(MODELS), default="reference",
                         help="reference: the issue's shape; tiny: a smoke test of the script only")  # fmt: skip
+    parser.add_argument(
+        "--remat", choices=("none", "block"), default="block",
+        help="model.remat of the bltjax rows: 'block' recomputes each block in the backward pass (memory target)",
+    )
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--skip-components", action="store_true")
@@ -548,8 +556,8 @@ def main() -> None:
         pathlib.Path(args.child_out).write_text(json.dumps(result))
         return
 
-    print(f"model {args.model}: batch {args.batch} x {args.seq_len} bytes, float32, AdamW; one CPU device "
-          f"({os.cpu_count()} cores)")  # fmt: skip
+    print(f"model {args.model}: batch {args.batch} x {args.seq_len} bytes, float32, AdamW, bltjax remat "
+          f"{args.remat}; one CPU device ({os.cpu_count()} cores)")  # fmt: skip
     blt = run_child("blt", args, timeout=3600)
     if "skipped" in blt:
         raise SystemExit(f"bltjax BLT failed: {blt['skipped']}")
@@ -650,6 +658,7 @@ def main() -> None:
                     },  # fmt: skip
                     "machine": f"{platform.machine()}, {os.cpu_count()} cores",
                     "model": args.model,
+                    "remat": args.remat,
                     "batch": args.batch,
                     "seq_len": args.seq_len,
                     "matmul_peak_flops": peak,
