@@ -73,3 +73,20 @@ def test_embedding_sums_one_row_per_table():
     out = np.asarray(module.apply(params, ids))
     np.testing.assert_allclose(out[0, 0], tables[0, 0] + tables[1, 1], rtol=1e-6)
     np.testing.assert_allclose(out[0, 1], tables[0, 4] + tables[1, 1], rtol=1e-6)
+
+
+def test_hash_table_gradient_is_the_scatter_add_of_autodiff():
+    """The custom backward of the lookup (zero table made late) equals autodiff of jnp.take."""
+    from bltjax.models.hash_embed import _lookup_sum
+
+    tables = jax.random.normal(jax.random.key(0), (3, 50, 8))
+    ids = jax.random.randint(jax.random.key(1), (3, 2, 40), 0, 50)  # repeated ids accumulate
+    cotangent = jax.random.normal(jax.random.key(2), (2, 40, 8))
+
+    def reference(tables):
+        return jax.vmap(lambda table, i: jnp.take(table, i, axis=0))(tables, ids).sum(axis=0)
+
+    want, want_vjp = jax.vjp(reference, tables)
+    got, got_vjp = jax.vjp(lambda t: _lookup_sum(t, ids), tables)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(jax.jit(got_vjp)(cotangent)[0], want_vjp(cotangent)[0], rtol=1e-6, atol=1e-6)

@@ -9,6 +9,7 @@ same ids, which `tests/test_hash_embed.py` checks against the spec's test vector
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -112,6 +113,36 @@ def all_hash_ids(tokens: jax.Array, sizes: Sequence[int], functions: int, vocab:
     return jnp.stack([hash_ids(tokens, n, HASH_PRIMES[f], vocab) for f in range(functions) for n in sizes])
 
 
+def _lookup_sum(tables_TVE: jax.Array, ids_TBN: jax.Array) -> jax.Array:
+    """sum_t tables[t, ids[t]]: [B, N, E].
+
+    The gradient is the usual scatter-add, written out so that its zero-filled table is made
+    only once the gradient arrives: left to autodiff, XLA created that [tables, rows, width]
+    buffer (176 MB for 6 x 30000 x 256) at the start of the forward pass and kept it to the end.
+    """
+    return _lookup_sum_typed((tables_TVE.shape, tables_TVE.dtype), tables_TVE, ids_TBN)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _lookup_sum_typed(table_type, tables_TVE, ids_TBN):
+    return jax.vmap(lambda table, ids: jnp.take(table, ids, axis=0))(tables_TVE, ids_TBN).sum(axis=0)
+
+
+def _lookup_sum_fwd(table_type, tables_TVE, ids_TBN):
+    return _lookup_sum_typed(table_type, tables_TVE, ids_TBN), ids_TBN
+
+
+def _lookup_sum_bwd(table_type, ids_TBN, d_out_BNE):
+    shape, dtype = table_type
+    anchor = (0.0 * d_out_BNE.reshape(-1)[0]).astype(dtype)  # no zero table before the gradient exists
+    zeros = jnp.zeros(shape, dtype) + anchor
+    d_tables = jax.vmap(lambda zero, ids: zero.at[ids].add(d_out_BNE.astype(dtype)))(zeros, ids_TBN)
+    return d_tables, None
+
+
+_lookup_sum_typed.defvjp(_lookup_sum_fwd, _lookup_sum_bwd)
+
+
 class HashNgramEmbedding(nn.Module):
     """Sum of one row per hash table: E[t, hash_id_t(i)] over the tables t (spec §4.2).
 
@@ -135,8 +166,7 @@ class HashNgramEmbedding(nn.Module):
             (self.num_tables, round_up(self.vocab, self.rows_multiple), self.dim),
             self.param_dtype,
         )
-        rows = jax.vmap(lambda table, ids: jnp.take(table, ids, axis=0))(tables, hash_ids_TBN)
-        return rows.sum(axis=0)
+        return _lookup_sum(tables, hash_ids_TBN)
 
     def _init(self, key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
         """Draws the [tables, vocab, dim] weights, then zero-pads the rows: the same start on any mesh."""
