@@ -22,10 +22,27 @@ Two counts, for two questions:
 Neither counts elementwise work (norms, softmax, RoPE) or embedding lookups, and neither
 subtracts document masking, which depends on the data. Backward = 2 x forward (spec §14.1).
 
+* **XLA's own** (`xla_flops_per_byte`, `compiled_flops`): ``cost_analysis()`` of the compiled
+  forward (or gradient) program. It counts everything XLA executes, elementwise work and padded
+  patch columns included, so it agrees with the analytic count (within a few per cent, tested)
+  only for paper-shaped stacks whose ``max_patches`` leaves no padding; it is the check that the
+  formulas describe the program, not a number to report.
+
+Parameters (`parameter_counts`, spec §14.4) are counted per component from the config alone, and
+equal the shapes Flax creates (tested); ``non_embedding`` leaves out the byte embedding, the hash
+tables and the output head, the paper's convention for model size.
+
+Token-level baselines (`token_lm_flops_per_byte`): a Llama over tokens of ``bytes_per_token``
+bytes on average, the paper's FL_BPE, for comparing a BLT with the token model of the same
+inference budget.
+
 Peaks: `peak_flops_per_device` reads a table of published dense peaks keyed by
 ``jax.Device.device_kind`` and otherwise measures a jitted matmul (`measured_matmul_peak`);
 `peak_flops_total` gives the whole job's peak, counting a CPU host once however many fake
 devices it exposes.
+
+Command line: ``python -m bltjax.flops --config experiments/blt_1b.py [--patch-size 6]
+[--bytes-per-token 4.4 --vocab 128256]`` prints the breakdown of one config as a table.
 """
 
 from __future__ import annotations
@@ -167,6 +184,24 @@ def bpe_flops_per_byte(dim: int, layers: int, vocab: int, context_bytes: float, 
     return transformer_flops(dim, layers, tokens, vocab) / bytes_per_token
 
 
+def token_lm_flops_per_byte(
+    stack: TransformerConfig, *, context_bytes: float, bytes_per_token: float, vocab: int
+) -> FlopBreakdown:
+    """A token-level Llama of ``stack``'s shape, per byte (spec §14.2 FL_BPE), as `global_`.
+
+    Its context is ``context_bytes / bytes_per_token`` tokens (the stack's window caps it), its
+    head has ``vocab`` outputs, and every token costs one pass for ``bytes_per_token`` bytes.
+    """
+    if bytes_per_token <= 0 or context_bytes <= 0 or vocab <= 0:
+        raise ValueError(
+            "bytes_per_token, context_bytes and vocab must be positive, got "
+            f"{bytes_per_token}, {context_bytes}, {vocab}"
+        )
+    tokens = float(context_bytes) / float(bytes_per_token)
+    per_token = transformer_flops(stack.dim, stack.n_layers, _context(stack.window, tokens), vocab)
+    return FlopBreakdown(global_=per_token / float(bytes_per_token))
+
+
 # --- what bltjax multiplies -------------------------------------------------------------------
 
 
@@ -305,6 +340,74 @@ def mfu(train_flops_per_byte: float, bytes_per_second: float, peak_flops_per_sec
     return train_flops_per_byte * bytes_per_second / peak_flops_per_second
 
 
+# --- parameter counts (spec §14.4) -------------------------------------------------------------
+
+# Components of `parameter_counts`: the FLOP components first, then what costs no FLOPs.
+BLT_PARAMETER_COMPONENTS = (
+    "global",
+    "global_input_projection",  # W_in, only when k·h_E != h_G
+    "encoder",
+    "decoder",  # blocks and the final norm
+    "encoder_cross",
+    "decoder_cross",
+    "encoder_patch_projection",  # E_C: pooled byte state -> k slots
+    "decoder_patch_projection",  # D_C: global output -> k slots
+    "byte_embedding",
+    "hash_tables",
+    "output_head",
+)
+BYTE_LM_PARAMETER_COMPONENTS = ("global", "byte_embedding", "output_head")
+EMBEDDING_COMPONENTS = ("byte_embedding", "hash_tables", "output_head")
+
+
+def block_parameters(stack: TransformerConfig) -> int:
+    """One pre-norm block: Q, K, V, O (grouped-query aware), SwiGLU (3·dim·hidden), two norms."""
+    q_width = stack.n_heads * stack.resolved_head_dim
+    kv_width = stack.kv_heads * stack.resolved_head_dim
+    return stack.dim * (2 * q_width + 2 * kv_width) + 3 * stack.dim * stack.hidden_dim + 2 * stack.dim
+
+
+def _cross_layer_parameters(record: BLTConfig, stack: TransformerConfig) -> int:
+    q_width, kv_width = _cross_widths(record, stack)
+    return stack.dim * (2 * q_width + 2 * kv_width) + 2 * stack.dim  # Q, K, V, O; query and key norms
+
+
+def parameter_counts(record: BLTConfig | ByteLMConfig) -> dict[str, int]:
+    """Parameters per component (spec §14.4), plus ``total`` and ``non_embedding``.
+
+    Counted from the config alone (no allocation), exactly as the Flax modules create them:
+    norms included, hash tables with their padded rows. For a byte LM the whole transformer and
+    its final norm are ``global``, as in `FlopBreakdown`.
+    """
+    if isinstance(record, ByteLMConfig):
+        stack = record.stack
+        counts = {
+            "global": stack.n_layers * block_parameters(stack) + stack.dim,
+            "byte_embedding": record.vocab_size * stack.dim,
+            "output_head": stack.dim * record.vocab_size,
+        }
+    else:
+        enc, lat, dec, k = record.encoder, record.latent, record.decoder, record.cross_attn_k
+        counts = {
+            "global": lat.n_layers * block_parameters(lat),
+            "global_input_projection": k * enc.dim * lat.dim if k * enc.dim != lat.dim else 0,
+            "encoder": enc.n_layers * block_parameters(enc),
+            "decoder": dec.n_layers * block_parameters(dec) + dec.dim,
+            "encoder_cross": _cross_layers(enc.n_layers, record.cross_attn_all_layers_encoder)
+            * _cross_layer_parameters(record, enc),
+            "decoder_cross": _cross_layers(dec.n_layers, record.cross_attn_all_layers_decoder)
+            * _cross_layer_parameters(record, dec),
+            "encoder_patch_projection": enc.dim * k * enc.dim,
+            "decoder_patch_projection": lat.dim * k * dec.dim,
+            "byte_embedding": record.vocab_size * enc.dim,
+            "hash_tables": record.num_hash_tables * record.hash_table_rows * enc.dim,
+            "output_head": dec.dim * record.vocab_size,
+        }
+    counts["total"] = sum(counts.values())
+    counts["non_embedding"] = counts["total"] - sum(counts.get(name, 0) for name in EMBEDDING_COMPONENTS)
+    return counts
+
+
 # --- counting the matmuls of a traced program -------------------------------------------------
 
 
@@ -337,6 +440,73 @@ def traced_matmul_flops(fun: Callable[..., Any], *args: Any, **kwargs: Any) -> i
     This is what the program asks the matmul units for, independent of XLA's cost model.
     """
     return _jaxpr_matmul_flops(jax.make_jaxpr(fun)(*args, **kwargs).jaxpr)
+
+
+# --- XLA's own count ---------------------------------------------------------------------------
+
+
+def compiled_flops(fun: Callable[..., Any], *args: Any) -> float:
+    """FLOPs of ``fun(*args)`` as XLA's cost model counts the compiled program (nothing runs).
+
+    Arguments may be `jax.ShapeDtypeStruct`s. Everything XLA executes counts: elementwise work,
+    padding, masked attention blocks.
+    """
+    analysis = jax.jit(fun).lower(*args).compile().cost_analysis()
+    if isinstance(analysis, (list, tuple)):  # older jax: one dict per program
+        analysis = analysis[0]
+    if not analysis or "flops" not in analysis:
+        raise RuntimeError(f"compiled_flops: XLA's cost analysis has no 'flops' entry on this backend ({analysis!r})")
+    return float(analysis["flops"])
+
+
+def static_patch_lengths(seq_len: int, patch_size: int, max_patches: int, batch_size: int = 1):
+    """Training-convention lengths [1, s, s, ..., r] (row sum N + 1) padded to ``max_patches``."""
+    import numpy as np
+
+    lengths = [1] + [patch_size] * (seq_len // patch_size)
+    if seq_len + 1 - sum(lengths):
+        lengths.append(seq_len + 1 - sum(lengths))
+    if len(lengths) > max_patches:
+        raise ValueError(
+            f"config.data.max_patches: expected >= {len(lengths)} for static patches of {patch_size} bytes over "
+            f"seq_len={seq_len}, got {max_patches}"
+        )
+    out = np.zeros((batch_size, max_patches), np.int32)
+    out[:, : len(lengths)] = lengths
+    return out
+
+
+def xla_flops_per_byte(
+    config: ml_collections.ConfigDict, *, patch_size: int | None = None, train: bool = False
+) -> float:
+    """XLA's FLOPs per byte for one row of ``config`` (forward, or forward + backward with ``train``).
+
+    A BLT is fed static patches of ``patch_size`` bytes (default: the config's expected mean,
+    rounded), so the realised mean is (N + 1) / (1 + ceil(N / s)); compare it with the analytic
+    count at that mean. The training program differentiates the summed log-probabilities.
+    """
+    from bltjax.model_factory import build_model, example_inputs
+
+    model = build_model(config)
+    inputs = list(example_inputs(config, batch_size=1))
+    if config.model_type == "blt":
+        size = int(round(expected_patch_size(config))) if patch_size is None else int(patch_size)
+        inputs[1] = static_patch_lengths(config.data.seq_len, size, config.data.max_patches)
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs))
+
+    def forward(p, *a):
+        return model.apply(p, *a)
+
+    def loss(p, *a):
+        return jnp.sum(jax.nn.log_softmax(model.apply(p, *a).astype(jnp.float32)))
+
+    fun = jax.grad(loss) if train else forward
+    return compiled_flops(fun, params, *inputs) / config.data.seq_len
+
+
+def realised_static_patch_size(seq_len: int, patch_size: int) -> float:
+    """Mean patch of static patching in the training convention: (N + 1) / (1 + ceil(N / s))."""
+    return (seq_len + 1) / (1 + math.ceil(seq_len / patch_size))
 
 
 # --- device peaks ------------------------------------------------------------------------------
@@ -475,3 +645,116 @@ def peak_flops_total(devices: Iterable[jax.Device] | None = None, dtype: Any = "
             sources.append(source)
     count = f"{len(cpu_processes)} CPU host(s)" if cpu_processes else f"{len(devices)} device(s)"
     return total, f"{count}; " + "; ".join(sources)
+
+
+# --- command line ------------------------------------------------------------------------------
+
+_ROWS = (
+    # table row, FlopBreakdown field, parameter components
+    ("global (latent)", "global_", ("global", "global_input_projection")),
+    ("encoder", "encoder", ("encoder",)),
+    ("decoder + head", "decoder", ("decoder", "output_head")),
+    ("encoder cross-attention", "encoder_cross", ("encoder_cross", "encoder_patch_projection")),
+    ("decoder cross-attention", "decoder_cross", ("decoder_cross", "decoder_patch_projection")),
+    ("byte embedding", None, ("byte_embedding",)),
+    ("hash n-gram tables", None, ("hash_tables",)),
+)
+_BYTE_LM_ROWS = (
+    ("transformer + head", "global_", ("global", "output_head")),
+    ("byte embedding", None, ("byte_embedding",)),
+)
+
+
+def format_breakdown(
+    config: ml_collections.ConfigDict,
+    *,
+    mean_patch_size: float | None = None,
+    bytes_per_token: float | None = None,
+    vocab: int = 32000,
+) -> str:
+    """The markdown table `python -m bltjax.flops` prints: FLOPs per byte and parameters per component."""
+    record, n_p = _records(config, mean_patch_size)
+    analytic = analytic_flops_per_byte(config, mean_patch_size=n_p)
+    matmul = matmul_flops_per_byte(config, mean_patch_size=n_p)
+    params = parameter_counts(record)
+    context = config.data.seq_len
+    if n_p is None:
+        head = f"byte LM, context {context} bytes (every byte is a position)"
+    else:
+        source = "--patch-size" if mean_patch_size is not None else f"config.patching ({config.patching.mode})"
+        head = f"BLT, context {context} bytes, mean patch size {n_p:g} bytes (from {source})"
+    total = analytic.total_forward
+    lines = [
+        head,
+        "",
+        "| component | forward FLOPs/byte (spec §14) | share | train FLOPs/byte | bltjax matmul fwd/byte "
+        "| parameters |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for label, field, components in _ROWS if n_p is not None else _BYTE_LM_ROWS:
+        count = sum(params.get(c, 0) for c in components)
+        if field is None:
+            lines.append(f"| {label} | 0 | 0.0% | 0 | 0 | {count:,} |")
+            continue
+        fwd, real = getattr(analytic, field), getattr(matmul, field)
+        share = 100.0 * fwd / total
+        lines.append(f"| {label} | {fwd:.3e} | {share:.1f}% | {TRAIN_MULTIPLIER * fwd:.3e} | {real:.3e} | {count:,} |")
+    lines.append(
+        f"| **total** | **{total:.3e}** | 100% | **{analytic.train:.3e}** | {matmul.total_forward:.3e} | "
+        f"{params['total']:,} |"
+    )
+    lines.append("")
+    lines.append(f"non-embedding parameters: {params['non_embedding']:,}")
+    if bytes_per_token is not None:
+        stack = record.latent if n_p is not None else record.stack
+        token = token_lm_flops_per_byte(stack, context_bytes=context, bytes_per_token=bytes_per_token, vocab=vocab)
+        byte = byte_lm_flops_per_byte(ByteLMConfig(stack=stack), context_bytes=context)
+        which = "the global model" if n_p is not None else "the byte LM's stack"
+        lines += [
+            "",
+            f"| same budget comparison ({which}: {stack.n_layers} x {stack.dim}) | forward FLOPs/byte "
+            "| train FLOPs/byte |",
+            "|---|---:|---:|",
+            f"| this config | {total:.3e} | {analytic.train:.3e} |",
+            f"| token-level Llama, {bytes_per_token:g} bytes/token, vocab {vocab} | {token.total_forward:.3e} | "
+            f"{token.train:.3e} |",
+            f"| byte-level (every byte through it) | {byte.total_forward:.3e} | {byte.train:.3e} |",
+        ]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str]) -> None:
+    from absl import flags
+
+    del argv
+    values = flags.FLAGS
+    config = values.config
+    if config is None:
+        raise SystemExit("python -m bltjax.flops: --config is required, e.g. --config experiments/blt_1b.py")
+    try:
+        table = format_breakdown(
+            config,
+            mean_patch_size=values["patch-size"].value,
+            bytes_per_token=values["bytes-per-token"].value,
+            vocab=values["vocab"].value,
+        )
+    except ValueError as err:  # ConfigError included: the message names the field
+        raise SystemExit(f"error: {err}") from err
+    print(table)
+
+
+def _define_flags() -> None:
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Experiment config file (path.py[:variant]).")
+    flags.DEFINE_float("patch-size", None, "Mean patch size n_p (default: the config's expectation).")
+    flags.DEFINE_float("bytes-per-token", None, "Also print a token-level Llama of the same shape at this n_bpe.")
+    flags.DEFINE_integer("vocab", 32000, "Vocabulary of that token-level Llama (Llama 2: 32000, Llama 3: 128256).")
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)

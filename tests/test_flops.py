@@ -11,7 +11,7 @@ import jax
 import pytest
 
 from bltjax import flops
-from bltjax.config import load_config, model_config
+from bltjax.config import load_config, model_config, stack_config
 from bltjax.model_factory import build_model, example_inputs
 from bltjax.models.configs import BLTConfig, ByteLMConfig, TransformerConfig
 
@@ -254,3 +254,188 @@ def test_positive_inputs_required(blt_1b):
     with pytest.raises(ValueError, match="mean_patch_size"):
         flops.blt_flops_per_byte(blt_1b, context_bytes=16384, mean_patch_size=0)
     assert math.isfinite(flops.blt_flops_per_byte(blt_1b, context_bytes=1, mean_patch_size=1).total_forward)
+
+
+# --- parameter counts (spec §14.4) ----------------------------------------------------------------
+
+
+def test_blt_1b_parameter_counts_match_spec(blt_1b):
+    counts = flops.parameter_counts(blt_1b)
+    expected = {  # as the spec writes them, rounded to its significant digits
+        "encoder": "12.8e6",
+        "global": "1.285e9",
+        "decoder": "115.6e6",
+        "encoder_cross": "4.2e6",
+        "decoder_cross": "37.7e6",
+        "encoder_patch_projection": "2.1e6",
+        "decoder_patch_projection": "4.2e6",
+        "byte_embedding": "0.27e6",
+        "output_head": "0.27e6",
+        "hash_tables": "3.07e9",
+    }
+    for name, text in expected.items():  # within one unit of the last written digit (norms: < 0.1%)
+        mantissa, exponent = text.split("e")
+        decimals = len(mantissa.split(".")[1]) if "." in mantissa else 0
+        unit = 10.0 ** (int(exponent) - decimals)
+        assert abs(counts[name] - float(text)) < unit, name
+    assert counts["global"] == 1_284_608_000  # what `python -m bltjax.describe` prints for the latent
+    assert counts["global_input_projection"] == 0  # k·h_E = 2 x 1024 = h_G
+    assert counts["total"] == sum(v for k, v in counts.items() if k not in ("total", "non_embedding"))
+
+
+def test_entropy_model_parameter_counts_match_spec():
+    counts = flops.parameter_counts(model_config(_config("entropy_model.py:released")))
+    assert counts["non_embedding"] == pytest.approx(99.1e6, rel=0.01)
+    assert counts["byte_embedding"] + counts["output_head"] == pytest.approx(0.4e6, rel=0.01)
+
+
+def _component_of(path: tuple[str, ...]) -> str:
+    """The `parameter_counts` component of one Flax parameter path."""
+    top, second = path[0], path[1] if len(path) > 1 else ""
+    if top == "latent":
+        return "global_input_projection" if second == "input_projection" else "global"
+    if top in ("local_encoder", "local_decoder"):
+        side = "encoder" if top == "local_encoder" else "decoder"
+        if second.startswith("cross_attention"):
+            return f"{side}_cross"
+        if second == "patch_projection":
+            return f"{side}_patch_projection"
+        return {"byte_embedding": "byte_embedding", "hash_embedding": "hash_tables", "output": "output_head"}.get(
+            second, side
+        )
+    return {"embedding": "byte_embedding", "output": "output_head"}.get(top, "global")  # byte LM
+
+
+def _flax_counts(config) -> dict[str, int]:
+    from bltjax.model_factory import parameter_shapes
+
+    counts: dict[str, int] = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(parameter_shapes(config))[0]:
+        name = _component_of(tuple(p.key for p in path))
+        counts[name] = counts.get(name, 0) + math.prod(leaf.shape)
+    return counts
+
+
+def _odd_blt():
+    """GQA, explicit head_dim, cross-attention heads, every encoder layer crossing, k·h_E != h_G."""
+    config = _config("blt_tiny.py")
+    config.model.latent.n_kv_heads = 2
+    config.model.latent.head_dim = 48
+    config.model.encoder.n_layers = 2
+    config.model.cross_attn_all_layers_encoder = True
+    config.model.cross_attn_heads = 2
+    config.model.cross_attn_k = 3
+    config.model.hash_rows_multiple = 7
+    return config
+
+
+@pytest.mark.parametrize("make", [lambda: _config("blt_tiny.py"), _odd_blt, lambda: _config("byte_lm.py:tiny")],
+                         ids=["blt_tiny", "blt_odd", "byte_lm_tiny"])  # fmt: skip
+def test_parameter_counts_equal_the_flax_shapes(make):
+    config = make()
+    counts = flops.parameter_counts(model_config(config))
+    flax_counts = _flax_counts(config)
+    assert {k: v for k, v in counts.items() if v and k not in ("total", "non_embedding")} == flax_counts
+    assert counts["total"] == sum(flax_counts.values())
+
+
+# --- token-level baseline -------------------------------------------------------------------------
+
+
+def test_token_llama_per_byte_is_the_paper_bpe_formula():
+    stack = TransformerConfig(dim=1280, n_layers=24, n_heads=10)
+    token = flops.token_lm_flops_per_byte(stack, context_bytes=8192, bytes_per_token=3.7, vocab=32000)
+    assert token.total_forward == pytest.approx(3.14e8, rel=0.005)  # spec §14.3, Table 2's 3.1e8
+    assert token.total_forward == flops.bpe_flops_per_byte(1280, 24, 32000, 8192, 3.7)
+    longer = flops.token_lm_flops_per_byte(stack, context_bytes=8192, bytes_per_token=4.4, vocab=32000)
+    assert longer.total_forward < token.total_forward  # fewer, longer tokens per byte
+    with pytest.raises(ValueError, match="bytes_per_token"):
+        flops.token_lm_flops_per_byte(stack, context_bytes=8192, bytes_per_token=0, vocab=32000)
+
+
+def test_realised_static_patch_size():
+    assert flops.realised_static_patch_size(128, 4) == pytest.approx(129 / 33)
+    lengths = flops.static_patch_lengths(10, 4, max_patches=5)
+    assert lengths.tolist() == [[1, 4, 4, 2, 0]] and lengths.sum() == 11
+    assert flops.realised_static_patch_size(10, 4) == pytest.approx(11 / 4)
+    with pytest.raises(ValueError, match="config.data.max_patches"):
+        flops.static_patch_lengths(10, 4, max_patches=3)
+
+
+# --- agreement with XLA's own count -----------------------------------------------------------------
+
+
+def _paper_shaped_byte_lm():
+    config = _config("byte_lm.py:tiny")
+    config.model.stack = stack_config(192, 2, 4, ffn_hidden=192 * 8 // 3)
+    config.data.seq_len = 64
+    return config
+
+
+def _paper_shaped_blt():
+    """MHA stacks with SwiGLU 8h/3 (the paper's 16·h² FFN), static patches of 4, no padded patch columns."""
+    config = _config("blt_tiny.py")
+    config.model.encoder = stack_config(96, 1, 4, window=32, ffn_hidden=256)
+    config.model.latent = stack_config(192, 2, 4, ffn_hidden=512)
+    config.model.decoder = stack_config(96, 2, 4, window=32, ffn_hidden=256)
+    config.patching.mode = "static"
+    config.patching.patch_size = 4
+    config.data.seq_len = 128
+    config.data.max_patches = 33  # exactly 1 + 128 / 4: XLA counts every patch column it computes
+    return config
+
+
+def test_analytic_forward_agrees_with_xla_for_a_byte_lm():
+    config = _paper_shaped_byte_lm()
+    xla = flops.xla_flops_per_byte(config)
+    assert flops.analytic_flops_per_byte(config).total_forward == pytest.approx(xla, rel=0.10)
+    assert flops.matmul_flops_per_byte(config).total_forward == pytest.approx(xla, rel=0.10)
+
+
+def test_analytic_forward_and_training_agree_with_xla_for_a_blt():
+    config = _paper_shaped_blt()
+    n_p = flops.realised_static_patch_size(128, 4)
+    analytic = flops.analytic_flops_per_byte(config, mean_patch_size=n_p)
+    xla_forward = flops.xla_flops_per_byte(config)
+    assert analytic.total_forward == pytest.approx(xla_forward, rel=0.10)
+    assert flops.matmul_flops_per_byte(config, mean_patch_size=n_p).total_forward == pytest.approx(
+        xla_forward, rel=0.10
+    )
+    xla_train = flops.xla_flops_per_byte(config, train=True)
+    assert xla_train == pytest.approx(3 * xla_forward, rel=0.05)  # backward = 2 x forward (spec §14.1)
+    assert analytic.train == pytest.approx(xla_train, rel=0.10)
+
+
+def test_xla_counts_padded_patch_columns():
+    """Why the comparison needs tight max_patches: the latent runs over every column."""
+    config = _paper_shaped_blt()
+    tight = flops.xla_flops_per_byte(config)
+    config.data.max_patches = 64
+    assert flops.xla_flops_per_byte(config) > 1.2 * tight
+
+
+# --- the command line -----------------------------------------------------------------------------
+
+
+def test_cli_prints_the_breakdown_table():
+    import subprocess
+    import sys
+
+    repo = EXPERIMENTS.parent
+    result = subprocess.run(
+        [sys.executable, "-m", "bltjax.flops", "--config", "experiments/blt_1b.py", "--patch-size", "4.5",
+         "--bytes-per-token", "3.7"],
+        cwd=repo, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "mean patch size 4.5 bytes (from --patch-size)" in out
+    assert "| global (latent) | 6.421e+08 | 66.5% |" in out
+    assert "| **total** | **9.654e+08** | 100% | **2.896e+09** |" in out
+    assert "| hash n-gram tables | 0 | 0.0% | 0 | 0 | 3,072,012,288 |" in out
+    assert "token-level Llama, 3.7 bytes/token, vocab 32000" in out
+    bad = subprocess.run(
+        [sys.executable, "-m", "bltjax.flops", "--config", "experiments/blt_tiny.py", "--patch-size", "0"],
+        cwd=repo, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert bad.returncode != 0 and "mean_patch_size" in bad.stderr
