@@ -8,7 +8,8 @@ r"""The README's main job, end to end on the bundled corpus (about 10 minutes on
     4. entropy   sidecars next to shards  -> WORKDIR/data/*.entropy.f16, *.starts.*.bits
                  (threshold calibrated to a mean patch of --patch_size bytes)
     5. train     entropy-patched BLT      -> WORKDIR/blt             (experiments/quickstart.py:blt)
-    6. report    validation bits-per-byte, checkpoints and TensorBoard folders
+    6. report    validation bits-per-byte, checkpoints and TensorBoard folders, and a greedy
+                 sample from the BLT (cached generation with incremental entropy patching)
 
 Every stage is resumable: rerunning the command skips what is complete and continues a
 training stage from its latest checkpoint. The same stages are separate commands
@@ -25,6 +26,7 @@ import jax
 from absl import app, flags, logging
 
 from bltjax import compile_cache
+from bltjax import generate as generate_cli
 from bltjax.checkpoint_io import save_model
 from bltjax.config import load_config
 from bltjax.data import entropy, prepare
@@ -44,6 +46,8 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/quickstart", "Where data, models
 _ENTROPY_STEPS = flags.DEFINE_integer("entropy_steps", None, "Override the entropy model's training steps.")
 _BLT_STEPS = flags.DEFINE_integer("blt_steps", None, "Override the BLT's training steps.")
 _PATCH_SIZE = flags.DEFINE_float("patch_size", 4.5, "Mean patch size the entropy threshold is calibrated to.")
+_SAMPLE_BYTES = flags.DEFINE_integer("sample_bytes", 96, "Bytes generated per sample prompt at the end; 0 = none.")
+SAMPLE_PROMPTS = ("A hacker is ", "def main(")
 _CORPUS = flags.DEFINE_list("corpus", list(DEFAULT_CORPUS), "Files of bltjax/data/corpus to train on.")
 
 
@@ -107,6 +111,11 @@ def run(workdir: pathlib.Path) -> dict[str, float]:
     print(f"   BLT validation bpb:           {blt_run.validation_bpb:.4f}")
     print(f"   checkpoints: {workdir / 'blt' / 'checkpoints'}  (entropy model: {workdir / 'entropy_model'})")
     print(f"   tensorboard --logdir {workdir}")
+    if _SAMPLE_BYTES.value > 0:
+        # The same path as `python -m bltjax.generate --workdir WORKDIR/blt`: the entropy model is
+        # found next to the run and accepted because the sidecars name its fingerprint.
+        print(f"   greedy samples ({_SAMPLE_BYTES.value} bytes each):")
+        generate_cli.run(workdir=workdir / "blt", prompts=list(SAMPLE_PROMPTS), max_bytes=_SAMPLE_BYTES.value)
     print(f"   total {time.time() - began:.0f} s")
     return {"entropy_model_bpb": entropy_run.validation_bpb, "blt_bpb": blt_run.validation_bpb}
 

@@ -1,11 +1,14 @@
 """Loads a trained model for inference (eval, generation): parameters only, onto any devices.
 
-Two kinds of folder are accepted, told apart by what they hold:
+Three kinds of folder are accepted, told apart by what they hold:
 
     WORKDIR/checkpoints/<step>/{state,data,meta}   a training run (bltjax/train.py); the
                                                     newest complete step unless `step` is given
     MODEL_DIR/{config.json,params/}                 `checkpoint_io.save_model` (an exported
                                                     entropy model, a Hugging Face import)
+    HF_DIR/{config.json,model.safetensors}          a `transformers` BLT checkpoint, imported
+                                                    on the fly (`bltjax.convert.hf`), with its
+                                                    own patching rule
 
 Why it is written this way:
 
@@ -76,6 +79,14 @@ def is_model_dir(path: str | os.PathLike) -> bool:
     """True for a folder written by `checkpoint_io.save_model` (config.json + params/)."""
     path = pathlib.Path(path)
     return (path / checkpoint_io.CONFIG_FILE).is_file() and (path / checkpoint_io.PARAMS_DIR).is_dir()
+
+
+def is_hf_dir(path: str | os.PathLike) -> bool:
+    """True for a Hugging Face `transformers` BLT folder (config.json + model.safetensors)."""
+    from bltjax.convert import hf
+
+    path = pathlib.Path(path)
+    return (path / hf.CONFIG_FILE).is_file() and (path / hf.WEIGHTS_FILE).is_file()
 
 
 def _checkpoints_dir(path: pathlib.Path) -> pathlib.Path:
@@ -272,6 +283,24 @@ def _load_model_dir(
     return InferenceModel(config, model, params, None, mesh, str(path))
 
 
+def _load_hf_dir(
+    path: pathlib.Path, devices: Sequence[jax.Device] | None, mesh_overrides: Mapping | None
+) -> InferenceModel:
+    """Imports a `transformers` BLT folder (weights read on the host, then placed on the mesh)."""
+    from bltjax.convert import hf
+
+    try:
+        config = hf.experiment_config_from_hf(path)
+        model = _build(config, str(path / hf.CONFIG_FILE))
+        _, host_params = hf.load_hf_blt(path)
+    except hf.CheckpointError as err:
+        raise RestoreError(str(err)) from err
+    mesh = eval_mesh(config, devices, mesh_overrides)
+    target = _target(_abstract_params(model, config), mesh)
+    params = jax.tree.map(lambda x, t: jax.device_put(x, t.sharding), host_params, target)
+    return InferenceModel(config, model, params, None, mesh, str(path))
+
+
 def load_for_inference(
     workdir: str | os.PathLike,
     *,
@@ -279,7 +308,7 @@ def load_for_inference(
     devices: Sequence[jax.Device] | None = None,
     mesh_overrides: Mapping[str, int] | None = None,
 ) -> InferenceModel:
-    """The model and parameters of a training workdir (latest or given step) or a save_model folder.
+    """The model and parameters of a training workdir (latest or given step), a save_model or a Hugging Face folder.
 
     Raises RestoreError (a ValueError) naming the path for: a missing folder, a workdir without
     a complete checkpoint, a `step` that does not exist (the available ones are listed), a
@@ -290,15 +319,21 @@ def load_for_inference(
     if not path.is_dir():
         raise RestoreError(
             f"{path}: no such directory; expected a training workdir (with {CHECKPOINTS_DIR}/) or a model folder "
-            f"written by save_model ({checkpoint_io.CONFIG_FILE} + {checkpoint_io.PARAMS_DIR}/)"
+            f"written by save_model ({checkpoint_io.CONFIG_FILE} + {checkpoint_io.PARAMS_DIR}/) or a Hugging Face "
+            "BLT folder (config.json + model.safetensors)"
         )
     if is_model_dir(path) and not (path / CHECKPOINTS_DIR).is_dir():
         if step is not None:
             raise RestoreError(f"{path}: a save_model folder holds one model, not training steps (got step={step})")
         return _load_model_dir(path, devices, mesh_overrides)
+    if is_hf_dir(path) and not (path / CHECKPOINTS_DIR).is_dir():
+        if step is not None:
+            raise RestoreError(f"{path}: a Hugging Face folder holds one model, not training steps (got step={step})")
+        return _load_hf_dir(path, devices, mesh_overrides)
     if not _checkpoints_dir(path).is_dir() and not (path / "config.json").is_file():
         raise RestoreError(
             f"{path}: neither a training workdir (no {CHECKPOINTS_DIR}/ or config.json) nor a model folder written "
-            f"by save_model ({checkpoint_io.CONFIG_FILE} + {checkpoint_io.PARAMS_DIR}/)"
+            f"by save_model ({checkpoint_io.CONFIG_FILE} + {checkpoint_io.PARAMS_DIR}/) nor a Hugging Face BLT folder "
+            "(config.json + model.safetensors)"
         )
     return _load_training_step(path, step, devices, mesh_overrides)

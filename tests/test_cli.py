@@ -37,7 +37,8 @@ def test_main_job_runs_every_stage_and_resumes(tmp_path):
         BLTJAX_COMPILE_CACHE=str(REPO / ".pytest_cache" / "jax_quickstart"),
     )
     command = ["bash", "launch/quickstart.sh", "--workdir", str(tmp_path / "qs"), "--entropy_steps=3",
-               "--blt_steps=3", "--corpus=jargon_file_4.4.7_appendix_a.txt,zh_tang_song_poems.jsonl"]  # fmt: skip
+               "--blt_steps=3", "--sample_bytes=16",
+               "--corpus=jargon_file_4.4.7_appendix_a.txt,zh_tang_song_poems.jsonl"]  # fmt: skip
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     for stage in range(1, 7):
@@ -47,6 +48,9 @@ def test_main_job_runs_every_stage_and_resumes(tmp_path):
     assert (tmp_path / "qs" / "blt" / "checkpoints" / "3").is_dir()
     assert (tmp_path / "qs" / "entropy_model" / "export" / "config.json").is_file()
     assert list((tmp_path / "qs" / "data").glob("*.starts.*.bits"))
+    # The greedy samples: the exported entropy model was found next to the run (fingerprint check).
+    assert f"entropy model: {tmp_path / 'qs' / 'entropy_model' / 'export'}" in result.stdout
+    assert result.stdout.count("=== prompt") == 2 and result.stdout.count("global steps") == 2
 
     rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-3000:]

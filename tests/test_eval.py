@@ -284,3 +284,28 @@ def test_bad_input_is_refused_with_the_path_or_field_named(run_dir, data_dir, tm
     with pytest.raises(ConfigError, match=r"config\.patching\.treshold: unknown key"):
         evaluate(load_for_inference(workdir), data_dir, patching_overrides={"treshold": 1.0})
     assert not (workdir / "eval" / "test-step6.json").exists()
+
+
+def test_hugging_face_folder_evaluates_like_its_saved_import(byte_lm_dir, fixtures_dir, tmp_path):
+    """A `transformers` BLT folder is read directly, with its own entropy patcher and threshold:
+    the same bits-per-byte as the same weights imported and saved with save_model."""
+    from bltjax.convert import hf
+    from bltjax.data import entropy
+
+    hf_dir = fixtures_dir / "hf_blt_tiny_b"
+    data = tmp_path / "data"
+    shutil.copytree(byte_lm_dir[0], data)
+    entropy.run(data, hf_dir, log=io.StringIO())  # sidecars from the folder's patcher, at its threshold
+    direct = load_for_inference(hf_dir)
+    assert direct.step is None and direct.config.patching.mode == "entropy"
+    assert direct.config.patching.threshold == pytest.approx(2.494)
+    assert direct.config.patching.max_patch_length == 5
+    model, params = hf.load_hf_blt(hf_dir)
+    saved = load_for_inference(checkpoint_io.save_model(tmp_path / "imported", direct.config, params))
+    assert saved.model.config == direct.model.config == model.config
+    a = evaluate(direct, data, split="train", batch_size=8)
+    b = evaluate(saved, data, split="train", batch_size=8)
+    assert a.n_patches == b.n_patches and a.n_patches > a.n_windows  # real entropy patches, not one per window
+    assert math.isfinite(a.bpb) and a.bpb == pytest.approx(b.bpb, rel=1e-6)
+    with pytest.raises(RestoreError, match="Hugging Face folder holds one model"):
+        load_for_inference(hf_dir, step=3)

@@ -520,3 +520,39 @@ def save_hf_blt(
         lambda tmp: pathlib.Path(tmp).write_text(json.dumps(hf_config, indent=2) + "\n"),
     )
     return out_dir
+
+
+def experiment_config_from_hf(model_dir: str | os.PathLike) -> Any:
+    """The experiment ConfigDict of a `transformers` BLT folder, so that it loads like a bltjax run.
+
+    Model fields come from `blt_config_from_hf`; patching is the checkpoint's own: entropy
+    patching with its ``patching_threshold`` and ``max_patch_length`` when it carries an
+    entropy patcher, otherwise static patches of ``patch_size`` bytes. Data and training fields
+    keep bltjax's defaults (a Hugging Face folder records neither).
+    """
+    import ml_collections
+
+    from bltjax.config import base_blt_config
+
+    model_dir = pathlib.Path(model_dir)
+    config_path = model_dir / CONFIG_FILE
+    raw = _read_json(config_path)
+    record = blt_config_from_hf(raw, config_path)
+    config = base_blt_config()
+    for field in dataclasses.fields(record):
+        value = getattr(record, field.name)
+        if isinstance(value, TransformerConfig):
+            value = ml_collections.ConfigDict(dataclasses.asdict(value))
+        elif isinstance(value, tuple):
+            value = list(value)
+        config.model[field.name] = value
+    if raw.get("patch_in_forward") is not False and raw.get("patcher_config"):
+        config.patching.mode = "entropy"
+        threshold = raw.get("patching_threshold")
+        if threshold is not None:
+            config.patching.threshold = float(threshold)
+        config.patching.max_patch_length = raw.get("max_patch_length")
+    else:
+        config.patching.mode = "static"
+        config.patching.patch_size = float(raw.get("patch_size") or config.patching.patch_size)
+    return config

@@ -1,0 +1,49 @@
+"""Fast generation from BLT and byte-level models: KV caches and incremental patching (spec §16).
+
+    from bltjax.generation import generate
+    results = generate(model, params, config, ["Once upon a time"], entropy_model=(lm, lm_params))
+    print(results[0].text, results[0].patch_lengths)
+
+* `generate`: cached generation; the global model runs once per closed patch (`decode`).
+* `generate_full_recompute`: the official code's method (re-run everything per byte), the reference.
+* `CachedBLT` / `CachedByteLM`: pure prefill / step functions over the models' own parameter
+  trees, for callers that drive decoding themselves (`blt`, `byte_lm`, `cache`, `stacks`).
+* `PatchRule`: the training patching rule, one boundary decision at a time (`rule`).
+"""
+
+from bltjax.generation.blt import BLTState, CachedBLT
+from bltjax.generation.byte_lm import ByteLMState, CachedByteLM
+from bltjax.generation.decode import (
+    FullForward,
+    GenerationResult,
+    TeacherForced,
+    cached_decoder,
+    full_forward,
+    generate,
+    generate_full_recompute,
+    patch_rule_of,
+    split_utf8,
+    teacher_forced,
+)
+from bltjax.generation.rule import PatchRule
+from bltjax.generation.sampling import choose_next, nucleus_logits
+
+__all__ = [
+    "BLTState",
+    "ByteLMState",
+    "FullForward",
+    "CachedBLT",
+    "CachedByteLM",
+    "GenerationResult",
+    "PatchRule",
+    "cached_decoder",
+    "full_forward",
+    "choose_next",
+    "generate",
+    "generate_full_recompute",
+    "nucleus_logits",
+    "patch_rule_of",
+    "split_utf8",
+    "teacher_forced",
+    "TeacherForced",
+]
