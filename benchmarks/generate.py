@@ -147,8 +147,11 @@ def gap_threshold(sorted_entropies, quantile: float) -> float:
     """
     import numpy as np
 
-    j = int(np.clip(np.searchsorted(sorted_entropies, quantile), 1, len(sorted_entropies) - 1))
-    return float((sorted_entropies[j - 1] + sorted_entropies[j]) / 2)
+    # Distinct values only: a random model repeats itself, so the same entropy recurs many times
+    # (a midpoint of two equal values would be that value, with a margin of exactly 0).
+    values = np.unique(sorted_entropies)
+    j = int(np.clip(np.searchsorted(values, quantile), 1, len(values) - 1))
+    return float((values[j - 1] + values[j]) / 2)
 
 
 def calibrate_on_generation(models, sample: list[bytes], max_bytes: int, rounds: int = 2):
