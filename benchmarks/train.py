@@ -538,7 +538,9 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(MODELS), default="reference",
                         help="reference: the issue's shape; tiny: a smoke test of the script only")  # fmt: skip
     parser.add_argument(
-        "--remat", choices=("none", "block"), default="block",
+        "--remat",
+        choices=("none", "block"),
+        default="block",
         help="model.remat of the bltjax rows: 'block' recomputes each block in the backward pass (memory target)",
     )
     parser.add_argument("--skip-hf", action="store_true")

@@ -51,7 +51,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from bltjax import sharding
+from bltjax import distributed, sharding
 from bltjax.atomic import write_atomic
 from bltjax.config import ConfigError, validate
 from bltjax.data import pipeline, prepare
@@ -282,7 +282,10 @@ def evaluate(
             n_patches += int(_patches_per_row(batch["patch_lengths"], real).sum())
         n_windows += len(group)
         local = {name: batch[name][first_row : first_row + local_rows] for name in fields}
-        pending.append(step_fn(inference_model.params, pipeline.global_batch(local, batch_sharding)))
+        global_batch = pipeline.global_batch(local, batch_sharding)
+        if steps == 0:  # several processes: all compiled before the first collective
+            distributed.compile_then_meet("eval step", step_fn, inference_model.params, global_batch)
+        pending.append(step_fn(inference_model.params, global_batch))
         steps += 1
         if len(pending) > 1:  # fetch one batch late: the host builds the next while this one runs
             consume(pending.pop(0))
@@ -442,6 +445,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("batch_size", None, "Rows per batch (default: the config's data.batch_size).")
     flags.DEFINE_string("sidecar_tag", None, "Entropy sidecar tag (default: the one of the threshold).")
     flags.DEFINE_string("out", None, "JSON output path (default: DIR/eval/<split>[-step<N>].json).")
+    distributed.define_flags()  # --coordinator / --num-processes / --process-id (or the environment)
     for key, kind in PATCHING_FLAGS.items():
         getattr(flags, f"DEFINE_{kind}")(f"patching.{key}", None, f"Override config.patching.{key}.")
 
@@ -471,6 +475,7 @@ def main(argv: list[str]) -> None:
     compile_cache.enable()
     overrides = {key: FLAGS[f"patching.{key}"].value for key in PATCHING_FLAGS if FLAGS[f"patching.{key}"].present}
     try:
+        distributed.initialize_from_flags()  # joins the other processes, if any, before any device work
         run(
             workdir=FLAGS.workdir,
             model_dir=FLAGS.model,
@@ -482,7 +487,8 @@ def main(argv: list[str]) -> None:
             sidecar_tag=FLAGS.sidecar_tag,
             out=FLAGS.out,
         )
-    except (EvalError, RestoreError, ConfigError, pipeline.DataError, sharding.MeshError) as err:
+    except (EvalError, RestoreError, ConfigError, pipeline.DataError, sharding.MeshError,
+            distributed.DistributedError) as err:  # fmt: skip
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
 

@@ -21,6 +21,11 @@ SIGTERM (pre-emption) is caught: the loop finishes its current step, saves a che
 waits for it to be on disk and exits with status 143. A NaN or Inf loss stops the run with
 status 1 and saves nothing after the last good checkpoint. Metrics are fetched one step late,
 so the host never waits for the step it just dispatched.
+
+Multi-host: every host runs the same command. `bltjax/distributed.py` joins the processes
+first (--coordinator / --num-processes / --process-id, or the environment a launcher sets; see
+docs/launching.md); process 0 alone prints and writes the workdir's logs, and every process
+writes its own shards of each checkpoint.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from bltjax import compile_cache, flops, sharding
+from bltjax import compile_cache, distributed, flops, sharding
 from bltjax.atomic import write_atomic
 from bltjax.checkpointing import Checkpointer
 from bltjax.config import ConfigError, validate
@@ -55,6 +60,7 @@ from bltjax.train_step import batch_fields, jit_train_step, make_eval_step, make
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: schedulers treat it as "killed", and requeue
 # Fields a relaunch may change: where the data lives, how the run is laid out and reported.
 RESUMABLE_CHANGES = ("data.path", "data.verify", "mesh.", "train.")
+COMPILE_BARRIER_S = 3600  # multi-process: how long the fastest process waits for the others to compile
 
 
 class TrainingDivergedError(RuntimeError):
@@ -365,9 +371,24 @@ class Trainer:
         if wait:
             self.checkpointer.wait()
 
+    def _compile_together(self, state: TrainState, train_too: bool) -> None:
+        """Multi-process: compile the step programs on every process, then start together.
+
+        On CPU a process that compiles while another loads the program from the persistent
+        cache can reach the first collective too late (see `distributed.compile_then_meet`).
+        """
+        if jax.process_count() == 1:
+            return
+        if train_too:
+            batch = self._global(pipeline.batch_at_step(self.train_data, 0))
+            distributed.compile_then_meet("train step", self.train_step, state, batch, timeout_s=COMPILE_BARRIER_S)
+        batch = self._global(pipeline.batch_at_step(self.eval_data, 0))
+        distributed.compile_then_meet("eval step", self.eval_step, state.params, batch, timeout_s=COMPILE_BARRIER_S)
+
     def _loop(self, state: TrainState, iterator: Iterator, start: int, writer: MetricsWriter) -> TrainResult:
         cfg = self.config.train
         total = cfg.steps
+        self._compile_together(state, train_too=start < total)
         window = _Window(start=time.time())
         pending: tuple[int, dict[str, jax.Array], dict[str, float]] | None = None
         validation_bpb = None
@@ -436,6 +457,7 @@ def define_flags() -> None:
     """Command-line flags, defined only when this module is the program (others import it)."""
     config_flags.DEFINE_config_file("config", None, "Experiment config file (path.py[:variant]).")
     flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, TensorBoard logs.")
+    distributed.define_flags()
 
 
 def main(argv: list[str]) -> None:
@@ -447,18 +469,23 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     compile_cache.enable()
     try:
-        result = train(config, workdir)
-    except (ConfigError, WorkdirError, pipeline.DataError, sharding.MeshError, TrainingDivergedError) as err:
+        # Joins the other hosts (if any) before any device work; only process 0 prints.
+        topology = distributed.initialize_from_flags()
+        console = distributed.primary_console()
+        print(topology.summary(), file=console, flush=True)
+        result = train(config, workdir, console=console)
+    except (ConfigError, WorkdirError, pipeline.DataError, sharding.MeshError, TrainingDivergedError,
+            distributed.DistributedError) as err:  # fmt: skip
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
-    print(f"checkpoints: {result.workdir / 'checkpoints'}")
-    print(f"tensorboard: tensorboard --logdir {result.workdir / 'tensorboard'}")
+    print(f"checkpoints: {result.workdir / 'checkpoints'}", file=console)
+    print(f"tensorboard: tensorboard --logdir {result.workdir / 'tensorboard'}", file=console)
     if result.validation_bpb is not None:
-        print(f"validation bpb: {result.validation_bpb:.4f}")
+        print(f"validation bpb: {result.validation_bpb:.4f}", file=console, flush=True)
     if result.preempted:
         sys.exit(PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, argv=distributed.normalise_argv(sys.argv))

@@ -78,7 +78,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from bltjax import checkpoint_io
+from bltjax import checkpoint_io, distributed
 from bltjax.atomic import sha256_file, write_atomic
 from bltjax.calibrate import UNITS, calibrate_threshold
 from bltjax.config import base_byte_lm_config
@@ -758,8 +758,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--num-processes", type=int)
     parser.add_argument("--process-id", type=int)
     args = parser.parse_args(argv)
-    if args.coordinator:
-        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    try:  # flags, else the environment a launcher sets (bltjax/distributed.py), else one process
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    except distributed.DistributedError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     try:
         summary = run(
             args.data,
