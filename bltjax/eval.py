@@ -450,17 +450,6 @@ def define_flags() -> None:
         getattr(flags, f"DEFINE_{kind}")(f"patching.{key}", None, f"Override config.patching.{key}.")
 
 
-def _normalise_argv(argv: Sequence[str]) -> list[str]:
-    """Accepts ``--batch-size`` as well as absl's ``--batch_size`` (dashes in flag names)."""
-    out = []
-    for arg in argv:
-        if arg.startswith("--") and not arg.startswith("---"):
-            name, eq, value = arg[2:].partition("=")
-            arg = "--" + name.replace("-", "_") + eq + value
-        out.append(arg)
-    return out
-
-
 def main(argv: list[str]) -> None:
     from absl import app, flags, logging
 
@@ -497,4 +486,6 @@ if __name__ == "__main__":
     from absl import app
 
     define_flags()
-    app.run(main, argv=_normalise_argv(sys.argv))
+    from bltjax.cli import normalise_argv
+
+    app.run(main, argv=normalise_argv(sys.argv))

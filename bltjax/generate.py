@@ -166,17 +166,6 @@ def define_flags() -> None:
     flags.DEFINE_string("entropy_model", None, "Entropy model folder (entropy-patched BLTs).")
 
 
-def _normalise_argv(argv: Sequence[str]) -> list[str]:
-    """Accepts ``--max-bytes`` as well as absl's ``--max_bytes`` (dashes in flag names)."""
-    out = []
-    for arg in argv:
-        if arg.startswith("--") and not arg.startswith("---"):
-            name, eq, value = arg[2:].partition("=")
-            arg = "--" + name.replace("-", "_") + eq + value
-        out.append(arg)
-    return out
-
-
 def main(argv: list[str]) -> None:
     from absl import app, flags, logging
 
@@ -209,4 +198,6 @@ if __name__ == "__main__":
     from absl import app
 
     define_flags()
-    app.run(main, argv=_normalise_argv(sys.argv))
+    from bltjax.cli import normalise_argv
+
+    app.run(main, argv=normalise_argv(sys.argv))

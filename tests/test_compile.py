@@ -13,6 +13,7 @@ import types
 
 import jax
 import pytest
+import test_distributed
 
 from bltjax import compile as aot
 from bltjax.config import load_config
@@ -25,18 +26,7 @@ GIB = 1 << 30
 
 
 # The program of tests/test_distributed.py (same config): the persistent cache compiles it once.
-OVERRIDES = {
-    "mesh.data": 1,
-    "mesh.fsdp": 4,
-    "train.steps": 4,
-    "train.log_every": 1,
-    "train.eval_every": 0,
-    "train.eval_batches": 1,
-    "train.checkpoint_every": 0,
-    "optimizer.warmup_steps": 2,
-    "optimizer.learning_rate": 3e-3,
-    "data.batch_size": 8,
-}
+OVERRIDES = test_distributed.OVERRIDES
 
 
 def tiny(batch_size: int = 8, **mesh: int):
