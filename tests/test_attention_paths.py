@@ -128,12 +128,13 @@ def test_blockwise_local_attention_equals_dense(t, window, block, heads, kv_head
         np.testing.assert_allclose(got_grad, want_grad, atol=1e-5, rtol=1e-5)
 
 
-def test_dispatch_uses_blockwise_only_when_it_pays():
-    assert blockwise_pays(4096, 512) and not blockwise_pays(4096, None)
-    assert not blockwise_pays(24, 16)  # 16 + 16 keys per query is not fewer than 24
+def test_dispatch_uses_blockwise_past_one_block():
+    assert blockwise_pays(4096, 512) and blockwise_pays(4096, None) and blockwise_pays(129, None)
+    assert not blockwise_pays(128, None) and not blockwise_pays(128, 512) and not blockwise_pays(16, 16)
+    assert blockwise_pays(24, 16)  # blocks of 16 (the window)
     q, k, v = _qkv(3, 1, 24, 24, 2, 2)
     positions = positions_like(q[..., 0, 0])
-    for window in (None, 5, 16):
+    for window in (None, 5, 16, 24, 40):
         want = jax.jit(lambda q, k, v, w=window: attend(q, k, v, local_causal_mask(positions, None, w)))(q, k, v)
         got = jax.jit(lambda q, k, v, w=window: causal_self_attend(q, k, v, positions, None, w))(q, k, v)
         np.testing.assert_allclose(got, want, atol=2e-6)
@@ -243,6 +244,26 @@ def test_block_remat_bounds_activation_memory():
     assert plain_4 > 2.5 * plain_1
     assert remat_4 < 1.3 * remat_1
     assert remat_4 < 0.5 * plain_4
+
+
+def test_block_remat_replays_the_recorded_attention():
+    """Remat recomputes a block's projections and FFN, not its attention scores.
+
+    The first forward pass records each blockwise attention's output and log-sum-exp, and the
+    recomputation replays them: the compiled gradient holds one forward and one backward scan
+    over query blocks per layer, with remat as without it (a third would mean recomputed scores).
+    """
+    config = TransformerConfig(dim=32, n_layers=2, n_heads=2, window=8)
+    x = jax.random.normal(jax.random.key(0), (1, 40, 32))
+    positions = positions_like(x[..., 0])
+
+    def scans(remat: str) -> int:
+        stack = Transformer(config, remat=remat)
+        params = stack.init(jax.random.key(1), x, positions)
+        loss = jax.value_and_grad(lambda p: jnp.mean(stack.apply(p, x, positions) ** 2))
+        return jax.jit(loss).lower(params).as_text().count("stablehlo.while")
+
+    assert scans("none") == scans("block") == 2 * config.n_layers
 
 
 def test_byte_lm_remat_and_blockwise_path():
