@@ -27,6 +27,7 @@ from bltjax.models.layers import (
     blockwise_local_attend,
     blockwise_pays,
     causal_self_attend,
+    contract,
     eos_segment_ids,
     local_causal_mask,
     positions_like,
@@ -93,6 +94,20 @@ def test_attention_backward_equals_autodiff(heads, kv_heads, window):
         np.testing.assert_allclose(blockwise[0], want, atol=2e-6, rtol=1e-6)
         for want_grad, got_grad in zip(want_grads, blockwise[1], strict=True):
             np.testing.assert_allclose(got_grad, want_grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("x_shape, kernel_shape, n_in", [((2, 5, 6), (6, 3, 4), 1), ((2, 5, 3, 4), (3, 4, 6), 2)])
+def test_contract_gradients_equal_autodiff(x_shape, kernel_shape, n_in):
+    """`Linear`'s hand-written backward pass equals autodiff of the same tensordot."""
+    keys = jax.random.split(jax.random.key(4), 3)
+    x, kernel = jax.random.normal(keys[0], x_shape), jax.random.normal(keys[1], kernel_shape)
+    want, want_vjp = jax.vjp(lambda x, k: jnp.tensordot(x, k, axes=n_in), x, kernel)
+    got, got_vjp = jax.vjp(lambda x, k: contract(x, k, n_in), x, kernel)
+    cotangent = jax.random.normal(keys[2], want.shape)
+    np.testing.assert_array_equal(got, want)
+    for want_grad, got_grad in zip(want_vjp(cotangent), got_vjp(cotangent), strict=True):
+        assert got_grad.shape == want_grad.shape
+        np.testing.assert_allclose(got_grad, want_grad, atol=1e-5, rtol=1e-5)
 
 
 def _segments(seed: int, b: int, t: int, eos_rate: float) -> jax.Array:
