@@ -250,14 +250,12 @@ class _Blocks(NamedTuple):
     block: int  # queries per block
     n_prev: int  # key blocks read before the query's own block
     scale: float
-    first: int = 0  # the queries are the key rows [first, T); a multiple of `block`
 
     @classmethod
-    def of(cls, t: int, window: int | None, block: int, d: int, first: int = 0) -> _Blocks:
-        """The layout of queries [first, t) over keys [0, t)."""
+    def of(cls, t: int, window: int | None, block: int, d: int) -> _Blocks:
         n_blocks = -(-t // block)
         n_prev = n_blocks - 1 if window is None else min(-(-(window - 1) // block), n_blocks - 1)
-        return cls(window, block, n_prev, 1 / math.sqrt(d), first)
+        return cls(window, block, n_prev, 1 / math.sqrt(d))
 
     def keys(self) -> int:
         return (self.n_prev + 1) * self.block
@@ -288,29 +286,25 @@ def _write_rows(rows_BTHD: jax.Array, block_BKGQD: jax.Array, start) -> jax.Arra
 
 
 def _block_masks(positions_BT, segment_ids_BT, layout: _Blocks, t_padded: int):
-    """A function i -> [B, 1, 1, Q, S] mask of query block i over its key history (spec §5.4).
-
-    Positions and segments are those of the key rows [0, T); ``t_padded`` is T rounded up to
-    the last query block.
-    """
+    """A function i -> [B, 1, 1, Q, S] mask of query block i over its key history (spec §5.4)."""
     b, t = positions_BT.shape
-    front, block, keys, first = layout.n_prev * layout.block, layout.block, layout.keys(), layout.first
-    q_pos = jnp.pad(positions_BT[:, first:], [(0, 0), (0, t_padded - t)])
+    front, block, keys = layout.n_prev * layout.block, layout.block, layout.keys()
+    q_pos = jnp.pad(positions_BT, [(0, 0), (0, t_padded - t)])
     k_pos = jnp.pad(positions_BT, [(0, 0), (front, t_padded - t)])
     k_valid = jnp.pad(jnp.ones((b, t), bool), [(0, 0), (front, t_padded - t)])
     if segment_ids_BT is not None:
-        q_seg = jnp.pad(segment_ids_BT[:, first:], [(0, 0), (0, t_padded - t)])
+        q_seg = jnp.pad(segment_ids_BT, [(0, 0), (0, t_padded - t)])
         k_seg = jnp.pad(segment_ids_BT, [(0, 0), (front, t_padded - t)])
 
     def mask(i):
-        def rows(x, size, offset=0):
-            return jax.lax.dynamic_slice_in_dim(x, i * block + offset, size, axis=1)
+        def rows(x, size):
+            return jax.lax.dynamic_slice_in_dim(x, i * block, size, axis=1)
 
         q_seg_i = k_seg_i = None
         if segment_ids_BT is not None:
-            q_seg_i, k_seg_i = rows(q_seg, block), rows(k_seg, keys, first)
-        q_pos_i, k_pos_i = rows(q_pos, block)[:, :, None], rows(k_pos, keys, first)[:, None, :]
-        visible = _visible(q_pos_i, k_pos_i, q_seg_i, k_seg_i, layout.window) & rows(k_valid, keys, first)[:, None, :]
+            q_seg_i, k_seg_i = rows(q_seg, block), rows(k_seg, keys)
+        q_pos_i, k_pos_i = rows(q_pos, block)[:, :, None], rows(k_pos, keys)[:, None, :]
+        visible = _visible(q_pos_i, k_pos_i, q_seg_i, k_seg_i, layout.window) & rows(k_valid, keys)[:, None, :]
         return visible[:, None, None]
 
     return mask
@@ -322,29 +316,18 @@ def _add_rows(acc_BKSD: jax.Array, new_BKSD: jax.Array, start) -> jax.Array:
     return jax.lax.dynamic_update_slice_in_dim(acc_BKSD, window + new_BKSD, start, axis=2)
 
 
-def _padded_rows(q_BTHD, k_BTKD, layout: _Blocks) -> tuple[int, int]:
-    """(query rows rounded up to whole blocks, key rows up to the end of the last query block)."""
-    t_q, t_k = q_BTHD.shape[1], k_BTKD.shape[1]
-    if t_k != layout.first + t_q:
-        raise ValueError(
-            f"blockwise attention: {t_q} queries from row {layout.first} need {layout.first + t_q} keys, got {t_k}"
-        )
-    t_q_padded = -(-t_q // layout.block) * layout.block
-    return t_q_padded, layout.first + t_q_padded
-
-
 def _blockwise_forward(q_BTHD, k_BTKD, v_BTKD, positions_BT, segment_ids_BT, layout: _Blocks):
     """Scan over query blocks: out [B, T, H, D] and the log-sum-exp per query [n, B, K, G, Q]."""
     b, t, h, d = q_BTHD.shape
-    kv_heads, block, keys, first = k_BTKD.shape[2], layout.block, layout.keys(), layout.first
-    t_padded, k_padded = _padded_rows(q_BTHD, k_BTKD, layout)
+    kv_heads, block, keys = k_BTKD.shape[2], layout.block, layout.keys()
+    t_padded = -(-t // block) * block
     q = _block_rows(q_BTHD, kv_heads, t_padded)
-    k, v = (_head_major_blocks(x, layout.n_prev * block, k_padded) for x in (k_BTKD, v_BTKD))
-    mask_of = _block_masks(positions_BT, segment_ids_BT, layout, k_padded)
+    k, v = (_head_major_blocks(x, layout.n_prev * block, t_padded) for x in (k_BTKD, v_BTKD))
+    mask_of = _block_masks(positions_BT, segment_ids_BT, layout, t_padded)
 
     def one_block(out_rows, i):
         q_i = jax.lax.dynamic_slice_in_dim(q, i * block, block, axis=3)
-        k_i, v_i = (jax.lax.dynamic_slice_in_dim(x, i * block + first, keys, axis=2) for x in (k, v))
+        k_i, v_i = (jax.lax.dynamic_slice_in_dim(x, i * block, keys, axis=2) for x in (k, v))
         scores = jnp.einsum("bkgqd,bksd->bkgqs", q_i, k_i, preferred_element_type=jnp.float32) * layout.scale
         scores = jnp.where(mask_of(i), scores, MASK_VALUE)
         peak = jnp.max(scores, axis=-1)
@@ -408,19 +391,18 @@ def _blockwise_attention_bwd(layout: _Blocks, residuals, d_out):
     q_BTHD, k_BTKD, v_BTKD = (_after(d_out, x) for x in (q_BTHD, k_BTKD, v_BTKD))
     f32 = jnp.float32
     b, t, h, d = q_BTHD.shape
-    kv_heads, block, keys, first = k_BTKD.shape[2], layout.block, layout.keys(), layout.first
-    front = layout.n_prev * block
-    t_padded, k_padded = _padded_rows(q_BTHD, k_BTKD, layout)
+    kv_heads, block, keys, front = k_BTKD.shape[2], layout.block, layout.keys(), layout.n_prev * layout.block
+    t_padded = -(-t // block) * block
     q, d_o = (_block_rows(x.astype(f32), kv_heads, t_padded) for x in (q_BTHD, d_out))
-    k, v = (_head_major_blocks(x.astype(f32), front, k_padded) for x in (k_BTKD, v_BTKD))
+    k, v = (_head_major_blocks(x.astype(f32), front, t_padded) for x in (k_BTKD, v_BTKD))
     row_dot = _block_rows(jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1, keepdims=True), kv_heads, t_padded)
-    mask_of = _block_masks(positions, segment_ids, layout, k_padded)
+    mask_of = _block_masks(positions, segment_ids, layout, t_padded)
 
     def one_block(carry, i):
         d_q, d_kv = carry
         rows = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=i * block, slice_size=block, axis=3)
         q_i, d_o_i, row_dot_i = rows(q), rows(d_o), rows(row_dot)[..., 0]
-        k_i, v_i = (jax.lax.dynamic_slice_in_dim(x, i * block + first, keys, axis=2) for x in (k, v))
+        k_i, v_i = (jax.lax.dynamic_slice_in_dim(x, i * block, keys, axis=2) for x in (k, v))
         scores = jnp.einsum("bkgqd,bksd->bkgqs", q_i, k_i) * layout.scale
         probs = jnp.where(mask_of(i), jnp.exp(scores - lse[i][..., None]), 0.0)
         d_probs = jnp.einsum("bkgqd,bksd->bkgqs", d_o_i, v_i)
@@ -429,14 +411,14 @@ def _blockwise_attention_bwd(layout: _Blocks, residuals, d_out):
         d_k_i = jnp.einsum("bkgqs,bkgqd->bksd", d_scores, q_i)
         d_v_i = jnp.einsum("bkgqs,bkgqd->bksd", probs, d_o_i)
         # The key histories of neighbouring blocks overlap: accumulate into one [B, K, S', D].
-        d_kv = tuple(_add_rows(acc, new, i * block + first) for acc, new in zip(d_kv, (d_k_i, d_v_i), strict=True))
+        d_kv = tuple(_add_rows(acc, new, i * block) for acc, new in zip(d_kv, (d_k_i, d_v_i), strict=True))
         return (_write_rows(d_q, d_q_i, i * block), d_kv), None
 
     # Accumulators are anchored to d_out too: XLA otherwise materialised every layer's zeros
     # during the forward pass and kept them alive until that layer's backward.
     d_q, d_k, d_v = (_after(d_out, jnp.zeros(shape, f32)) for shape in ((b, t_padded, h, d), k.shape, k.shape))
     (d_q, (d_k, d_v)), _ = jax.lax.scan(one_block, (d_q, (d_k, d_v)), jnp.arange(t_padded // block))
-    d_k, d_v = (jnp.moveaxis(x[:, :, front : front + first + t], 1, 2) for x in (d_k, d_v))
+    d_k, d_v = (jnp.moveaxis(x[:, :, front : front + t], 1, 2) for x in (d_k, d_v))
     return d_q[:, :t].astype(q_BTHD.dtype), d_k.astype(k_BTKD.dtype), d_v.astype(v_BTKD.dtype), None, None
 
 
@@ -473,43 +455,21 @@ def blockwise_attend_recorded(
     segment_ids_BT: jax.Array | None,
     window: int | None,
     block_size: int | None = None,
-    replay: tuple | None = None,
-) -> tuple[jax.Array, tuple]:
-    """`blockwise_local_attend` plus its record ((output, log-sum-exp) per part), or a replay.
+    replay: tuple[jax.Array, jax.Array] | None = None,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """`blockwise_local_attend` plus its record (output, log-sum-exp), or a replay of a record.
 
     With ``replay`` (a record of the same inputs) the scores are not computed again: the record
     is returned as the output, and gradients are those of the attention (see `_blockwise_replay`).
-    Full causal rows are split into `causal_parts`.
     """
-    t, block = q_BTHD.shape[1], block_size or default_block_size(window)
-    outs, records = [], []
-    for i, (first, end) in enumerate(causal_parts(t, window, block)):
-        layout = _Blocks.of(end, window, block, q_BTHD.shape[-1], first)
-        segments = None if segment_ids_BT is None else segment_ids_BT[:, :end]
-        args = (q_BTHD[:, first:end], k_BTKD[:, :end], v_BTKD[:, :end], positions_BT[:, :end], segments)
-        if replay is not None:
-            out, lse = replay[i]
-            outs.append(_blockwise_replay(*args, out, lse, layout))
-            continue
-        out, lse = _blockwise_attention(*args, layout)
-        outs.append(out)
-        records.append((jax.lax.stop_gradient(out), jax.lax.stop_gradient(lse)))
-    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
-    return out.astype(v_BTKD.dtype), replay if replay is not None else tuple(records)
-
-
-def causal_parts(t: int, window: int | None, block: int, max_parts: int = 4) -> list[tuple[int, int]]:
-    """Query rows [first, end) of the scans that full causal attention is split into.
-
-    One scan reads the same number of keys for every query block, so a full causal row computes
-    a [T, T] square of scores of which half is masked. Part p's queries read only the keys up
-    to its own end: with 4 parts 5/8 of the square is computed (the latent transformer's
-    attention). A window bounds the key history already: one part.
-    """
-    n_blocks = -(-t // block)
-    parts = 1 if window is not None else max(1, min(max_parts, n_blocks // 2))
-    bounds = [round(p * n_blocks / parts) * block for p in range(parts)] + [t]
-    return list(zip(bounds[:-1], bounds[1:], strict=True))
+    layout = _Blocks.of(q_BTHD.shape[1], window, block_size or default_block_size(window), q_BTHD.shape[-1])
+    args = (q_BTHD, k_BTKD, v_BTKD, positions_BT, segment_ids_BT)
+    if replay is not None:
+        out, lse = replay
+        return _blockwise_replay(*args, out, lse, layout).astype(v_BTKD.dtype), replay
+    out, lse = _blockwise_attention(*args, layout)
+    lse = jax.lax.stop_gradient(lse)
+    return out.astype(v_BTKD.dtype), (jax.lax.stop_gradient(out), lse)
 
 
 def causal_self_attend(
