@@ -123,10 +123,12 @@ def _segments(seed: int, b: int, t: int, eos_rate: float) -> jax.Array:
         (50, 12, 5, 2, 1, 0.3),  # window not a multiple of the block; MQA; many documents
         (40, 1, None, 2, 2, 0.0),  # only itself
         (33, 7, 32, 2, 2, 0.05),  # block larger than the window
+        (37, None, 4, 4, 2, 0.1),  # full causal (the latent transformer's path), T not a multiple
+        (50, None, 8, 2, 1, 0.0),  # full causal, MQA
     ],
 )
 def test_blockwise_local_attention_equals_dense(t, window, block, heads, kv_heads, eos_rate):
-    q, k, v = _qkv(t + window, 2, t, t, heads, kv_heads)
+    q, k, v = _qkv(t + (window or 0), 2, t, t, heads, kv_heads)
     positions = positions_like(q[..., 0, 0])
     segments = _segments(t, 2, t, eos_rate) if eos_rate else None
     cotangent = jax.random.normal(jax.random.key(1), q.shape)
@@ -268,17 +270,21 @@ def test_block_remat_replays_the_recorded_attention():
     recomputation replays them: the compiled gradient holds one forward and one backward scan
     over query blocks per layer, with remat as without it (a third would mean recomputed scores).
     """
-    config = TransformerConfig(dim=32, n_layers=2, n_heads=2, window=8)
-    x = jax.random.normal(jax.random.key(0), (1, 40, 32))
-    positions = positions_like(x[..., 0])
+    for window, t in ((8, 40), (None, 300)):  # a local stack; a full causal one (blocks of 128)
+        config = TransformerConfig(dim=32, n_layers=2, n_heads=2, window=window)
+        x = jax.random.normal(jax.random.key(0), (1, t, 32))
+        positions = positions_like(x[..., 0])
+        params = Transformer(config).init(jax.random.key(1), x, positions)
 
-    def scans(remat: str) -> int:
-        stack = Transformer(config, remat=remat)
-        params = stack.init(jax.random.key(1), x, positions)
-        loss = jax.value_and_grad(lambda p: jnp.mean(stack.apply(p, x, positions) ** 2))
-        return jax.jit(loss).lower(params).as_text().count("stablehlo.while")
+        def loss(remat: str, config=config, x=x, positions=positions):
+            stack = Transformer(config, remat=remat)
+            return jax.jit(jax.value_and_grad(lambda p: jnp.mean(stack.apply(p, x, positions) ** 2)))
 
-    assert scans("none") == scans("block") == 2 * config.n_layers
+        for remat in ("none", "block"):
+            assert loss(remat).lower(params).as_text().count("stablehlo.while") == 2 * config.n_layers
+        (value, grads), (remat_value, remat_grads) = (loss(remat)(params) for remat in ("none", "block"))
+        np.testing.assert_allclose(remat_value, value, rtol=1e-6)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), remat_grads, grads)
 
 
 def test_byte_lm_remat_and_blockwise_path():

@@ -237,8 +237,8 @@ def blockwise_pays(t: int, window: int | None, block_size: int | None = None) ->
 
     Past one block the blockwise path never computes more scores than the dense [T, T] one
     (its key history is clamped to the row) and keeps each block's scores small enough to stay
-    in cache, which on CPU made the reference local layer's attention 2-3x faster than the
-    dense-per-row layout even for full causal stacks.
+    in cache: on CPU, one reference decoder layer's attention ran 2.2x faster forward and 1.8x
+    forward + backward than with all blocks' scores in one array.
     """
     return t > (block_size or default_block_size(window))
 
