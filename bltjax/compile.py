@@ -435,15 +435,6 @@ def define_flags() -> None:
     flags.DEFINE_string("out", None, "Also write the report as JSON here.")
 
 
-def _normalise_argv(argv: Sequence[str]) -> list[str]:
-    names = ("--num-slices", "--hbm-gib", "--hbm-fraction")
-    out = []
-    for arg in argv:
-        name, eq, value = arg.partition("=")
-        out.append("--" + name[2:].replace("-", "_") + eq + value if name in names else arg)
-    return out
-
-
 def run(config: ml_collections.ConfigDict, flag_values: Any) -> CompileReport:
     """What the command does, given parsed flags; raises CompileError (and config / mesh errors)."""
     if (flag_values.topology is None) == (flag_values.devices is None):
@@ -498,4 +489,6 @@ if __name__ == "__main__":
     from absl import app
 
     define_flags()
-    app.run(main, argv=_normalise_argv(sys.argv))
+    from bltjax.cli import normalise_argv
+
+    app.run(main, argv=normalise_argv(sys.argv))

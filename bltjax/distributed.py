@@ -332,7 +332,7 @@ def primary_console(stream: TextIO | None = None) -> TextIO:
 
 
 def define_flags() -> None:
-    """absl flags --coordinator / --num_processes / --process_id (dashes accepted via `normalise_argv`)."""
+    """absl flags --coordinator / --num_processes / --process_id (dashes accepted via `bltjax.cli.normalise_argv`)."""
     from absl import flags
 
     if "coordinator" in flags.FLAGS:
@@ -348,14 +348,3 @@ def initialize_from_flags() -> Topology:
 
     values = [flags.FLAGS[name].value for name in FLAG_NAMES]
     return initialize(*values)
-
-
-def normalise_argv(argv: Sequence[str]) -> list[str]:
-    """Accepts --num-processes / --process-id as well as absl's underscore spelling."""
-    out = []
-    for arg in argv:
-        name, eq, value = arg.partition("=")
-        if name in ("--num-processes", "--process-id"):
-            arg = "--" + name[2:].replace("-", "_") + eq + value
-        out.append(arg)
-    return out

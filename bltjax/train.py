@@ -488,4 +488,6 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main, argv=distributed.normalise_argv(sys.argv))
+    from bltjax.cli import normalise_argv
+
+    app.run(main, argv=normalise_argv(sys.argv))

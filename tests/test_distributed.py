@@ -20,9 +20,11 @@ import time
 import jax
 import numpy as np
 import pytest
+import test_train
 
 from bltjax import distributed
 from bltjax import eval as bltjax_eval
+from bltjax.cli import normalise_argv
 from bltjax.config import load_config
 from bltjax.data import prepare
 from bltjax.metrics import read_jsonl
@@ -35,18 +37,7 @@ LOCAL = str(REPO / "launch" / "local.sh")
 # The smallest useful run: 4 steps, a validation at the end, a checkpoint at the end; the state
 # sharded over all 4 devices (fsdp), so both processes hold, and save, shards of it.
 # tests/test_compile.py compiles the same program: the persistent cache serves both.
-OVERRIDES = {
-    "mesh.data": 1,
-    "mesh.fsdp": 4,
-    "train.steps": 4,
-    "train.log_every": 1,
-    "train.eval_every": 0,
-    "train.eval_batches": 1,
-    "train.checkpoint_every": 0,
-    "optimizer.warmup_steps": 2,
-    "optimizer.learning_rate": 3e-3,
-    "data.batch_size": 8,
-}
+OVERRIDES = {**test_train.OVERRIDES, "mesh.data": 1, "mesh.fsdp": 4, "train.steps": 4}
 
 
 @pytest.fixture(scope="module")
@@ -222,6 +213,6 @@ def test_an_unreachable_coordinator_is_a_clear_error():
 
 def test_dashed_flag_names_are_accepted():
     argv = ["prog", "--num-processes=2", "--process-id", "1", "--config.data.path=a-b", "--coordinator=h:1"]
-    assert distributed.normalise_argv(argv) == [
+    assert normalise_argv(argv) == [
         "prog", "--num_processes=2", "--process_id", "1", "--config.data.path=a-b", "--coordinator=h:1"
     ]  # fmt: skip
