@@ -51,7 +51,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from bltjax import distributed, sharding
+from bltjax import distributed, sharding, xla_options
 from bltjax.atomic import write_atomic
 from bltjax.config import ConfigError, validate
 from bltjax.data import pipeline, prepare
@@ -259,8 +259,9 @@ def evaluate(
     fields = batch_fields(config.model_type)
     batch_sharding = sharding.batch_sharding(mesh)
     param_shardings = jax.tree.map(lambda x: x.sharding, inference_model.params)
-    step_fn = jax.jit(
+    step_fn = xla_options.jit(
         make_eval_step(inference_model.model, model_type=config.model_type),
+        mesh.devices.flat,
         in_shardings=(param_shardings, batch_sharding),
     )
     local_rows = rows // jax.process_count()

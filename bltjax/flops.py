@@ -59,6 +59,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.extend import core as jex_core
 
+from bltjax import xla_options
 from bltjax.config import model_config
 from bltjax.models.configs import BLTConfig, ByteLMConfig, TransformerConfig
 
@@ -565,7 +566,7 @@ def _dtype_name(dtype: Any) -> str:
 
 
 def _timed_matmul(dtype_name: str, size: int, device: jax.Device) -> float:
-    matmul = jax.jit(jnp.matmul)
+    matmul = xla_options.jit(jnp.matmul, [device])  # the options the train step compiles with
     key_a, key_b = jax.random.split(jax.random.key(0))
     a = jax.device_put(jax.random.normal(key_a, (size, size), dtype_name), device)
     b = jax.device_put(jax.random.normal(key_b, (size, size), dtype_name), device)

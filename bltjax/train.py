@@ -46,7 +46,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from bltjax import compile_cache, distributed, flops, sharding
+from bltjax import compile_cache, distributed, flops, sharding, xla_options
 from bltjax.atomic import write_atomic
 from bltjax.checkpointing import Checkpointer
 from bltjax.config import ConfigError, validate
@@ -241,8 +241,9 @@ class Trainer:
             batch_sharding=self.batch_sharding,
         )
         self.train_step = jit_train_step(step_fn, self.state_shardings, self.batch_sharding)
-        self.eval_step = jax.jit(
+        self.eval_step = xla_options.jit(
             make_eval_step(self.model, model_type=cfg.model_type),
+            self.mesh.devices.flat,
             in_shardings=(self.state_shardings.params, self.batch_sharding),
         )
         self.checkpointer = Checkpointer(

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding
 
+from bltjax import xla_options
 from bltjax.metrics import summarize_nll, token_nll
 from bltjax.train_state import TrainState
 
@@ -107,9 +108,14 @@ def make_train_step(
 
 
 def jit_train_step(step_fn: Callable, state_shardings: Any, batch_sharding: NamedSharding) -> Callable:
-    """Explicit in/out shardings; the old state is donated (its buffers become the new state's)."""
-    return jax.jit(
+    """Explicit in/out shardings; the old state is donated (its buffers become the new state's).
+
+    Compiled with `xla_options.compiler_options` for the mesh's devices (on CPU: attention's
+    small batched dots through XLA's own kernels, about 30% off the reference step).
+    """
+    return xla_options.jit(
         step_fn,
+        batch_sharding.mesh.devices.flat,
         in_shardings=(state_shardings, batch_sharding),
         out_shardings=(state_shardings, None),
         donate_argnums=(0,),

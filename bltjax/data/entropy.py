@@ -78,7 +78,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from bltjax import checkpoint_io, distributed
+from bltjax import checkpoint_io, distributed, xla_options
 from bltjax.atomic import sha256_file, write_atomic
 from bltjax.calibrate import UNITS, calibrate_threshold
 from bltjax.config import base_byte_lm_config
@@ -326,7 +326,7 @@ class EntropyRunner:
             logits = model.apply({"params": params}, tokens)
             return next_byte_entropy(logits).astype(jnp.float16)
 
-        self._fn = jax.jit(entropies, in_shardings=(replicated, self.rows), out_shardings=self.rows)
+        self._fn = xla_options.jit(entropies, devices, in_shardings=(replicated, self.rows), out_shardings=self.rows)
 
     def _rows_for(self, bucket: int, remaining: int) -> int:
         """Rows of one step: a token budget of batch_size x context, a multiple of the devices;
