@@ -11,9 +11,10 @@ Rows
   1 encoder and 4 decoder layers, window 512; global 512 x 4 layers, 8 heads, SwiGLU 1536;
   k = 2; hash n-grams 3..8 with 30000 rows each; float32; AdamW; `model.remat` from ``--remat``,
   default "block": each block and cross-attention is recomputed in the backward pass, which is
-  the setting for the memory target) trained with the project's own
-  step: `make_train_step` + `jit_train_step` on a one-device mesh, state from
-  `create_train_state`. Patches are fixed with a mean of 4.5 bytes: lengths 1, 4, 5, 4, 5, ...
+  the setting for the memory target) trained with the project's own step: `make_train_step` +
+  `jit_train_step` on a one-device mesh (so with the CPU compiler options of
+  `bltjax.xla_options`, as in training), state from `create_train_state`. Patches are fixed
+  with a mean of 4.5 bytes: lengths 1, 4, 5, 4, 5, ...
   (training convention, row sum N + 1; the config says static patching with size 5 only so that
   it validates, the batch carries the lengths). Tokens are real text (the KJV excerpt of
   bltjax/data/corpus, BOS/EOS per document, rows cut from the concatenated stream).
@@ -328,6 +329,7 @@ def component_times(model, params, host: dict, steps: int, step_s: float) -> dic
     import jax
     import jax.numpy as jnp
 
+    from bltjax import xla_options
     from bltjax.metrics import token_nll
 
     captured = {}
@@ -370,7 +372,8 @@ def component_times(model, params, host: dict, steps: int, step_s: float) -> dic
                 return jnp.mean(token_nll(out, targets))
             return sum(jnp.vdot(o, c) for o, c in zip(jax.tree.leaves(out), jax.tree.leaves(cotangents), strict=True))
 
-        grad = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1)))
+        # the train step's compiler options (`jit_train_step`), so that parts and whole compare
+        grad = xla_options.jit(jax.value_and_grad(loss_fn, argnums=(0, 1)), jax.devices()[:1])
         floats = [flat[i] for i in float_at]
         arrays = [flat[i] for i in array_at]
         jax.block_until_ready(grad(params[name], floats, arrays))
