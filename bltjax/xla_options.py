@@ -14,7 +14,7 @@ on the 2-core CPU host, float32, best of several runs:
 
 * one reference decoder layer's attention (4 x 4096 bytes, 4 heads, window 512): forward
   473 -> 254 ms, forward + backward 1283 -> 838 ms;
-* the whole BLT train step at the reference shape, batch 2: 13.3 -> 9.3 s;
+* the whole BLT train step at the reference shape: 24.1 -> 19.3 s (batch 2: 13.3 -> 9.3 s);
 * large projection matmuls: the same within the run-to-run noise (80-117 GFLOP/s either way).
 
 Where a later XLA no longer knows the option, compiling with it fails; `compiler_options` then
