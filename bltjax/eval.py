@@ -51,14 +51,14 @@ import jax
 import ml_collections
 import numpy as np
 
-from bltjax import distributed, sharding, xla_options
+from bltjax import distributed, sharding
 from bltjax.atomic import write_atomic
 from bltjax.config import ConfigError, validate
 from bltjax.data import pipeline, prepare
 from bltjax.metrics import bits_per_byte
 from bltjax.restore import InferenceModel, RestoreError, load_for_inference
 from bltjax.tokenizer import BOE_ID
-from bltjax.train_step import batch_fields, make_eval_step
+from bltjax.train_step import batch_fields, jit_eval_step, make_eval_step
 
 EVAL_DIR = "eval"
 PATCH_COLUMN_MULTIPLE = 64
@@ -259,10 +259,8 @@ def evaluate(
     fields = batch_fields(config.model_type)
     batch_sharding = sharding.batch_sharding(mesh)
     param_shardings = jax.tree.map(lambda x: x.sharding, inference_model.params)
-    step_fn = xla_options.jit(
-        make_eval_step(inference_model.model, model_type=config.model_type),
-        mesh.devices.flat,
-        in_shardings=(param_shardings, batch_sharding),
+    step_fn = jit_eval_step(
+        make_eval_step(inference_model.model, model_type=config.model_type), param_shardings, batch_sharding
     )
     local_rows = rows // jax.process_count()
     first_row = jax.process_index() * local_rows

@@ -46,7 +46,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from bltjax import compile_cache, distributed, flops, sharding, xla_options
+from bltjax import compile_cache, distributed, flops, sharding
 from bltjax.atomic import write_atomic
 from bltjax.checkpointing import Checkpointer
 from bltjax.config import ConfigError, validate
@@ -55,7 +55,7 @@ from bltjax.metrics import MetricsWriter, bits_per_byte
 from bltjax.model_factory import build_model
 from bltjax.optimizer import learning_rate_schedule, make_optimizer
 from bltjax.train_state import TrainState, abstract_state, create_train_state, restore_target, state_placements
-from bltjax.train_step import batch_fields, jit_train_step, make_eval_step, make_train_step
+from bltjax.train_step import batch_fields, jit_eval_step, jit_train_step, make_eval_step, make_train_step
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: schedulers treat it as "killed", and requeue
 # Fields a relaunch may change: where the data lives, how the run is laid out and reported.
@@ -241,10 +241,8 @@ class Trainer:
             batch_sharding=self.batch_sharding,
         )
         self.train_step = jit_train_step(step_fn, self.state_shardings, self.batch_sharding)
-        self.eval_step = xla_options.jit(
-            make_eval_step(self.model, model_type=cfg.model_type),
-            self.mesh.devices.flat,
-            in_shardings=(self.state_shardings.params, self.batch_sharding),
+        self.eval_step = jit_eval_step(
+            make_eval_step(self.model, model_type=cfg.model_type), self.state_shardings.params, self.batch_sharding
         )
         self.checkpointer = Checkpointer(
             self.workdir / "checkpoints",

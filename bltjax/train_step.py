@@ -122,6 +122,11 @@ def jit_train_step(step_fn: Callable, state_shardings: Any, batch_sharding: Name
     )
 
 
+def jit_eval_step(eval_fn: Callable, param_shardings: Any, batch_sharding: NamedSharding) -> Callable:
+    """The eval step's jit: parameters and batch as placed, with the train step's compiler options."""
+    return xla_options.jit(eval_fn, batch_sharding.mesh.devices.flat, in_shardings=(param_shardings, batch_sharding))
+
+
 def make_eval_step(model: nn.Module, *, model_type: str) -> Callable[[Any, Batch], dict[str, jax.Array]]:
     """``eval_step(params, batch) -> summed NLL statistics`` (no gradients)."""
     fields = batch_fields(model_type)
