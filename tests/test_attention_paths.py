@@ -1,8 +1,9 @@
 """The fast attention paths equal the dense masked ones; remat and padded hash tables change nothing.
 
-Blockwise sliding-window self-attention and the gathered own-patch encoder cross-attention are
-checked against `attend` with the dense mask (values and gradients); `remat="block"` against
-no remat; hash tables padded to a row multiple against unpadded ones (and the HF export).
+Blockwise sliding-window self-attention, the gathered own-patch encoder cross-attention and the
+decoder's gathered k-slot cross-attention are checked against `attend` with the dense mask
+(values and gradients); `remat="block"` against no remat; hash tables padded to a row multiple
+against unpadded ones (and the HF export).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from bltjax.models.configs import BLTConfig, ByteLMConfig, TransformerConfig
 from bltjax.models.hash_embed import HashNgramEmbedding
 from bltjax.models.layers import (
     Transformer,
+    _attend_gathered,
     attend,
     attend_own_patch,
     blockwise_local_attend,
@@ -33,7 +35,7 @@ from bltjax.models.layers import (
     positions_like,
 )
 from bltjax.models.local_encoder import encoder_cross_attn_mask
-from bltjax.models.patch_ids import patch_ids
+from bltjax.models.patch_ids import decoder_patch_ids, patch_ids, with_next_token
 
 
 def _qkv(seed: int, b: int, t: int, s: int, h: int, kv: int, d: int = 8):
@@ -180,6 +182,29 @@ def test_own_patch_cross_attention_equals_dense(heads, kv_heads):
     for want_grad, got_grad in zip(want_grads, got_grads, strict=True):
         np.testing.assert_allclose(got_grad, want_grad, atol=1e-5, rtol=1e-5)
         assert np.isfinite(np.asarray(got_grad)).all()
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2)])
+def test_decoder_gathered_cross_attention_equals_dense(heads, kv_heads):
+    # Each byte sees the k slots of its decoder patch; row 1 ends in empty padding patches.
+    n, k = 23, 2
+    lengths = with_next_token(jnp.array([[1, 3, 2, 7, 1, 4, 5, 0, 0], [1, 1, 9, 13, 0, 0, 0, 0, 0]]), n)
+    dpid = decoder_patch_ids(lengths, n)
+    p = lengths.shape[1]
+    q, keys, v = _qkv(8, 2, n, p * k, heads, kv_heads)
+    cotangent = jax.random.normal(jax.random.key(3), q.shape)
+    slot_patch = jnp.arange(p * k) // k
+
+    def dense(q, keys, v):
+        return attend(q, keys, v, slot_patch[None, None, :] == dpid[:, :, None])
+
+    def gathered(q, keys, v):
+        return _attend_gathered(q, keys, v, dpid[:, :, None] * k + jnp.arange(k))
+
+    (want, want_grads), (out, got_grads) = (_values_and_grads(f, cotangent, q, keys, v) for f in (dense, gathered))
+    np.testing.assert_allclose(out, want, atol=2e-6, rtol=1e-6)
+    for want_grad, got_grad in zip(want_grads, got_grads, strict=True):
+        np.testing.assert_allclose(got_grad, want_grad, atol=1e-5, rtol=1e-5)
 
 
 def _tiny_blt(layers: int = 2, **kw) -> BLTConfig:
