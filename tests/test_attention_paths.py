@@ -22,14 +22,17 @@ from bltjax.models.byte_lm import ByteLM
 from bltjax.models.configs import BLTConfig, ByteLMConfig, TransformerConfig
 from bltjax.models.hash_embed import HashNgramEmbedding
 from bltjax.models.layers import (
+    CAUSAL_GROUPS,
     Transformer,
     _attend_gathered,
+    _Blocks,
     attend,
     attend_own_patch,
     blockwise_local_attend,
     blockwise_pays,
     causal_self_attend,
     contract,
+    default_block_size,
     eos_segment_ids,
     local_causal_mask,
     positions_like,
@@ -127,6 +130,7 @@ def _segments(seed: int, b: int, t: int, eos_rate: float) -> jax.Array:
         (33, 7, 32, 2, 2, 0.05),  # block larger than the window
         (37, None, 4, 4, 2, 0.1),  # full causal (the latent transformer's path), T not a multiple
         (50, None, 8, 2, 1, 0.0),  # full causal, MQA
+        (100, None, 4, 2, 2, 0.05),  # full causal over 25 blocks: groups of 4, the last of 1
     ],
 )
 def test_blockwise_local_attention_equals_dense(t, window, block, heads, kv_heads, eos_rate):
@@ -145,6 +149,22 @@ def test_blockwise_local_attention_equals_dense(t, window, block, heads, kv_head
     np.testing.assert_allclose(got, want, atol=2e-6, rtol=1e-6)
     for want_grad, got_grad in zip(want_grads, got_grads, strict=True):
         np.testing.assert_allclose(got_grad, want_grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("t, window, block", [(912, None, 128), (100, None, 4), (37, None, 4), (4096, 512, 128)])
+def test_block_groups_cover_every_query_block_with_its_keys(t, window, block):
+    layout = _Blocks.of(t, window, block, 16)
+    n_blocks = -(-t // block)
+    covered = [i for first, count, _ in layout.groups for i in range(first, first + count)]
+    assert covered == list(range(n_blocks))
+    for first, count, key_blocks in layout.groups:
+        last = first + count - 1
+        needed = last + 1 if window is None else min(last, layout.n_prev) + 1
+        assert needed <= key_blocks <= layout.n_prev + 1  # every visible key, never past the padding
+        assert layout.key_start(first, key_blocks) >= 0
+    if window is None:  # full causal: no more than (G + 1) / 2G of the square, plus one block per group
+        read = sum(count * key_blocks for _, count, key_blocks in layout.groups)
+        assert read <= n_blocks * n_blocks * (CAUSAL_GROUPS + 1) / (2 * CAUSAL_GROUPS) + n_blocks
 
 
 def test_dispatch_uses_blockwise_past_one_block():
@@ -293,10 +313,13 @@ def test_block_remat_replays_the_recorded_attention():
 
     The first forward pass records each blockwise attention's output and log-sum-exp, and the
     recomputation replays them: the compiled gradient holds one forward and one backward scan
-    over query blocks per layer, with remat as without it (a third would mean recomputed scores).
+    over query blocks per layer and block group, with remat as without it (a third scan would
+    mean recomputed scores).
     """
     for window, t in ((8, 40), (None, 300)):  # a local stack; a full causal one (blocks of 128)
         config = TransformerConfig(dim=32, n_layers=2, n_heads=2, window=window)
+        groups = len(_Blocks.of(t, window, default_block_size(window), 16).groups)
+        assert groups == (1 if window else 3)
         x = jax.random.normal(jax.random.key(0), (1, t, 32))
         positions = positions_like(x[..., 0])
         params = Transformer(config).init(jax.random.key(1), x, positions)
@@ -306,7 +329,7 @@ def test_block_remat_replays_the_recorded_attention():
             return jax.jit(jax.value_and_grad(lambda p: jnp.mean(stack.apply(p, x, positions) ** 2)))
 
         for remat in ("none", "block"):
-            assert loss(remat).lower(params).as_text().count("stablehlo.while") == 2 * config.n_layers
+            assert loss(remat).lower(params).as_text().count("stablehlo.while") == 2 * config.n_layers * groups
         (value, grads), (remat_value, remat_grads) = (loss(remat)(params) for remat in ("none", "block"))
         np.testing.assert_allclose(remat_value, value, rtol=1e-6)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), remat_grads, grads)

@@ -243,22 +243,41 @@ def blockwise_pays(t: int, window: int | None, block_size: int | None = None) ->
     return t > (block_size or default_block_size(window))
 
 
+# Query-block groups of a row whose keys span the whole row (full causal): each group is its
+# own scan and reads only the key blocks up to its last query block, so about (G + 1) / 2G of
+# the [T, T] score square is computed instead of all of it (with G groups; one block per group
+# when the row has at most G blocks, the exact causal triangle). On the reference latent stack
+# (4 x 912 patches, 8 blocks of 128, 8 heads) one layer's attention forward + backward went
+# from 834-863 ms as one scan to 493-594 ms with 8 groups (2 CPU cores).
+CAUSAL_GROUPS = 8
+
+
 class _Blocks(NamedTuple):
     """Static layout of the blockwise path (hashable: a `custom_vjp` non-differentiable argument)."""
 
     window: int | None  # None: full causal
     block: int  # queries per block
-    n_prev: int  # key blocks read before the query's own block
+    n_prev: int  # key blocks read before the query's own block, at most
     scale: float
+    groups: tuple[tuple[int, int, int], ...]  # (first query block, query blocks, key blocks read per block)
 
     @classmethod
     def of(cls, t: int, window: int | None, block: int, d: int) -> _Blocks:
         n_blocks = -(-t // block)
         n_prev = n_blocks - 1 if window is None else min(-(-(window - 1) // block), n_blocks - 1)
-        return cls(window, block, n_prev, 1 / math.sqrt(d))
+        if n_prev < n_blocks - 1:  # a sliding window: every block reads the same number of keys
+            groups = ((0, n_blocks, n_prev + 1),)
+        else:  # each block needs the keys up to its own: group blocks by how many they need
+            size = -(-n_blocks // CAUSAL_GROUPS)
+            groups = tuple(
+                (first, min(size, n_blocks - first), min(first + size, n_blocks)) for first in range(0, n_blocks, size)
+            )
+        return cls(window, block, n_prev, 1 / math.sqrt(d), groups)
 
-    def keys(self) -> int:
-        return (self.n_prev + 1) * self.block
+    def key_start(self, i, key_blocks: int):
+        """Where query block i's key window (``key_blocks`` blocks ending with its own) starts in
+        the key rows padded in front by ``n_prev`` blocks."""
+        return (i + 1 - key_blocks + self.n_prev) * self.block
 
 
 def _head_major_blocks(x_BTND: jax.Array, front: int, t_padded: int) -> jax.Array:
@@ -286,9 +305,9 @@ def _write_rows(rows_BTHD: jax.Array, block_BKGQD: jax.Array, start) -> jax.Arra
 
 
 def _block_masks(positions_BT, segment_ids_BT, layout: _Blocks, t_padded: int):
-    """A function i -> [B, 1, 1, Q, S] mask of query block i over its key history (spec §5.4)."""
+    """A function (i, key blocks) -> [B, 1, 1, Q, S] mask of query block i over its keys (spec §5.4)."""
     b, t = positions_BT.shape
-    front, block, keys = layout.n_prev * layout.block, layout.block, layout.keys()
+    front, block = layout.n_prev * layout.block, layout.block
     q_pos = jnp.pad(positions_BT, [(0, 0), (0, t_padded - t)])
     k_pos = jnp.pad(positions_BT, [(0, 0), (front, t_padded - t)])
     k_valid = jnp.pad(jnp.ones((b, t), bool), [(0, 0), (front, t_padded - t)])
@@ -296,15 +315,18 @@ def _block_masks(positions_BT, segment_ids_BT, layout: _Blocks, t_padded: int):
         q_seg = jnp.pad(segment_ids_BT, [(0, 0), (0, t_padded - t)])
         k_seg = jnp.pad(segment_ids_BT, [(0, 0), (front, t_padded - t)])
 
-    def mask(i):
-        def rows(x, size):
-            return jax.lax.dynamic_slice_in_dim(x, i * block, size, axis=1)
+    def mask(i, key_blocks: int):
+        keys, key_start = key_blocks * block, layout.key_start(i, key_blocks)
+
+        def rows(x, size, start):
+            return jax.lax.dynamic_slice_in_dim(x, start, size, axis=1)
 
         q_seg_i = k_seg_i = None
         if segment_ids_BT is not None:
-            q_seg_i, k_seg_i = rows(q_seg, block), rows(k_seg, keys)
-        q_pos_i, k_pos_i = rows(q_pos, block)[:, :, None], rows(k_pos, keys)[:, None, :]
-        visible = _visible(q_pos_i, k_pos_i, q_seg_i, k_seg_i, layout.window) & rows(k_valid, keys)[:, None, :]
+            q_seg_i, k_seg_i = rows(q_seg, block, i * block), rows(k_seg, keys, key_start)
+        q_pos_i, k_pos_i = rows(q_pos, block, i * block)[:, :, None], rows(k_pos, keys, key_start)[:, None, :]
+        k_valid_i = rows(k_valid, keys, key_start)[:, None, :]
+        visible = _visible(q_pos_i, k_pos_i, q_seg_i, k_seg_i, layout.window) & k_valid_i
         return visible[:, None, None]
 
     return mask
@@ -319,17 +341,18 @@ def _add_columns(acc_BKDS: jax.Array, new_BKDS: jax.Array, start) -> jax.Array:
 def _blockwise_forward(q_BTHD, k_BTKD, v_BTKD, positions_BT, segment_ids_BT, layout: _Blocks):
     """Scan over query blocks: out [B, T, H, D] and the log-sum-exp per query [n, B, K, G, Q]."""
     b, t, h, d = q_BTHD.shape
-    kv_heads, block, keys = k_BTKD.shape[2], layout.block, layout.keys()
+    kv_heads, block = k_BTKD.shape[2], layout.block
     t_padded = -(-t // block) * block
     q = _block_rows(q_BTHD, kv_heads, t_padded)
     k, v = (_head_major_blocks(x, layout.n_prev * block, t_padded) for x in (k_BTKD, v_BTKD))
     mask_of = _block_masks(positions_BT, segment_ids_BT, layout, t_padded)
 
-    def one_block(out_rows, i):
+    def one_block(out_rows, i, key_blocks: int):
         q_i = jax.lax.dynamic_slice_in_dim(q, i * block, block, axis=3)
-        k_i, v_i = (jax.lax.dynamic_slice_in_dim(x, i * block, keys, axis=2) for x in (k, v))
+        start, keys = layout.key_start(i, key_blocks), key_blocks * block
+        k_i, v_i = (jax.lax.dynamic_slice_in_dim(x, start, keys, axis=2) for x in (k, v))
         scores = jnp.einsum("bkgqd,bksd->bkgqs", q_i, k_i, preferred_element_type=jnp.float32) * layout.scale
-        scores = jnp.where(mask_of(i), scores, MASK_VALUE)
+        scores = jnp.where(mask_of(i, key_blocks), scores, MASK_VALUE)
         peak = jnp.max(scores, axis=-1)
         # Masked keys give exp(MASK_VALUE - peak) = 0 whenever the row has a visible key.
         weights = jnp.exp(scores - peak[..., None])
@@ -340,8 +363,12 @@ def _blockwise_forward(q_BTHD, k_BTKD, v_BTKD, positions_BT, segment_ids_BT, lay
         out = jnp.where(has_key[..., None], out / total[..., None], 0.0)
         return _write_rows(out_rows, out, i * block), jnp.where(has_key, peak + jnp.log(total), jnp.inf)
 
-    out, lse = jax.lax.scan(one_block, jnp.zeros((b, t_padded, h, d), q_BTHD.dtype), jnp.arange(t_padded // block))
-    return out[:, :t], lse
+    out, lse = jnp.zeros((b, t_padded, h, d), q_BTHD.dtype), []
+    for first, count, key_blocks in layout.groups:
+        body = functools.partial(one_block, key_blocks=key_blocks)
+        out, group_lse = jax.lax.scan(body, out, jnp.arange(first, first + count))
+        lse.append(group_lse)
+    return out[:, :t], jnp.concatenate(lse)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -391,20 +418,21 @@ def _blockwise_attention_bwd(layout: _Blocks, residuals, d_out):
     q_BTHD, k_BTKD, v_BTKD = (_after(d_out, x) for x in (q_BTHD, k_BTKD, v_BTKD))
     f32 = jnp.float32
     b, t, h, d = q_BTHD.shape
-    kv_heads, block, keys, front = k_BTKD.shape[2], layout.block, layout.keys(), layout.n_prev * layout.block
+    kv_heads, block, front = k_BTKD.shape[2], layout.block, layout.n_prev * layout.block
     t_padded = -(-t // block) * block
     q, d_o = (_block_rows(x.astype(f32), kv_heads, t_padded) for x in (q_BTHD, d_out))
     k, v = (_head_major_blocks(x.astype(f32), front, t_padded) for x in (k_BTKD, v_BTKD))
     row_dot = _block_rows(jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1, keepdims=True), kv_heads, t_padded)
     mask_of = _block_masks(positions, segment_ids, layout, t_padded)
 
-    def one_block(carry, i):
+    def one_block(carry, i, key_blocks: int):
         d_q, d_kv = carry
         rows = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=i * block, slice_size=block, axis=3)
         q_i, d_o_i, row_dot_i = rows(q), rows(d_o), rows(row_dot)[..., 0]
-        k_i, v_i = (jax.lax.dynamic_slice_in_dim(x, i * block, keys, axis=2) for x in (k, v))
+        start, keys = layout.key_start(i, key_blocks), key_blocks * block
+        k_i, v_i = (jax.lax.dynamic_slice_in_dim(x, start, keys, axis=2) for x in (k, v))
         scores = jnp.einsum("bkgqd,bksd->bkgqs", q_i, k_i) * layout.scale
-        probs = jnp.where(mask_of(i), jnp.exp(scores - lse[i][..., None]), 0.0)
+        probs = jnp.where(mask_of(i, key_blocks), jnp.exp(scores - lse[i][..., None]), 0.0)
         d_probs = jnp.einsum("bkgqd,bksd->bkgqs", d_o_i, v_i)
         d_scores = probs * (d_probs - row_dot_i[..., None]) * layout.scale
         d_q_i = jnp.einsum("bkgqs,bksd->bkgqd", d_scores, k_i)
@@ -416,14 +444,19 @@ def _blockwise_attention_bwd(layout: _Blocks, residuals, d_out):
         d_k_i = jnp.einsum("bkgqd,bkgqs->bkds", q_i, d_scores)
         d_v_i = jnp.einsum("bkgqd,bkgqs->bkds", d_o_i, probs)
         # The key histories of neighbouring blocks overlap: accumulate into one [B, K, D, S'].
-        d_kv = tuple(_add_columns(acc, new, i * block) for acc, new in zip(d_kv, (d_k_i, d_v_i), strict=True))
+        d_kv = tuple(_add_columns(acc, new, start) for acc, new in zip(d_kv, (d_k_i, d_v_i), strict=True))
         return (_write_rows(d_q, d_q_i, i * block), d_kv), None
 
     # Accumulators are anchored to d_out too: XLA otherwise materialised every layer's zeros
     # during the forward pass and kept them alive until that layer's backward.
     d_kv_shape = (b, kv_heads, d, k.shape[2])
     d_q, d_k, d_v = (_after(d_out, jnp.zeros(shape, f32)) for shape in ((b, t_padded, h, d), d_kv_shape, d_kv_shape))
-    (d_q, (d_k, d_v)), _ = jax.lax.scan(one_block, (d_q, (d_k, d_v)), jnp.arange(t_padded // block))
+    carry = (d_q, (d_k, d_v))
+    for first, count, key_blocks in layout.groups:
+        carry, _ = jax.lax.scan(
+            functools.partial(one_block, key_blocks=key_blocks), carry, jnp.arange(first, first + count)
+        )
+    d_q, (d_k, d_v) = carry
     d_k, d_v = (jnp.transpose(x[..., front : front + t], (0, 3, 1, 2)) for x in (d_k, d_v))
     return d_q[:, :t].astype(q_BTHD.dtype), d_k.astype(k_BTKD.dtype), d_v.astype(v_BTKD.dtype), None, None
 
@@ -444,8 +477,9 @@ def blockwise_local_attend(
     """Causal (optionally sliding-window) self-attention computed one query block at a time.
 
     Queries are cut into blocks of ``block`` rows; a block reads the keys of its own block and
-    of the ceil((window - 1) / block) blocks before it (all blocks before it without a window),
-    which hold every key it may see: O(T * window) instead of O(T^2) with a window. The mask
+    of the ceil((window - 1) / block) blocks before it (without a window: the blocks up to the
+    last one of its group, see `CAUSAL_GROUPS`), which hold every key it may see: O(T * window)
+    instead of O(T^2) with a window. The mask
     inside is exactly `local_causal_mask`'s, so the result equals `attend` with it, provided
     positions grow by one per element (absolute positions, as `positions_like` gives).
     """
