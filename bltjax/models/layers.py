@@ -340,6 +340,19 @@ def _add_columns(acc_BKDS: jax.Array, new_BKDS: jax.Array, start) -> jax.Array:
     return jax.lax.dynamic_update_slice_in_dim(acc_BKDS, window + new_BKDS, start, axis=-1)
 
 
+def _scan_block_groups(one_block, init, layout: _Blocks):
+    """``one_block(carry, i, key_blocks)`` scanned over every query block, one `lax.scan` per group.
+
+    Returns the final carry and each group's stacked per-block outputs, in block order.
+    """
+    carry, outputs = init, []
+    for first, count, key_blocks in layout.groups:
+        body = functools.partial(one_block, key_blocks=key_blocks)
+        carry, group_outputs = jax.lax.scan(body, carry, jnp.arange(first, first + count))
+        outputs.append(group_outputs)
+    return carry, outputs
+
+
 def _blockwise_forward(q_BTHD, k_BTKD, v_BTKD, positions_BT, segment_ids_BT, layout: _Blocks):
     """Scan over query blocks: out [B, T, H, D] and the log-sum-exp per query [n, B, K, G, Q]."""
     b, t, h, d = q_BTHD.shape
@@ -365,11 +378,7 @@ def _blockwise_forward(q_BTHD, k_BTKD, v_BTKD, positions_BT, segment_ids_BT, lay
         out = jnp.where(has_key[..., None], out / total[..., None], 0.0)
         return _write_rows(out_rows, out, i * block), jnp.where(has_key, peak + jnp.log(total), jnp.inf)
 
-    out, lse = jnp.zeros((b, t_padded, h, d), q_BTHD.dtype), []
-    for first, count, key_blocks in layout.groups:
-        body = functools.partial(one_block, key_blocks=key_blocks)
-        out, group_lse = jax.lax.scan(body, out, jnp.arange(first, first + count))
-        lse.append(group_lse)
+    out, lse = _scan_block_groups(one_block, jnp.zeros((b, t_padded, h, d), q_BTHD.dtype), layout)
     return out[:, :t], jnp.concatenate(lse)
 
 
@@ -453,12 +462,7 @@ def _blockwise_attention_bwd(layout: _Blocks, residuals, d_out):
     # during the forward pass and kept them alive until that layer's backward.
     d_kv_shape = (b, kv_heads, d, k.shape[2])
     d_q, d_k, d_v = (_after(d_out, jnp.zeros(shape, f32)) for shape in ((b, t_padded, h, d), d_kv_shape, d_kv_shape))
-    carry = (d_q, (d_k, d_v))
-    for first, count, key_blocks in layout.groups:
-        carry, _ = jax.lax.scan(
-            functools.partial(one_block, key_blocks=key_blocks), carry, jnp.arange(first, first + count)
-        )
-    d_q, (d_k, d_v) = carry
+    (d_q, (d_k, d_v)), _ = _scan_block_groups(one_block, (d_q, (d_k, d_v)), layout)
     d_k, d_v = (jnp.transpose(x[..., front : front + t], (0, 3, 1, 2)) for x in (d_k, d_v))
     return d_q[:, :t].astype(q_BTHD.dtype), d_k.astype(k_BTKD.dtype), d_v.astype(v_BTKD.dtype), None, None
 
@@ -481,9 +485,9 @@ def blockwise_local_attend(
     Queries are cut into blocks of ``block`` rows; a block reads the keys of its own block and
     of the ceil((window - 1) / block) blocks before it (without a window: the blocks up to the
     last one of its group, see `CAUSAL_GROUPS`), which hold every key it may see: O(T * window)
-    instead of O(T^2) with a window. The mask
-    inside is exactly `local_causal_mask`'s, so the result equals `attend` with it, provided
-    positions grow by one per element (absolute positions, as `positions_like` gives).
+    instead of O(T^2) with a window. The mask inside is exactly `local_causal_mask`'s, so the
+    result equals `attend` with it, provided positions grow by one per element (absolute
+    positions, as `positions_like` gives).
     """
     out, _ = blockwise_attend_recorded(q_BTHD, k_BTKD, v_BTKD, positions_BT, segment_ids_BT, window, block_size)
     return out
