@@ -132,7 +132,7 @@ def train_step_rate(config, data_dir: pathlib.Path, steps: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from bltjax.model_factory import build_model
+    from bltjax.models.factory import build_model
 
     model = build_model(config)
     batch = make_dataset(config, data_dir, "train", seed=0, process_index=0, process_count=1)[0]
@@ -201,9 +201,9 @@ def entropy_rate(variant: str, data_dir: pathlib.Path, folder: pathlib.Path, pea
     """Times `python -m bltjax.entropy`'s `run` with a random model of the experiment's shape."""
     import jax
 
-    from bltjax.checkpoint_io import save_model
     from bltjax.data import entropy
-    from bltjax.model_factory import build_model, example_inputs
+    from bltjax.models.factory import build_model, example_inputs
+    from bltjax.training.checkpoint_io import save_model
 
     config = load_config(str(REPO / "experiments" / f"entropy_model.py:{variant}"))
     model = build_model(config)

@@ -23,16 +23,16 @@ Models (random weights, drawn with numpy from the parameter shapes, seed 0; floa
 
 Rows, per batch size (default 1 and 8; the prompts of a batch are lines of the KJV excerpt in
 bltjax/data/corpus cut to the same number of bytes, so that transformers needs no padding):
-* bltjax cached: `bltjax.generation.generate` (prefill + one jitted `lax.while_loop`; the global
+* bltjax cached: `bltjax.inference.generation.generate` (prefill + one jitted `lax.while_loop`; the global
   model runs once per closed patch). Timed on the second call; "compile s" is the first call's
   extra time.
-* bltjax full recompute: `bltjax.generation.generate_full_recompute` (entropy model + patcher +
+* bltjax full recompute: `bltjax.inference.generation.generate_full_recompute` (entropy model + patcher +
   `BLT.apply` over the whole prefix for every byte, as the official code and transformers do).
   Compilation (one program per 64-byte width bucket) is measured with jax's compile-time events
   and subtracted. Its cost grows with the prefix (quadratic in total): on blt_debug at batch 8 a
   single step over 540 bytes takes ~27 s on 2 CPU cores, ~100 minutes for 512 bytes. So batches
   above ``--exact-max-batch`` (default 1) are **estimated** ("est." in the table): the same
-  per-step work (`bltjax.generation.full_forward` on the prefix the greedy run produced) is timed
+  per-step work (`bltjax.inference.generation.full_forward` on the prefix the greedy run produced) is timed
   at ``--samples`` evenly spaced prefix lengths and the per-step times, interpolated linearly,
   are summed over all steps. Exact rows also get the estimate in the JSON, as a check of it.
 * transformers (with the `hf` extra): `BltForCausalLM.generate(..., do_sample=False,
@@ -106,7 +106,7 @@ def build_models(name: str, entropy_size: str, sample: list[bytes]):
     import numpy as np
 
     from bltjax.config import load_config, model_config
-    from bltjax.generation import PatchRule, full_forward
+    from bltjax.inference.generation import PatchRule, full_forward
     from bltjax.models.blt import BLT
     from bltjax.models.byte_lm import ByteLM, next_byte_entropy
     from bltjax.tokenizer import encode
@@ -161,7 +161,7 @@ def calibrate_on_generation(models, sample: list[bytes], max_bytes: int, rounds:
 
     import numpy as np
 
-    from bltjax.generation import full_forward, generate
+    from bltjax.inference.generation import full_forward, generate
     from bltjax.models.byte_lm import next_byte_entropy
     from bltjax.tokenizer import encode
 
@@ -243,7 +243,7 @@ def sampled_seconds(step_seconds, steps: int, samples: int) -> tuple[float, list
 
 def estimate_recompute(models, texts: list[bytes], cached: list, args) -> dict:
     """Seconds the full recompute would take, from `full_forward` timed at sampled prefix lengths."""
-    from bltjax.generation import full_forward
+    from bltjax.inference.generation import full_forward
     from bltjax.tokenizer import encode
 
     _, model, params, entropy, rule = models
@@ -266,7 +266,7 @@ def estimate_recompute(models, texts: list[bytes], cached: list, args) -> dict:
 
 
 def bench_bltjax(models, batch: int, args, clock: CompileClock, *, recompute: bool) -> tuple[dict, dict | None, list]:
-    from bltjax.generation import generate, generate_full_recompute
+    from bltjax.inference.generation import generate, generate_full_recompute
 
     _, model, params, entropy, rule = models
     texts = prompts(batch, args.prompt_bytes)

@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from bltjax.patching import patch_lengths
+from bltjax.patching.rules import patch_lengths
 
 THETA = 1.335442066192627
 TARGET_MB_PER_S = 200.0

@@ -13,7 +13,7 @@ Rows
   default "block": each block and cross-attention is recomputed in the backward pass, which is
   the setting for the memory target) trained with the project's own step: `make_train_step` +
   `jit_train_step` on a one-device mesh (so with the CPU compiler options of
-  `bltjax.xla_options`, as in training), state from `create_train_state`. Patches are fixed
+  `bltjax.runtime.xla_options`, as in training), state from `create_train_state`. Patches are fixed
   with a mean of 4.5 bytes: lengths 1, 4, 5, 4, 5, ...
   (training convention, row sum N + 1; the config says static patching with size 5 only so that
   it validates, the batch carries the lengths). Tokens are real text (the KJV excerpt of
@@ -230,11 +230,11 @@ def child_bltjax(args, which: str) -> dict:
     import jax.numpy as jnp
 
     from bltjax import flops
-    from bltjax.model_factory import build_model
-    from bltjax.optimizer import learning_rate_schedule, make_optimizer
-    from bltjax.sharding import batch_sharding, make_mesh
-    from bltjax.train_state import create_train_state, parameter_count
-    from bltjax.train_step import jit_train_step, make_train_step
+    from bltjax.models.factory import build_model
+    from bltjax.training.optimizer import learning_rate_schedule, make_optimizer
+    from bltjax.training.sharding import batch_sharding, make_mesh
+    from bltjax.training.state import create_train_state, parameter_count
+    from bltjax.training.step import jit_train_step, make_train_step
 
     base_rss = max_rss_mib()
     config = blt_config(args.batch, args.seq_len, args.model)
@@ -329,8 +329,8 @@ def component_times(model, params, host: dict, steps: int, step_s: float) -> dic
     import jax
     import jax.numpy as jnp
 
-    from bltjax import xla_options
-    from bltjax.metrics import token_nll
+    from bltjax.runtime import xla_options
+    from bltjax.training.metrics import token_nll
 
     captured = {}
 

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from bltjax.patching import lengths_from_start_mask, split_long_patches
+from bltjax.patching.rules import lengths_from_start_mask, split_long_patches
 
 UNITS = ("tokens", "bytes")
 

@@ -53,13 +53,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from bltjax import compile_cache, sharding
-from bltjax.atomic import write_atomic
 from bltjax.config import ConfigError, validate
-from bltjax.model_factory import build_model
-from bltjax.optimizer import learning_rate_schedule, make_optimizer
-from bltjax.train_state import abstract_state, restore_target, state_placements
-from bltjax.train_step import batch_fields, jit_train_step, make_train_step
+from bltjax.models.factory import build_model
+from bltjax.runtime import compile_cache
+from bltjax.runtime.atomic import write_atomic
+from bltjax.training import sharding
+from bltjax.training.optimizer import learning_rate_schedule, make_optimizer
+from bltjax.training.state import abstract_state, restore_target, state_placements
+from bltjax.training.step import batch_fields, jit_train_step, make_train_step
 
 GIB = 1 << 30
 DEFAULT_HBM_FRACTION = 0.9  # room for the runtime, fragmentation and the evaluation program
@@ -489,6 +490,6 @@ if __name__ == "__main__":
     from absl import app
 
     define_flags()
-    from bltjax.cli import normalise_argv
+    from bltjax.runtime.cli import normalise_argv
 
     app.run(main, argv=normalise_argv(sys.argv))

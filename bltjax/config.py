@@ -76,7 +76,7 @@ def _common() -> ml_collections.ConfigDict:
             verify="eager",  # content hashes of shards at start: eager / lazy / size (pipeline docstring)
         )
     )
-    # Device mesh (bltjax/sharding.py): -1 on one axis = all remaining devices.
+    # Device mesh (bltjax/training/sharding.py): -1 on one axis = all remaining devices.
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     # AdamW of spec §13; the official code decays every parameter (decay_all=True).
     config.optimizer = ml_collections.ConfigDict(

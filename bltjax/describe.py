@@ -13,7 +13,7 @@ import jax
 from absl import app
 from ml_collections import config_flags
 
-from bltjax.model_factory import parameter_shapes
+from bltjax.models.factory import parameter_shapes
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path.py[:variant]).")
 

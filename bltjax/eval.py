@@ -51,14 +51,15 @@ import jax
 import ml_collections
 import numpy as np
 
-from bltjax import distributed, sharding
-from bltjax.atomic import write_atomic
 from bltjax.config import ConfigError, validate
 from bltjax.data import pipeline, prepare
-from bltjax.metrics import bits_per_byte
-from bltjax.restore import InferenceModel, RestoreError, load_for_inference
+from bltjax.inference.restore import InferenceModel, RestoreError, load_for_inference
+from bltjax.runtime import distributed
+from bltjax.runtime.atomic import write_atomic
 from bltjax.tokenizer import BOE_ID
-from bltjax.train_step import batch_fields, jit_eval_step, make_eval_step
+from bltjax.training import sharding
+from bltjax.training.metrics import bits_per_byte
+from bltjax.training.step import batch_fields, jit_eval_step, make_eval_step
 
 EVAL_DIR = "eval"
 PATCH_COLUMN_MULTIPLE = 64
@@ -458,7 +459,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--data and exactly one of --workdir / --model are required")
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO
-    from bltjax import compile_cache
+    from bltjax.runtime import compile_cache
 
     compile_cache.enable()
     overrides = {key: FLAGS[f"patching.{key}"].value for key in PATCHING_FLAGS if FLAGS[f"patching.{key}"].present}
@@ -485,6 +486,6 @@ if __name__ == "__main__":
     from absl import app
 
     define_flags()
-    from bltjax.cli import normalise_argv
+    from bltjax.runtime.cli import normalise_argv
 
     app.run(main, argv=normalise_argv(sys.argv))

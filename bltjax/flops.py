@@ -59,9 +59,9 @@ import jax.numpy as jnp
 import ml_collections
 from jax.extend import core as jex_core
 
-from bltjax import xla_options
 from bltjax.config import model_config
 from bltjax.models.configs import BLTConfig, ByteLMConfig, TransformerConfig
+from bltjax.runtime import xla_options
 
 # Output vocabulary of the analytic count: spec §14.2 writes the decoder head as V = 256 (the
 # byte values); the byte LM's analytic head uses the same so BLT and byte LM compare like for
@@ -486,7 +486,7 @@ def xla_flops_per_byte(
     rounded), so the realised mean is (N + 1) / (1 + ceil(N / s)); compare it with the analytic
     count at that mean. The training program differentiates the summed log-probabilities.
     """
-    from bltjax.model_factory import build_model, example_inputs
+    from bltjax.models.factory import build_model, example_inputs
 
     model = build_model(config)
     inputs = list(example_inputs(config, batch_size=1))

@@ -6,7 +6,7 @@ r"""Generate text from a trained BLT (or byte-level LM) with KV caches and incre
 
 ``--workdir`` is a training run (its newest complete checkpoint, or ``--step``), a folder
 written by `checkpoint_io.save_model` or a Hugging Face BLT folder, loaded with
-`bltjax.restore.load_for_inference` onto one device. The patching rule is the one saved with
+`bltjax.inference.restore.load_for_inference` onto one device. The patching rule is the one saved with
 the checkpoint (``config.patching``). An entropy-patched BLT needs its entropy model
 (``--entropy-model``, a `save_model` folder or a Hugging Face BLT folder); without the flag, a
 Hugging Face folder uses its own patcher, and for a training run the quickstart's layout is
@@ -14,7 +14,7 @@ tried: the folder ``WORKDIR/../entropy_model/export`` is used when its fingerpri
 entropy sidecars of the run's data (``config.data.path``/sidecars.json), i.e. when it is
 provably the model the BLT was trained with.
 
-Prompts of different lengths are generated together in one batch (`bltjax.generation`):
+Prompts of different lengths are generated together in one batch (`bltjax.inference.generation`):
 greedy at temperature 0, otherwise sampling with nucleus ``--top-p`` from ``--seed``. Each
 result is printed with its patches (count, mean size) and global-model steps.
 """
@@ -32,8 +32,8 @@ from typing import Any, TextIO
 import jax
 
 from bltjax.config import ConfigError
-from bltjax.generation import GenerationResult, PatchRule, generate
-from bltjax.restore import RestoreError, load_for_inference
+from bltjax.inference.generation import GenerationResult, PatchRule, generate
+from bltjax.inference.restore import RestoreError, load_for_inference
 
 
 class GenerateError(ValueError):
@@ -49,7 +49,7 @@ def default_entropy_model(workdir: str | os.PathLike, config: Any) -> pathlib.Pa
     patches.
     """
     from bltjax.data.entropy import SIDECARS_FILE, load_entropy_model
-    from bltjax.restore import is_hf_dir
+    from bltjax.inference.restore import is_hf_dir
 
     if is_hf_dir(workdir):
         return pathlib.Path(workdir).absolute()
@@ -175,7 +175,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--workdir is required")
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO
-    from bltjax import compile_cache
+    from bltjax.runtime import compile_cache
 
     compile_cache.enable()
     try:
@@ -198,6 +198,6 @@ if __name__ == "__main__":
     from absl import app
 
     define_flags()
-    from bltjax.cli import normalise_argv
+    from bltjax.runtime.cli import normalise_argv
 
     app.run(main, argv=normalise_argv(sys.argv))

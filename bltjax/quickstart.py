@@ -25,12 +25,12 @@ import time
 import jax
 from absl import app, flags, logging
 
-from bltjax import compile_cache
 from bltjax import generate as generate_cli
-from bltjax.checkpoint_io import save_model
 from bltjax.config import load_config
 from bltjax.data import entropy, prepare
+from bltjax.runtime import compile_cache
 from bltjax.train import train
+from bltjax.training.checkpoint_io import save_model
 
 REPO_EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
 CORPUS_DIR = pathlib.Path(__file__).resolve().parent / "data" / "corpus"

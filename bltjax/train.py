@@ -9,7 +9,7 @@ and s, and the checkpoint holds the whole training state plus the grain iterator
 lands in the workdir:
 
     config.json        the resolved config of the first launch (a relaunch must agree with it)
-    checkpoints/<s>/   orbax steps (bltjax/checkpointing.py)
+    checkpoints/<s>/   orbax steps (bltjax/training/checkpoints.py)
     metrics.jsonl      one line per logged step / evaluation (train and validation)
     tensorboard/       event files: tensorboard --logdir WORKDIR/tensorboard
     shardings.txt      where every parameter lives on the mesh
@@ -22,7 +22,7 @@ waits for it to be on disk and exits with status 143. A NaN or Inf loss stops th
 status 1 and saves nothing after the last good checkpoint. Metrics are fetched one step late,
 so the host never waits for the step it just dispatched.
 
-Multi-host: every host runs the same command. `bltjax/distributed.py` joins the processes
+Multi-host: every host runs the same command. `bltjax/runtime/distributed.py` joins the processes
 first (--coordinator / --num-processes / --process-id, or the environment a launcher sets; see
 docs/launching.md); process 0 alone prints and writes the workdir's logs, and every process
 writes its own shards of each checkpoint.
@@ -46,16 +46,18 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from bltjax import compile_cache, distributed, flops, sharding
-from bltjax.atomic import write_atomic
-from bltjax.checkpointing import Checkpointer
+from bltjax import flops
 from bltjax.config import ConfigError, validate
 from bltjax.data import pipeline
-from bltjax.metrics import MetricsWriter, bits_per_byte
-from bltjax.model_factory import build_model
-from bltjax.optimizer import learning_rate_schedule, make_optimizer
-from bltjax.train_state import TrainState, abstract_state, create_train_state, restore_target, state_placements
-from bltjax.train_step import batch_fields, jit_eval_step, jit_train_step, make_eval_step, make_train_step
+from bltjax.models.factory import build_model
+from bltjax.runtime import compile_cache, distributed
+from bltjax.runtime.atomic import write_atomic
+from bltjax.training import sharding
+from bltjax.training.checkpoints import Checkpointer
+from bltjax.training.metrics import MetricsWriter, bits_per_byte
+from bltjax.training.optimizer import learning_rate_schedule, make_optimizer
+from bltjax.training.state import TrainState, abstract_state, create_train_state, restore_target, state_placements
+from bltjax.training.step import batch_fields, jit_eval_step, jit_train_step, make_eval_step, make_train_step
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: schedulers treat it as "killed", and requeue
 # Fields a relaunch may change: where the data lives, how the run is laid out and reported.
@@ -487,6 +489,6 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    from bltjax.cli import normalise_argv
+    from bltjax.runtime.cli import normalise_argv
 
     app.run(main, argv=normalise_argv(sys.argv))

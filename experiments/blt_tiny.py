@@ -1,6 +1,5 @@
-r"""A tiny BLT for tests and the README demo: runs in seconds on one CPU core.
+r"""A tiny BLT for tests: runs in seconds on one CPU core.
 
-  python -m bltjax.demo --config experiments/blt_tiny.py
   python -m bltjax.train --config experiments/blt_tiny.py --workdir runs/tiny --config.data.path=DATA
 
 Same architecture as the released models (hash n-grams, k = 2 pooled slots, double-residual

@@ -5,7 +5,7 @@
 This is how multi-host behaviour is exercised without a pod: the processes join through
 jax's coordination service on 127.0.0.1 and run their collectives over CPU (gloo), exactly as
 the hosts of a pod do over the network. Each process gets the environment that
-bltjax/distributed.py reads (BLTJAX_COORDINATOR, BLTJAX_NUM_PROCESSES, BLTJAX_PROCESS_ID) plus
+bltjax/runtime/distributed.py reads (BLTJAX_COORDINATOR, BLTJAX_NUM_PROCESSES, BLTJAX_PROCESS_ID) plus
 JAX_PLATFORMS=cpu and JAX_NUM_CPU_DEVICES=M, so any bltjax command joins without extra flags.
 
 The launcher is a small supervisor (standard library only, so it needs no virtualenv):

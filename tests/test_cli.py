@@ -58,14 +58,6 @@ def test_main_job_runs_every_stage_and_resumes(tmp_path):
     assert f"BLT validation bpb:           {bpb:.4f}" in rerun.stdout  # the same model, evaluated again
 
 
-def test_demo_scores_the_bundled_corpus():
-    result = _run("bltjax.demo", "--config", "experiments/blt_tiny.py", "--config.seed=3", "--max_rows=2")
-    assert result.returncode == 0, result.stderr
-    bpb = float(re.search(r"bits-per-byte: ([0-9.]+)", result.stdout).group(1))
-    assert 6.0 < bpb < 12.0  # random weights: about log2(260) = 8.02, spread by random logits
-    assert "jargon_file" in result.stdout
-
-
 def test_describe_reports_parameter_counts():
     result = _run("bltjax.describe", "--config", "experiments/blt_1b.py")
     assert result.returncode == 0, result.stderr

@@ -17,8 +17,8 @@ import test_distributed
 
 from bltjax import compile as aot
 from bltjax.config import load_config
-from bltjax.model_factory import parameter_shapes
-from bltjax.sharding import MeshError
+from bltjax.models.factory import parameter_shapes
+from bltjax.training.sharding import MeshError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(REPO / "experiments" / "blt_tiny.py")

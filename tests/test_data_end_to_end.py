@@ -14,12 +14,12 @@ import sys
 import jax
 import numpy as np
 
-from bltjax import patching
-from bltjax.checkpoint_io import save_model
 from bltjax.config import load_config
 from bltjax.data import entropy, pipeline, prepare
-from bltjax.model_factory import build_model, example_inputs
+from bltjax.models.factory import build_model, example_inputs
 from bltjax.models.patch_ids import check_patch_lengths
+from bltjax.patching import rules as patching
+from bltjax.training.checkpoint_io import save_model
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CORPUS = REPO / "bltjax" / "data" / "corpus"

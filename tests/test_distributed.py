@@ -22,13 +22,13 @@ import numpy as np
 import pytest
 import test_train
 
-from bltjax import distributed
 from bltjax import eval as bltjax_eval
-from bltjax.cli import normalise_argv
 from bltjax.config import load_config
 from bltjax.data import prepare
-from bltjax.metrics import read_jsonl
+from bltjax.runtime import distributed
+from bltjax.runtime.cli import normalise_argv
 from bltjax.train import train
+from bltjax.training.metrics import read_jsonl
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CORPUS = REPO / "bltjax" / "data" / "corpus"

@@ -21,12 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bltjax import checkpoint_io
 from bltjax.config import load_config
 from bltjax.data import entropy as E
-from bltjax.model_factory import build_model, example_inputs
 from bltjax.models.byte_lm import ByteLM, next_byte_entropy
-from bltjax.patching import patch_start_mask
+from bltjax.models.factory import build_model, example_inputs
+from bltjax.patching.rules import patch_start_mask
+from bltjax.training import checkpoint_io
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = f"{REPO / 'experiments' / 'entropy_model.py'}:tiny"

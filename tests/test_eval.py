@@ -22,14 +22,14 @@ import orbax.checkpoint as ocp
 import pytest
 import test_train
 
-from bltjax import checkpoint_io, sharding
 from bltjax.config import ConfigError, load_config
 from bltjax.data import pipeline, prepare
 from bltjax.eval import evaluate, run
-from bltjax.model_factory import build_model, example_inputs
-from bltjax.restore import RestoreError, load_for_inference
+from bltjax.inference.restore import RestoreError, load_for_inference
+from bltjax.models.factory import build_model, example_inputs
 from bltjax.tokenizer import OFFSET
 from bltjax.train import train
+from bltjax.training import checkpoint_io, sharding
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BYTE_LM = str(REPO / "experiments" / "byte_lm.py")

@@ -12,8 +12,8 @@ import pytest
 
 from bltjax import flops
 from bltjax.config import load_config, model_config, stack_config
-from bltjax.model_factory import build_model, example_inputs
 from bltjax.models.configs import BLTConfig, ByteLMConfig, TransformerConfig
+from bltjax.models.factory import build_model, example_inputs
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
 
@@ -307,7 +307,7 @@ def _component_of(path: tuple[str, ...]) -> str:
 
 
 def _flax_counts(config) -> dict[str, int]:
-    from bltjax.model_factory import parameter_shapes
+    from bltjax.models.factory import parameter_shapes
 
     counts: dict[str, int] = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(parameter_shapes(config))[0]:

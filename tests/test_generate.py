@@ -1,4 +1,4 @@
-"""Cached generation with incremental patching (bltjax.generation, spec §16).
+"""Cached generation with incremental patching (bltjax.inference.generation, spec §16).
 
 The main model is the committed Hugging Face fixture set B (tests/fixtures/hf_blt_tiny_b),
 imported with `bltjax.convert.hf` (no torch needed): a tiny random BLT with GQA, k = 3, a global
@@ -30,12 +30,11 @@ import numpy as np
 import pytest
 
 from bltjax import generate as generate_cli
-from bltjax import patching, tokenizer
-from bltjax.checkpoint_io import save_model
+from bltjax import tokenizer
 from bltjax.config import load_config
 from bltjax.convert import hf
 from bltjax.data.entropy import SIDECARS_FILE, config_from_byte_lm, load_entropy_model
-from bltjax.generation import (
+from bltjax.inference.generation import (
     PatchRule,
     full_forward,
     generate,
@@ -43,12 +42,14 @@ from bltjax.generation import (
     split_utf8,
     teacher_forced,
 )
-from bltjax.generation import cache as kv_cache
-from bltjax.model_factory import build_model, example_inputs
+from bltjax.inference.generation import cache as kv_cache
+from bltjax.inference.restore import RestoreError
 from bltjax.models.blt import BLT
 from bltjax.models.byte_lm import next_byte_entropy
 from bltjax.models.configs import BLTConfig, TransformerConfig
-from bltjax.restore import RestoreError
+from bltjax.models.factory import build_model, example_inputs
+from bltjax.patching import rules as patching
+from bltjax.training.checkpoint_io import save_model
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MAX_BYTES = 48  # = the teacher-forced step count below, so both share one compiled program
@@ -84,7 +85,7 @@ def _entropies(entropy, ids: np.ndarray) -> np.ndarray:
 
 
 def _assert_teacher_forced_matches(model, params, rule, sequence, prefill_lengths, entropy=None) -> tuple[int, ...]:
-    """Cached logits (prefill + one step per id) == one training forward; the patches equal bltjax.patching's."""
+    """Cached logits (prefill + one step per id) == one training forward; the patches equal bltjax.patching.rules's."""
     reference = full_forward(model, params, rule, [sequence], entropy_model=entropy)
     n = len(sequence)
     for prefill_length in prefill_lengths:
@@ -269,7 +270,7 @@ def test_greedy_cached_equals_full_recompute_entropy_mode(fixture_b, greedy_b):
 
 
 def test_generated_patches_equal_patching_of_the_final_text(fixture_b, greedy_b):
-    """The patches formed byte by byte are those `bltjax.patching` gives the whole final sequence."""
+    """The patches formed byte by byte are those `bltjax.patching.rules` gives the whole final sequence."""
     _, _, entropy, rule = fixture_b
     for prompt, result in zip(PROMPTS, greedy_b, strict=True):
         ids = np.concatenate([tokenizer.encode(prompt, eos=False), np.asarray(result.token_ids)]).astype(np.int32)
@@ -351,7 +352,7 @@ def test_imported_model_generates_the_same_greedy_bytes_as_transformers(fixture_
     """Live: `BltForCausalLM.generate` (full recomputation, its own patcher) vs the cached generator.
 
     Both without `max_patch_length`: with it, transformers drops the empty patch that the
-    virtual next token opens after a high-entropy last byte (see `bltjax.patching`), so its
+    virtual next token opens after a high-entropy last byte (see `bltjax.patching.rules`), so its
     last position reads a different patch than the include_next_token rule of training.
     """
     torch = pytest.importorskip("torch", reason="the hf extra (torch, transformers) is not installed")

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bltjax import metrics
 from bltjax.tokenizer import BOE_ID, BOS_ID, EOS_ID, OFFSET
+from bltjax.training import metrics
 
 # --- loss arithmetic ------------------------------------------------------------------------------
 

@@ -12,9 +12,9 @@ import pytest
 from bltjax import tokenizer
 from bltjax.config import load_config
 from bltjax.describe import count_parameters
-from bltjax.model_factory import build_model, parameter_shapes
 from bltjax.models.blt import BLT
 from bltjax.models.byte_lm import next_byte_entropy
+from bltjax.models.factory import build_model, parameter_shapes
 from bltjax.models.layers import apply_rope, attend
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bltjax.calibrate import calibrate_threshold, realised_patch_sizes
-from bltjax.patching import (
+from bltjax.patching.rules import (
     decoder_patch_ids_from_lengths,
     lengths_from_start_mask,
     patch_ids_from_lengths,

@@ -25,7 +25,7 @@ from bltjax.data import pipeline, prepare
 from bltjax.data.entropy import threshold_tag
 from bltjax.data.pipeline import DataError, batch_at_step, global_batch, make_dataset, make_iterator
 from bltjax.models.patch_ids import check_patch_lengths
-from bltjax.patching import (
+from bltjax.patching.rules import (
     decoder_patch_ids_from_lengths,
     patch_ids_from_lengths,
     patch_lengths,

@@ -18,10 +18,10 @@ import pytest
 
 from bltjax import flops
 from bltjax.config import ConfigError, load_config, model_config
-from bltjax.metrics import read_jsonl
 from bltjax.models.configs import TransformerConfig
 from bltjax.sweep import job_config, launchers, plan, runner, scaling, spec, stages
 from bltjax.sweep.__main__ import main as sweep_main
+from bltjax.training.metrics import read_jsonl
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

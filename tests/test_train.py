@@ -21,13 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bltjax import sharding
-from bltjax.checkpointing import Checkpointer
 from bltjax.config import ConfigError, load_config
 from bltjax.data import prepare
-from bltjax.metrics import read_jsonl
 from bltjax.train import Trainer, TrainingDivergedError, WorkdirError, train
-from bltjax.train_state import create_train_state
+from bltjax.training import sharding
+from bltjax.training.checkpoints import Checkpointer
+from bltjax.training.metrics import read_jsonl
+from bltjax.training.state import create_train_state
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CORPUS = REPO / "bltjax" / "data" / "corpus"

@@ -1,4 +1,4 @@
-"""Per-platform XLA compiler options (`bltjax.xla_options`): on CPU, dots stay out of YNNPACK."""
+"""Per-platform XLA compiler options (`bltjax.runtime.xla_options`): on CPU, dots stay out of YNNPACK."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from bltjax import xla_options
-from bltjax.train_step import jit_train_step
+from bltjax.runtime import xla_options
+from bltjax.training.step import jit_train_step
 
 YNN_MARK = "__ynn_fusion"  # the fusion kind XLA:CPU gives a dot it hands to YNNPACK
 

@@ -28,10 +28,10 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from bltjax.atomic import write_atomic
 from bltjax.models.blt import BLT
 from bltjax.models.byte_lm import ByteLM
 from bltjax.models.configs import BLTConfig, ByteLMConfig, TransformerConfig
+from bltjax.runtime.atomic import write_atomic
 from bltjax.tokenizer import VOCAB_SIZE
 
 CONFIG_FILE = "config.json"

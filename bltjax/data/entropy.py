@@ -8,7 +8,7 @@ For each shard `{split}-{index:05d}.tokens` of a prepared folder (docs/data.md) 
     {shard}.starts.{tag}.bits   np.packbits of the patch-start mask for one threshold
     sidecars.json               model fingerprint, chunking, thresholds, per-shard sha256s
 
-`ENTROPY_MODEL_DIR` is a bltjax model folder (`bltjax.checkpoint_io.save_model`, model_type
+`ENTROPY_MODEL_DIR` is a bltjax model folder (`bltjax.training.checkpoint_io.save_model`, model_type
 "byte_lm") or a Hugging Face BLT folder, whose entropy patcher and stored threshold are used.
 
 Design
@@ -78,14 +78,15 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from bltjax import checkpoint_io, distributed, xla_options
-from bltjax.atomic import sha256_file, write_atomic
 from bltjax.calibrate import UNITS, calibrate_threshold
 from bltjax.config import base_byte_lm_config
 from bltjax.data import prepare
 from bltjax.models.byte_lm import ByteLM, next_byte_entropy
 from bltjax.models.configs import ByteLMConfig
-from bltjax.patching import patch_start_mask
+from bltjax.patching.rules import patch_start_mask
+from bltjax.runtime import distributed, xla_options
+from bltjax.runtime.atomic import sha256_file, write_atomic
+from bltjax.training import checkpoint_io
 
 SIDECARS_FILE = "sidecars.json"
 MANIFEST_FILE = prepare.MANIFEST_NAME
@@ -238,7 +239,8 @@ def load_entropy_model(directory: str | os.PathLike) -> EntropyModel:
         )
     raise SidecarError(
         f"{path}: neither a bltjax model folder ({checkpoint_io.CONFIG_FILE} + {checkpoint_io.PARAMS_DIR}/, "
-        f"from bltjax.checkpoint_io.save_model) nor a Hugging Face BLT folder ({hf.CONFIG_FILE} + {hf.WEIGHTS_FILE})"
+        f"from bltjax.training.checkpoint_io.save_model) nor a Hugging Face BLT folder "
+        f"({hf.CONFIG_FILE} + {hf.WEIGHTS_FILE})"
     )
 
 
@@ -758,7 +760,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--num-processes", type=int)
     parser.add_argument("--process-id", type=int)
     args = parser.parse_args(argv)
-    try:  # flags, else the environment a launcher sets (bltjax/distributed.py), else one process
+    try:  # flags, else the environment a launcher sets (bltjax/runtime/distributed.py), else one process
         distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     except distributed.DistributedError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -63,9 +63,9 @@ from typing import Any
 import grain
 import numpy as np
 
-from bltjax.atomic import sha256_file
 from bltjax.data import prepare
-from bltjax.patching import lengths_from_start_mask, patch_lengths, split_long_patches
+from bltjax.patching.rules import lengths_from_start_mask, patch_lengths, split_long_patches
+from bltjax.runtime.atomic import sha256_file
 from bltjax.tokenizer import BOE_ID, VOCAB_SIZE
 
 MANIFEST = prepare.MANIFEST_NAME

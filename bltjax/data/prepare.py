@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from bltjax import tokenizer
-from bltjax.atomic import sha256_file, write_atomic
+from bltjax.runtime.atomic import sha256_file, write_atomic
 
 FORMAT_NAME = "bltjax-byte-shards"
 FORMAT_VERSION = 1

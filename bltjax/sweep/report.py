@@ -33,10 +33,10 @@ from typing import Any
 import ml_collections
 
 from bltjax import flops
-from bltjax.atomic import write_atomic
-from bltjax.metrics import METRICS_FILE, read_jsonl
+from bltjax.runtime.atomic import write_atomic
 from bltjax.sweep.plan import load_plan
 from bltjax.sweep.runner import LAUNCHES_FILE, LOG_FILE, read_done, run_dir
+from bltjax.training.metrics import METRICS_FILE, read_jsonl
 
 REPORT_TABLE = "report.md"
 REPORT_CSV = "report.csv"

@@ -25,10 +25,10 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
-from bltjax.atomic import write_atomic
-from bltjax.metrics import METRICS_FILE, read_jsonl
+from bltjax.runtime.atomic import write_atomic
 from bltjax.sweep import job_config, launchers, stages
 from bltjax.sweep.plan import PlanError, job_file, load_plan
+from bltjax.training.metrics import METRICS_FILE, read_jsonl
 
 JOB_CONFIG = pathlib.Path(__file__).resolve().with_name("job_config.py")
 REPO = pathlib.Path(__file__).resolve().parents[2]

@@ -2,7 +2,7 @@
 
 These are the quickstart's stages (`bltjax/quickstart.py`, steps 1-4), called through the same
 library functions: `bltjax.data.prepare.prepare`, `bltjax.train.train`,
-`bltjax.checkpoint_io.save_model` and `bltjax.data.entropy.run`. Each stage is done once per
+`bltjax.training.checkpoint_io.save_model` and `bltjax.data.entropy.run`. Each stage is done once per
 sweep folder and leaves a record under ``stages/``; a relaunch skips what is recorded:
 
     SWEEP/data/                       byte shards (+ entropy sidecars, one start-bit file per threshold)
@@ -26,8 +26,8 @@ from typing import Any, TextIO
 import ml_collections
 import numpy as np
 
-from bltjax.atomic import write_atomic
 from bltjax.config import ConfigError
+from bltjax.runtime.atomic import write_atomic
 
 CORPUS_DIR = pathlib.Path(__file__).resolve().parents[1] / "data" / "corpus"
 DATA_DIR = "data"
@@ -198,8 +198,8 @@ def _train_entropy_model(
     """The quickstart's steps 2-3: train the entropy model, export its final parameters."""
     import jax
 
-    from bltjax.checkpoint_io import save_model
     from bltjax.train import train
+    from bltjax.training.checkpoint_io import save_model
 
     workdir = entropy_model_dir(sweep_dir)
     export = workdir / "export"

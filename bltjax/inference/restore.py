@@ -47,10 +47,10 @@ import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from jax.sharding import Mesh
 
-from bltjax import checkpoint_io, sharding
-from bltjax.checkpointing import ITEMS, METADATA_FILE
 from bltjax.config import ConfigError
-from bltjax.model_factory import build_model, example_inputs
+from bltjax.models.factory import build_model, example_inputs
+from bltjax.training import checkpoint_io, sharding
+from bltjax.training.checkpoints import ITEMS, METADATA_FILE
 
 CHECKPOINTS_DIR = "checkpoints"
 EVAL_MESH = {"data": -1, "fsdp": 1, "tensor": 1}
@@ -99,7 +99,7 @@ def _checkpoints_dir(path: pathlib.Path) -> pathlib.Path:
 
 
 def _is_complete(step_dir: pathlib.Path) -> bool:
-    """The trainer's rule (bltjax/checkpointing.py): every item plus orbax's metadata file."""
+    """The trainer's rule (bltjax/training/checkpoints.py): every item plus orbax's metadata file."""
     return (step_dir / METADATA_FILE).is_file() and all((step_dir / item).is_dir() for item in ITEMS)
 
 

@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from bltjax.model_factory import build_model, example_inputs
+from bltjax.models.factory import build_model, example_inputs
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bltjax.atomic import write_atomic
+from bltjax.runtime.atomic import write_atomic
 from bltjax.tokenizer import OFFSET
 
 LN2 = math.log(2.0)

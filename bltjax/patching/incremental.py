@@ -1,6 +1,6 @@
 """The patch-boundary rule of training, decided one position at a time (spec §3, §16.1).
 
-`bltjax.patching` patches whole rows; generation must decide, after every byte t, whether
+`bltjax.patching.rules` patches whole rows; generation must decide, after every byte t, whether
 byte t + 1 starts a patch, from what is known at that point (H_t, H_{t-1}, bytes t and t - 1,
 the length of the open patch). `PatchRule` is that decision for every incremental mode, with
 the forced positions of §3.2 (0 and 1 always start; 2 also in the monotonic and combined
@@ -13,7 +13,7 @@ incrementally; it is refused.
 positions at once) and the step (one position per row) share it. Only the rule's structure
 is static (`static_part`, hashable, part of what a generation program is compiled for); its
 numbers travel as a traced float32 vector (`values`), so one compilation serves every
-threshold, as in `bltjax.patching.patch_start_mask_jnp`.
+threshold, as in `bltjax.patching.rules.patch_start_mask_jnp`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bltjax.patching import SPACE_LIKE
+from bltjax.patching.rules import SPACE_LIKE
 from bltjax.tokenizer import OFFSET
 
 MODES = ("entropy", "space", "static", "byte")
@@ -80,7 +80,7 @@ class PatchRule:
 
     @property
     def kind(self) -> str:
-        """byte | static | space | global | monotonic | combined (as `bltjax.patching` names them)."""
+        """byte | static | space | global | monotonic | combined (as `bltjax.patching.rules` names them)."""
         if self.mode != "entropy":
             return self.mode
         if self.monotonicity:
@@ -97,7 +97,7 @@ class PatchRule:
         return 3 if self.kind in ("monotonic", "combined") else 2
 
     def patching_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of `bltjax.patching.patch_lengths` for the same rule (entropies aside)."""
+        """Keyword arguments of `bltjax.patching.rules.patch_lengths` for the same rule (entropies aside)."""
         kwargs: dict[str, Any] = dict(mode=self.mode, max_patch_length=self.max_patch_length)
         if self.mode == "entropy":
             kwargs.update(threshold=self.threshold, threshold_add=self.threshold_add, monotonicity=self.monotonicity)

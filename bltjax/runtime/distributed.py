@@ -332,7 +332,10 @@ def primary_console(stream: TextIO | None = None) -> TextIO:
 
 
 def define_flags() -> None:
-    """absl flags --coordinator / --num_processes / --process_id (dashes accepted via `bltjax.cli.normalise_argv`)."""
+    """absl flags --coordinator / --num_processes / --process_id.
+
+    Dashed spellings are accepted through `bltjax.runtime.cli.normalise_argv`.
+    """
     from absl import flags
 
     if "coordinator" in flags.FLAGS:

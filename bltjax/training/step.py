@@ -25,9 +25,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding
 
-from bltjax import xla_options
-from bltjax.metrics import summarize_nll, token_nll
-from bltjax.train_state import TrainState
+from bltjax.runtime import xla_options
+from bltjax.training.metrics import summarize_nll, token_nll
+from bltjax.training.state import TrainState
 
 Batch = Mapping[str, jax.Array]
 MODEL_INPUTS = {"blt": ("tokens", "patch_lengths"), "byte_lm": ("tokens",)}

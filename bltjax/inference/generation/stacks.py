@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from bltjax.generation import cache as kv
+from bltjax.inference.generation import cache as kv
 from bltjax.models.configs import TransformerConfig
 from bltjax.models.layers import apply_rope
 

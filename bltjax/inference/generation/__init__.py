@@ -1,6 +1,6 @@
 """Fast generation from BLT and byte-level models: KV caches and incremental patching (spec §16).
 
-    from bltjax.generation import generate
+    from bltjax.inference.generation import generate
     results = generate(model, params, config, ["Once upon a time"], entropy_model=(lm, lm_params))
     print(results[0].text, results[0].patch_lengths)
 
@@ -11,9 +11,9 @@
 * `PatchRule`: the training patching rule, one boundary decision at a time (`rule`).
 """
 
-from bltjax.generation.blt import BLTState, CachedBLT
-from bltjax.generation.byte_lm import ByteLMState, CachedByteLM
-from bltjax.generation.decode import (
+from bltjax.inference.generation.blt import BLTState, CachedBLT
+from bltjax.inference.generation.byte_lm import ByteLMState, CachedByteLM
+from bltjax.inference.generation.decode import (
     FullForward,
     GenerationResult,
     TeacherForced,
@@ -25,8 +25,8 @@ from bltjax.generation.decode import (
     split_utf8,
     teacher_forced,
 )
-from bltjax.generation.rule import PatchRule
-from bltjax.generation.sampling import choose_next, nucleus_logits
+from bltjax.inference.generation.sampling import choose_next, nucleus_logits
+from bltjax.patching.incremental import PatchRule
 
 __all__ = [
     "BLTState",

@@ -35,15 +35,15 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from bltjax.generation import stacks
-from bltjax.generation.byte_lm import ByteLMState, CachedByteLM
-from bltjax.generation.cache import KVCache, fill, heads_major, put_heads_major, put_rows, write_step
-from bltjax.generation.rule import PatchRule
+from bltjax.inference.generation import stacks
+from bltjax.inference.generation.byte_lm import ByteLMState, CachedByteLM
+from bltjax.inference.generation.cache import KVCache, fill, heads_major, put_heads_major, put_rows, write_step
 from bltjax.models.byte_lm import next_byte_entropy
 from bltjax.models.configs import BLTConfig, ByteLMConfig
 from bltjax.models.hash_embed import all_hash_ids
 from bltjax.models.layers import dtype_of, eos_segment_ids
 from bltjax.models.local_encoder import pool_patches
+from bltjax.patching.incremental import PatchRule
 from bltjax.tokenizer import EOS_ID
 
 Params = dict[str, Any]

@@ -14,8 +14,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from bltjax.generation import stacks
-from bltjax.generation.cache import KVCache
+from bltjax.inference.generation import stacks
+from bltjax.inference.generation.cache import KVCache
 from bltjax.models.configs import ByteLMConfig
 from bltjax.models.layers import dtype_of, eos_segment_ids
 from bltjax.tokenizer import EOS_ID

@@ -18,8 +18,8 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from bltjax import sharding
-from bltjax.model_factory import example_inputs
+from bltjax.models.factory import example_inputs
+from bltjax.training import sharding
 
 
 @flax.struct.dataclass
