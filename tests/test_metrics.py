@@ -1,4 +1,7 @@
-"""Loss / bits-per-byte arithmetic (spec §11) and the metrics writer (JSONL, TensorBoard, console)."""
+"""Loss / bits-per-byte arithmetic (docs/architecture.md §11) and the metrics writer (JSONL, TensorBoard, console).
+
+TensorBoard files are read back with TensorBoard's own EventAccumulator, as TensorBoard shows them.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+from tensorboard.compat.proto.event_pb2 import SessionLog
+from tensorboard.plugins.hparams import plugin_data_pb2
 
 from bltjax.tokenizer import BOE_ID, BOS_ID, EOS_ID, OFFSET
 from bltjax.training import metrics
@@ -91,6 +98,13 @@ def test_format_progress_without_patches_or_totals():
 # --- writer -----------------------------------------------------------------------------------------
 
 
+def _tensorboard_scalars(directory) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value), ...]} of one run folder, with TensorBoard's purging of restarted steps."""
+    accumulator = EventAccumulator(str(directory), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+
+
 def _write_steps(writer, steps, scale=1.0):
     for step in steps:
         writer.write(step, dict(loss=scale * step, bpb=np.float32(scale * step / 2), bytes_per_sec=jnp.float32(1e4)))
@@ -104,10 +118,10 @@ def test_writer_outputs(tmp_path):
     records = metrics.read_jsonl(tmp_path / "metrics.jsonl")
     assert [(r["step"], r["split"]) for r in records] == [(1, "train"), (2, "train"), (3, "train"), (3, "validation")]
     assert records[1]["loss"] == 2.0 and records[1]["bpb"] == 1.0 and records[0]["time"] > 1.6e9
-    train = metrics.read_tensorboard_scalars(tmp_path / "tensorboard" / "train")
+    train = _tensorboard_scalars(tmp_path / "tensorboard" / "train")
     assert train["loss"] == [(1, 1.0), (2, 2.0), (3, 3.0)]
     assert train["bytes_per_sec"][0] == (1, 1e4)
-    assert metrics.read_tensorboard_scalars(tmp_path / "tensorboard" / "validation") == {
+    assert _tensorboard_scalars(tmp_path / "tensorboard" / "validation") == {
         "loss": [(3, 0.5)],
         "bpb": [(3, pytest.approx(0.7))],
     }
@@ -139,9 +153,12 @@ def test_resume_shows_each_step_once(tmp_path):
         _write_steps(writer, [4, 5], scale=10.0)
     records = metrics.read_jsonl(tmp_path / "metrics.jsonl")
     assert [(r["step"], r["loss"]) for r in records] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0)]
-    scalars = metrics.read_tensorboard_scalars(tmp_path / "tensorboard" / "train")
+    scalars = _tensorboard_scalars(tmp_path / "tensorboard" / "train")
     assert scalars["loss"] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0)]
-    assert len(list((tmp_path / "tensorboard" / "train").glob("events.out.tfevents.*"))) == 2  # no clobbering
+    first, second = sorted((tmp_path / "tensorboard" / "train").glob("events.out.tfevents.*"))  # no clobbering
+    starts = [e.step for e in EventFileLoader(str(second)).Load() if e.session_log.status == SessionLog.START]
+    assert starts == [4]  # the purge marker that makes TensorBoard hide the first run's steps 4 and 5
+    assert not [e for e in EventFileLoader(str(first)).Load() if e.HasField("session_log")]
 
 
 def test_truncate_drops_a_torn_line_and_appends_cleanly(tmp_path):
@@ -156,15 +173,31 @@ def test_truncate_drops_a_torn_line_and_appends_cleanly(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
-def test_tensorboard_reader_skips_a_partial_record(tmp_path):
+def test_hparams_go_to_tensorboard_flattened(tmp_path):
+    config = {"model": {"stack": {"n_layers": 2, "window": None}, "dtype": "bfloat16"}, "train": {"lr": 3e-4}}
     with metrics.MetricsWriter(tmp_path, console=None) as writer:
-        _write_steps(writer, [1, 2])
-    (event_file,) = (tmp_path / "tensorboard" / "train").glob("events.out.tfevents.*")
-    data = event_file.read_bytes()
-    event_file.write_bytes(data[:-5])  # the last record cut mid-way, as while it is being written
-    scalars = metrics.read_tensorboard_scalars(tmp_path / "tensorboard" / "train")
-    assert scalars["loss"] == [(1, 1.0), (2, 2.0)]
-    assert scalars["bytes_per_sec"] == [(1, 1e4)]  # step 2's was the record cut off
+        writer.write_hparams(config)
+        writer.write(1, dict(loss=1.0))
+    accumulator = EventAccumulator(str(tmp_path / "tensorboard" / "train"))
+    accumulator.Reload()
+    content = accumulator.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
+    assert hparams["model.stack.n_layers"].number_value == 2
+    assert hparams["model.stack.window"].string_value == "null"
+    assert hparams["model.dtype"].string_value == "bfloat16"
+    assert hparams["train.lr"].number_value == pytest.approx(3e-4)
+    assert [r["step"] for r in metrics.read_jsonl(tmp_path / "metrics.jsonl")] == [1]  # the JSONL holds metrics only
+
+
+def test_writer_is_a_clu_metric_writer(tmp_path):
+    with metrics.MetricsWriter(tmp_path, console=None, tensorboard=False) as writer:
+        assert isinstance(writer, metrics.MetricWriter)
+        writer.write_scalars(4, {"loss": 0.25})  # clu's interface: the train split
+        with pytest.raises(NotImplementedError, match="MetricsWriter: writes scalars only, not images"):
+            writer.write_images(4, {"x": np.zeros((2, 2, 3))})
+    assert metrics.read_jsonl(tmp_path / "metrics.jsonl")[0] == pytest.approx(
+        {"step": 4, "split": "train", "loss": 0.25, "time": metrics.read_jsonl(tmp_path / "metrics.jsonl")[0]["time"]}
+    )
 
 
 def test_non_scalar_and_reserved_metrics_are_rejected(tmp_path):

@@ -1,28 +1,36 @@
-"""Training and evaluation metrics: the loss arithmetic of spec §11 and one writer for them.
+"""Training and evaluation metrics: the loss arithmetic of docs/architecture.md §11 and one writer for them.
 
 Bits per byte are computed from summed nats and counts, never from averaged losses, so that
-batches, hosts and evaluation shards combine exactly. Two counts are kept (spec §11):
+batches, hosts and evaluation shards combine exactly. Two counts are kept (docs/architecture.md §11):
 
 * ``bpb``: every loss-mask target counts as a byte, BOS/EOS included. This is what the
   official training log reports, and the headline number of bltjax's logs.
 * ``bpb_bytes``: only targets that are bytes (ids >= `tokenizer.OFFSET`), the paper's
   definition over the bytes of the text.
 
-`MetricsWriter` sends each record to three places, only on process 0: an append-only
-``metrics.jsonl`` (the durable record, one line per step and split), TensorBoard event files
-under ``tensorboard/{split}/``, and a compact progress line on the console. Known keys of the
-progress line: loss, bpb, bytes_per_sec, patches_per_sec, mean_patch_size, mfu (a fraction),
-learning_rate; any missing one is left out.
+Use::
+
+    summary = summarize_nll(token_nll(logits, targets), targets, loss_mask)   # inside jit
+    with MetricsWriter(workdir, total_steps=steps) as writer:
+        writer.write_hparams(config.to_dict())
+        writer.write(step, loss_metrics(summary))          # split="validation" for evaluations
+    records = read_jsonl(workdir / METRICS_FILE)
+
+`MetricsWriter` is a clu ``MetricWriter`` that sends each record, only on process 0, to an
+append-only ``metrics.jsonl`` (the durable record, one line per step and split: read it with
+`read_jsonl`), TensorBoard event files under ``tensorboard/{split}/`` and a compact progress
+line on the console. Known keys of the progress line: loss, bpb, bytes_per_sec,
+patches_per_sec, mean_patch_size, mfu (a fraction), learning_rate; any missing one is left out.
 """
 
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import json
 import math
 import os
 import pathlib
-import struct
 import sys
 import time
 from collections.abc import Mapping
@@ -84,7 +92,7 @@ def bits_per_byte(nats_sum: Any, n: Any) -> Any:
 
 
 def loss_metrics(summary: Mapping[str, Any]) -> dict[str, Any]:
-    """loss (nats per target, the training loss of spec §11), bpb and bpb_bytes from a summary."""
+    """loss (nats per target, the training loss of docs/architecture.md §11), bpb and bpb_bytes from a summary."""
     return dict(
         loss=summary["nats_sum"] / (summary["n_targets"] + 1e-6),
         bpb=bits_per_byte(summary["nats_sum"], summary["n_targets"]),
@@ -148,7 +156,30 @@ def format_progress(step: int, total_steps: int | None, metrics: Mapping[str, An
     return " | ".join(parts)
 
 
-# --- the writer --------------------------------------------------------------------------------
+# --- writers: clu's MetricWriter interface over JSONL, TensorBoard and the console --------------
+
+
+def _clu_writer_modules():
+    """clu's ``metric_writers.interface`` and ``multi_writer`` modules, with or without TensorFlow.
+
+    clu 0.0.12's ``metric_writers/__init__`` imports TensorFlow for its SummaryWriter (an open issue
+    upstream, google/CommonLoopUtils#358), and bltjax does not depend on TensorFlow; so without it
+    the package is registered unexecuted and only its TensorFlow-free modules are loaded.
+    """
+    name = "clu.metric_writers"
+    if name not in sys.modules and importlib.util.find_spec("tensorflow") is None:
+        spec = importlib.util.find_spec(name)
+        if spec is None:
+            raise ImportError("bltjax.training.metrics needs the 'clu' package (pip install clu)")
+        sys.modules[name] = importlib.util.module_from_spec(spec)  # its __init__ is the part that needs TensorFlow
+    from clu.metric_writers import interface, multi_writer
+
+    return interface, multi_writer
+
+
+_clu_interface, _clu_multi_writer = _clu_writer_modules()
+MetricWriter = _clu_interface.MetricWriter
+MultiWriter = _clu_multi_writer.MultiWriter
 
 
 def _scalar(value: Any) -> int | float:
@@ -163,12 +194,173 @@ def _scalar(value: Any) -> int | float:
     return int(item) if isinstance(item, (bool, int)) else float(item)
 
 
+def flatten_hparams(hparams: Mapping[str, Any], prefix: str = "") -> dict[str, bool | int | float | str]:
+    """Nested config -> {"model.stack.n_layers": 2, ...}: TensorBoard's HParams tab takes flat scalars only.
+
+    Lists, tuples and None become their JSON text, anything else its ``str``.
+    """
+    flat: dict[str, bool | int | float | str] = {}
+    for key, value in hparams.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_hparams(value, prefix=f"{name}."))
+        elif isinstance(value, (bool, int, float, str)):
+            flat[name] = value
+        elif isinstance(value, (np.integer, np.floating, np.bool_)):
+            flat[name] = value.item()
+        elif value is None or isinstance(value, (list, tuple)):
+            flat[name] = json.dumps(value, default=str)
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+class _ScalarWriter(MetricWriter):
+    """A clu MetricWriter for scalars (and hyperparameters, where it has somewhere to put them).
+
+    Training writes nothing else; the other kinds raise and name the writer, rather than vanish.
+    """
+
+    def _unsupported(self, kind: str) -> None:
+        raise NotImplementedError(f"{type(self).__name__}: writes scalars only, not {kind}")
+
+    def write_summaries(self, step: int, values: Mapping[str, Any], metadata: Mapping[str, Any] | None = None):
+        self._unsupported("summaries")
+
+    def write_images(self, step: int, images: Mapping[str, Any]):
+        self._unsupported("images")
+
+    def write_videos(self, step: int, videos: Mapping[str, Any]):
+        self._unsupported("videos")
+
+    def write_audios(self, step: int, audios: Mapping[str, Any], *, sample_rate: int):
+        self._unsupported("audios")
+
+    def write_texts(self, step: int, texts: Mapping[str, str]):
+        self._unsupported("texts")
+
+    def write_histograms(self, step: int, arrays: Mapping[str, Any], num_buckets: Mapping[str, int] | None = None):
+        self._unsupported("histograms")
+
+    def write_hparams(self, hparams: Mapping[str, Any]):
+        """Ignored: only TensorBoard has a place for them (the config is also saved with every checkpoint)."""
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
+class JsonlLog:
+    """The append-only ``metrics.jsonl``: one JSON object per line, flushed per record (clu has no JSONL writer).
+
+    It is the durable record that sweeps and tests read (`read_jsonl`), so it is written in the
+    caller's thread and flushed at once, never buffered behind an asynchronous writer.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = pathlib.Path(path)
+        self._file: IO[str] | None = None
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        if self._file is None:
+            torn = self.path.exists() and self.path.stat().st_size > 0 and not _ends_with_newline(self.path)
+            self._file = open(self.path, "a", encoding="utf-8")
+            if torn:  # a crash mid-line: start a fresh line rather than glue the next record to it
+                self._file.write("\n")
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def truncate_after(self, step: int) -> int:
+        """Drops records with step > ``step`` and torn lines (atomic rewrite); returns how many were dropped."""
+        self.close()
+        if not self.path.exists():
+            return 0
+        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = [line for line in lines if (parsed := _line_step(line)) is not None and parsed <= step]
+        dropped = len(lines) - len(kept)
+        if dropped:
+            write_atomic(self.path, "".join(kept).encode("utf-8"))
+        return dropped
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class JsonlWriter(_ScalarWriter):
+    """One split's view of a `JsonlLog`: records ``{"step", "split", **scalars, "time"}``."""
+
+    def __init__(self, log: JsonlLog, split: str) -> None:
+        self.log, self.split = log, split
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+        self.log.append({"step": int(step), "split": self.split, **scalars, "time": time.time()})
+
+
+class TensorboardXWriter(_ScalarWriter):
+    """TensorBoard event files of one run folder, through tensorboardX.
+
+    Ours rather than clu's TorchTensorboardWriter: resuming needs tensorboardX's ``purge_step``
+    and a unique file suffix, which that writer does not expose, and torch is not a dependency.
+    """
+
+    def __init__(self, logdir: str | os.PathLike, *, purge_step: int | None = None) -> None:
+        from tensorboardX import SummaryWriter  # imported on first use: seconds when torch is installed
+
+        # tensorboardX names files by the second and opens them with "wb", so two writers in one
+        # second (a quick restart) would clobber each other; time_ns first keeps names in creation order.
+        self._writer = SummaryWriter(
+            str(logdir), purge_step=purge_step, flush_secs=1, filename_suffix=f".{time.time_ns()}.{os.getpid()}"
+        )
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+        for key, value in scalars.items():
+            self._writer.add_scalar(key, value, int(step))
+        # tensorboardX writes from a thread: flush() pushes what that thread has written, flush_secs=1
+        # bounds the lag, close() waits for everything. metrics.jsonl is the durable record.
+        self._writer.flush()
+
+    def write_hparams(self, hparams: Mapping[str, Any]):
+        """The HParams tab's session records, in this run's own folder (add_hparams would open a sub-run)."""
+        from tensorboardX.summary import hparams as hparams_summaries
+
+        for summary in hparams_summaries(flatten_hparams(hparams), {}):
+            self._writer.file_writer.add_summary(summary)
+        self._writer.flush()
+
+    def flush(self):
+        self._writer.flush()
+
+    def close(self):
+        self._writer.close()
+
+
+class ConsoleWriter(_ScalarWriter):
+    """The one-line progress report of `format_progress`, prefixed with ``[split]`` except for train."""
+
+    def __init__(self, stream: IO[str], *, total_steps: int | None, start: float, prefix: str = "") -> None:
+        self.stream, self.total_steps, self.start, self.prefix = stream, total_steps, start, prefix
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+        line = format_progress(step, self.total_steps, scalars, time.monotonic() - self.start)
+        print(f"{self.prefix}{line}", file=self.stream, flush=True)
+
+
 _STDOUT = object()  # default console: sys.stdout as it is when the writer is made
 RESERVED_KEYS = ("step", "split", "time")
 
 
-class MetricsWriter:
+class MetricsWriter(_ScalarWriter):
     """JSONL + TensorBoard + console for one run's ``workdir``; a no-op on processes other than 0.
+
+    Each split ("train", "validation") gets a clu `MultiWriter` over a `JsonlWriter`, a
+    `TensorboardXWriter` on ``tensorboard/{split}/`` and a `ConsoleWriter`; `write` fans a record
+    out to them, and `write_scalars` / `write_hparams` make the whole a clu MetricWriter of the
+    train split. No AsyncWriter: the JSONL line must be on disk before the step's checkpoint is,
+    and tensorboardX already writes events from its own thread.
 
     After a restart at step s, call `truncate_after(s)` before writing: lines of the interrupted
     run past s leave ``metrics.jsonl`` and TensorBoard hides its events from step s + 1 on
@@ -193,32 +385,25 @@ class MetricsWriter:
         self.path = self.workdir / METRICS_FILE
         self._start = time.monotonic()
         self._purge_step: int | None = None
-        self._tb: dict[str, Any] = {}
-        self._file: IO[str] | None = None
+        self._log = JsonlLog(self.path)
+        self._splits: dict[str, MetricWriter] = {}
         if self.active:
             self.workdir.mkdir(parents=True, exist_ok=True)
 
-    def _jsonl(self) -> IO[str]:
-        if self._file is None:
-            torn = self.path.exists() and self.path.stat().st_size > 0 and not _ends_with_newline(self.path)
-            self._file = open(self.path, "a", encoding="utf-8")
-            if torn:  # a crash mid-line: start a fresh line rather than glue the next record to it
-                self._file.write("\n")
-        return self._file
-
-    def _tb_writer(self, split: str):
-        if split not in self._tb:
-            from tensorboardX import SummaryWriter  # imported on first use: seconds with torch installed
-
-            # A unique suffix: tensorboardX names files by the second and opens them with "wb",
-            # so two writers in one second (a quick restart) would clobber each other.
-            self._tb[split] = SummaryWriter(
-                str(self.workdir / TENSORBOARD_DIR / split),
-                purge_step=self._purge_step,
-                flush_secs=1,
-                filename_suffix=f".{os.getpid()}.{time.time_ns()}",
-            )
-        return self._tb[split]
+    def writer(self, split: str) -> MetricWriter:
+        """The clu MetricWriter of one split (made on first use, after any `truncate_after`)."""
+        if split not in self._splits:
+            writers: list[MetricWriter] = [JsonlWriter(self._log, split)]
+            if self.tensorboard:
+                logdir = self.workdir / TENSORBOARD_DIR / split
+                writers.append(TensorboardXWriter(logdir, purge_step=self._purge_step))
+            if self.console is not None:
+                prefix = "" if split == "train" else f"[{split}] "
+                writers.append(
+                    ConsoleWriter(self.console, total_steps=self.total_steps, start=self._start, prefix=prefix)
+                )
+            self._splits[split] = MultiWriter(writers)
+        return self._splits[split]
 
     def write(self, step: int, metrics: Mapping[str, Any], *, split: str = "train") -> None:
         """Records scalar ``metrics`` of ``step`` for ``split`` ("train" or "validation")."""
@@ -228,49 +413,37 @@ class MetricsWriter:
         if reserved:
             raise ValueError(f"metrics: {reserved[0]!r} is a reserved key of each record; rename the metric")
         scalars = {key: _scalar(value) for key, value in metrics.items()}
-        record = {"step": int(step), "split": split, **scalars, "time": time.time()}
-        file = self._jsonl()
-        file.write(json.dumps(record) + "\n")
-        file.flush()
-        if self.tensorboard:
-            writer = self._tb_writer(split)
-            for key, value in scalars.items():
-                writer.add_scalar(key, value, int(step))
-            # tensorboardX writes from a thread: flush() pushes what it has written, flush_secs=1
-            # bounds the lag, close() waits for everything. metrics.jsonl is the durable record.
-            writer.flush()
-        if self.console is not None:
-            line = format_progress(step, self.total_steps, scalars, time.monotonic() - self._start)
-            if split != "train":
-                line = f"[{split}] {line}"
-            print(line, file=self.console, flush=True)
+        self.writer(split).write_scalars(int(step), scalars)
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+        self.write(step, scalars, split="train")
+
+    def write_hparams(self, hparams: Mapping[str, Any]):
+        """The run's config (nested dicts are flattened) to TensorBoard's HParams tab of the train split."""
+        if self.active:
+            self.writer("train").write_hparams(hparams)
 
     def truncate_after(self, step: int) -> int:
         """Drops JSONL records with step > ``step`` (atomic rewrite); returns how many were dropped."""
         if not self.active:
             return 0
-        self._close_files()
+        self._close_writers()
         self._purge_step = int(step) + 1
-        if not self.path.exists():
-            return 0
-        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
-        kept = [line for line in lines if (parsed := _line_step(line)) is not None and parsed <= step]
-        dropped = len(lines) - len(kept)
-        if dropped:
-            write_atomic(self.path, "".join(kept).encode("utf-8"))
-        return dropped
+        return self._log.truncate_after(int(step))
 
-    def _close_files(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        for writer in self._tb.values():
+    def _close_writers(self) -> None:
+        for writer in self._splits.values():
             writer.close()
-        self._tb = {}
+        self._splits = {}
+        self._log.close()
+
+    def flush(self):
+        for writer in self._splits.values():
+            writer.flush()
 
     def close(self) -> None:
         """Flushes and closes every file (TensorBoard events are complete on disk after this)."""
-        self._close_files()
+        self._close_writers()
 
     def __enter__(self) -> MetricsWriter:
         return self
@@ -295,11 +468,11 @@ def _ends_with_newline(path: pathlib.Path) -> bool:
         return file.read(1) == b"\n"
 
 
-# --- readers (tests, notebooks) ----------------------------------------------------------------
-
-
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every complete JSON object of a metrics file, in order (a torn last line is skipped)."""
+    """Every complete JSON object of a metrics file, in order (a torn last line is skipped).
+
+    This is the library's way to read a run's metrics; TensorBoard's files are for TensorBoard.
+    """
     records = []
     with open(path, encoding="utf-8") as file:
         for line in file:
@@ -310,48 +483,3 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 continue
     return records
-
-
-def _tfrecords(path: pathlib.Path):
-    """Payloads of a TFRecord file: [uint64 length][uint32 crc][data][uint32 crc], little-endian."""
-    with open(path, "rb") as file:
-        while header := file.read(12):
-            if len(header) < 12:
-                return
-            (length,) = struct.unpack("<Q", header[:8])
-            data = file.read(length)
-            if len(data) < length or len(file.read(4)) < 4:
-                return  # a record still being written
-            yield data
-
-
-def read_tensorboard_scalars(directory: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
-    """{tag: [(step, value), ...]} from the event files of one directory, as TensorBoard shows them.
-
-    Files are read in creation order; a session-start event at step s (a purge_step) hides the
-    values at steps >= s recorded before it, which is how resumed runs show each step once.
-    """
-    from tensorboardX.proto import event_pb2
-
-    def first_time(path: pathlib.Path) -> float:
-        for data in _tfrecords(path):
-            return event_pb2.Event.FromString(data).wall_time
-        return math.inf
-
-    files = sorted(pathlib.Path(directory).glob("events.out.tfevents.*"), key=lambda p: (first_time(p), p.name))
-    scalars: dict[str, list[tuple[int, float]]] = {}
-    for path in files:
-        for data in _tfrecords(path):
-            event = event_pb2.Event.FromString(data)
-            if event.HasField("session_log") and event.session_log.status == event.session_log.START:
-                scalars = {tag: [(s, v) for s, v in values if s < event.step] for tag, values in scalars.items()}
-            if event.HasField("summary"):
-                for value in event.summary.value:
-                    if value.HasField("simple_value"):
-                        number = float(value.simple_value)
-                    elif value.HasField("tensor") and len(value.tensor.float_val) == 1:
-                        number = float(value.tensor.float_val[0])
-                    else:
-                        continue
-                    scalars.setdefault(value.tag, []).append((int(event.step), number))
-    return scalars
