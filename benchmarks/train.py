@@ -32,7 +32,7 @@ Measurements
 * Step time: the median of ``--steps`` timed steps after compilation (bltjax: the first call
   compiles, it is reported as "compile s" and includes that first step; torch: ``--hf-warmup``
   untimed steps, "compile s" is then the first warm-up step). bytes/s = B x N / step time.
-* FLOPs per byte: `bltjax.flops.matmul_flops_per_byte(config, mean_patch_size=4.5).train`
+* FLOPs per byte: `bltjax.models.flops.matmul_flops_per_byte(config, mean_patch_size=4.5).train`
   (3 x forward; what bltjax multiplies, attention over the causal window only). The HF row
   uses the same count (the same model's useful FLOPs; its dense masked attention executes more,
   which is its inefficiency, not extra useful work). The spec §14 analytic count is in the JSON.
@@ -195,8 +195,8 @@ def baseline_config(batch: int, seq_len: int, target_flops: float, window: int =
     Widths start at ``min_dim`` (the BLT's local width): a deep, narrow baseline would run small,
     inefficient matmuls and flatter the BLT's FLOP/s ratio.
     """
-    from bltjax import flops
     from bltjax.config import base_byte_lm_config, stack_config
+    from bltjax.models import flops
 
     best = None
     for dim in [d for d in (64, 128, 192, 256, 320, 384, 448, 512, 576, 640) if d >= min_dim]:
@@ -214,7 +214,7 @@ def baseline_config(batch: int, seq_len: int, target_flops: float, window: int =
 
 
 def flop_counts(config) -> dict:
-    from bltjax import flops
+    from bltjax.models import flops
 
     n_p = MEAN_PATCH if config.model_type == "blt" else None
     matmul = flops.matmul_flops_per_byte(config, mean_patch_size=n_p)
@@ -229,8 +229,9 @@ def child_bltjax(args, which: str) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from bltjax import flops
+    from bltjax.models import flops
     from bltjax.models.factory import build_model
+    from bltjax.runtime import peaks
     from bltjax.training.optimizer import learning_rate_schedule, make_optimizer
     from bltjax.training.sharding import batch_sharding, make_mesh
     from bltjax.training.state import create_train_state, parameter_count
@@ -245,7 +246,7 @@ def child_bltjax(args, which: str) -> dict:
         config = baseline_config(args.batch, args.seq_len, target, encoder.window, encoder.dim)
         config.model.remat = args.remat  # the same trade as the BLT row: FLOP/s compare like with like
     model_type = config.model_type
-    peak = flops.measured_matmul_peak("float32")
+    peak = peaks.measured_matmul_peak("float32")
 
     devices = jax.devices()[:1]
     mesh = make_mesh(config, devices)
@@ -401,9 +402,9 @@ def child_hf(args) -> dict:
     import transformers
     from transformers import BltConfig, BltForCausalLM
 
-    from bltjax import flops
     from bltjax.config import model_config
     from bltjax.convert.hf import blt_config_to_hf
+    from bltjax.models import flops
 
     base_rss = max_rss_mib()
     torch.set_num_threads(args.threads)
@@ -581,7 +582,7 @@ def main() -> None:
     header = ("| row | bytes/s | step s | compile s | FLOPs/byte | achieved GFLOP/s | MFU | peak RSS MiB "
               "| RSS - base MiB | steps-only RSS - base MiB |")  # fmt: skip
     print(f"\nmatmul peak (measured, float32): {peak / 1e9:.0f} GFLOP/s; FLOPs/byte = train matmul count "
-          f"(3 x forward, bltjax.flops.matmul_flops_per_byte, mean patch {MEAN_PATCH})\n")  # fmt: skip
+          f"(3 x forward, bltjax.models.flops.matmul_flops_per_byte, mean patch {MEAN_PATCH})\n")  # fmt: skip
     print(header)
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in rows:
@@ -652,8 +653,8 @@ def main() -> None:
             json.dumps(
                 {
                     "unit": "bytes/s = B x N target bytes per second of a full training step (fwd + bwd + AdamW)",
-                    "flops": "matmul count, train = 3 x forward (bltjax.flops.matmul_flops_per_byte); MFU against "
-                    "the measured float32 matmul peak",
+                    "flops": "matmul count, train = 3 x forward (bltjax.models.flops.matmul_flops_per_byte); "
+                    "MFU against the measured float32 matmul peak",
                     "memory": "ru_maxrss of each row's own child process; ratio on peak RSS minus the RSS after "
                     "imports",
                     "targets": {

@@ -10,12 +10,10 @@ from __future__ import annotations
 import math
 
 import jax
-from absl import app
+from absl import app, flags
 from ml_collections import config_flags
 
 from bltjax.models.factory import parameter_shapes
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path.py[:variant]).")
 
 
 def count_parameters(shapes: dict) -> dict[str, int]:
@@ -29,9 +27,14 @@ def count_parameters(shapes: dict) -> dict[str, int]:
     return counts
 
 
-def main(argv) -> None:
+def define_flags() -> None:
+    """Command-line flags, defined only when this module is the program."""
+    config_flags.DEFINE_config_file("config", None, "Experiment config file (path.py[:variant]).")
+
+
+def main(argv: list[str]) -> None:
     del argv
-    config = _CONFIG.value
+    config = flags.FLAGS.config
     if config is None:
         raise app.UsageError("--config is required, e.g. --config experiments/blt_tiny.py")
     counts = count_parameters(parameter_shapes(config))
@@ -42,4 +45,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

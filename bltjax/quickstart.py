@@ -1,19 +1,23 @@
 r"""The README's main job, end to end on the bundled corpus (about 10 minutes on 2 CPU cores).
 
-  python -m bltjax.quickstart --workdir runs/quickstart
+  python -m bltjax.quickstart --workdir runs/quickstart [--config experiments/quickstart.py]
 
-    1. prepare   bundled corpus           -> WORKDIR/data            (byte shards, spec §10)
-    2. train     entropy model            -> WORKDIR/entropy_model   (experiments/quickstart.py:entropy)
+    1. prepare   bundled corpus           -> WORKDIR/data            (byte shards, docs/architecture.md §10)
+    2. train     entropy model            -> WORKDIR/entropy_model   (CONFIG:entropy)
     3. export    its final parameters     -> WORKDIR/entropy_model/export
     4. entropy   sidecars next to shards  -> WORKDIR/data/*.entropy.f16, *.starts.*.bits
                  (threshold calibrated to a mean patch of --patch_size bytes)
-    5. train     entropy-patched BLT      -> WORKDIR/blt             (experiments/quickstart.py:blt)
+    5. train     entropy-patched BLT      -> WORKDIR/blt             (CONFIG:blt)
     6. report    validation bits-per-byte, checkpoints and TensorBoard folders, and a greedy
                  sample from the BLT (cached generation with incremental entropy patching)
 
 Every stage is resumable: rerunning the command skips what is complete and continues a
 training stage from its latest checkpoint. The same stages are separate commands
 (`bltjax.prepare`, `bltjax.train`, `bltjax.entropy`) for real corpora.
+
+``--config`` is an experiment file with an ``entropy`` and a ``blt`` variant, read relative to
+the current folder: the default, ``experiments/quickstart.py``, is there when the command runs
+from the repository root (as `launch/quickstart.sh` does). The corpus ships inside the package.
 """
 
 from __future__ import annotations
@@ -23,17 +27,19 @@ import sys
 import time
 
 import jax
+import ml_collections
 from absl import app, flags, logging
 
 from bltjax import generate as generate_cli
-from bltjax.config import load_config
+from bltjax.config import ConfigError, load_config
 from bltjax.data import entropy, prepare
 from bltjax.runtime import compile_cache
-from bltjax.train import train
 from bltjax.training.checkpoint_io import save_model
+from bltjax.training.trainer import train
 
-REPO_EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
-CORPUS_DIR = pathlib.Path(__file__).resolve().parent / "data" / "corpus"
+DEFAULT_CONFIG = "experiments/quickstart.py"
+VARIANTS = ("entropy", "blt")
+CORPUS_DIR = pathlib.Path(__file__).resolve().parent / "data" / "corpus"  # package data, installed with it
 # English prose, code and two other scripts: enough variety for entropy patching to matter.
 DEFAULT_CORPUS = (
     "en_jargon_file_excerpt.jsonl",
@@ -41,14 +47,36 @@ DEFAULT_CORPUS = (
     "code_python_stdlib.jsonl",
     "zh_tang_song_poems.jsonl",
 )
-
-_WORKDIR = flags.DEFINE_string("workdir", "runs/quickstart", "Where data, models and logs go.")
-_ENTROPY_STEPS = flags.DEFINE_integer("entropy_steps", None, "Override the entropy model's training steps.")
-_BLT_STEPS = flags.DEFINE_integer("blt_steps", None, "Override the BLT's training steps.")
-_PATCH_SIZE = flags.DEFINE_float("patch_size", 4.5, "Mean patch size the entropy threshold is calibrated to.")
-_SAMPLE_BYTES = flags.DEFINE_integer("sample_bytes", 96, "Bytes generated per sample prompt at the end; 0 = none.")
 SAMPLE_PROMPTS = ("A hacker is ", "def main(")
-_CORPUS = flags.DEFINE_list("corpus", list(DEFAULT_CORPUS), "Files of bltjax/data/corpus to train on.")
+
+
+def resolve_config_file(path: str) -> pathlib.Path:
+    """``--config`` as a file: relative to the current folder, never to the package."""
+    if ":" in path:
+        raise ConfigError(f"--config: expected an experiment file without a variant (the quickstart uses both "
+                          f"{' and '.join(VARIANTS)}), got {path!r}")  # fmt: skip
+    file = pathlib.Path(path).absolute()
+    if not file.is_file():
+        raise ConfigError(
+            f"--config: no experiment file {file} (relative paths are read from the current folder "
+            f"{pathlib.Path.cwd()}); run from the repository root, or pass --config PATH to a file with the "
+            f"variants {', '.join(VARIANTS)}, like the repository's {DEFAULT_CONFIG}"
+        )
+    return file
+
+
+def experiment_config(
+    config_file: pathlib.Path, variant: str, data: pathlib.Path, steps: int | None
+) -> ml_collections.ConfigDict:
+    """One variant of the quickstart's experiment file, pointed at ``data`` (``steps`` shortens it)."""
+    config = load_config(f"{config_file}:{variant}")
+    config.data.path = str(data)
+    if steps is not None:
+        config.train.steps = steps
+        config.train.eval_every = max(steps // 2, 1)
+        config.train.log_every = max(min(config.train.log_every, steps // 4), 1)
+        config.optimizer.warmup_steps = min(config.optimizer.warmup_steps, max(steps // 10, 1))
+    return config
 
 
 def _stage(number: int, text: str) -> float:
@@ -60,48 +88,46 @@ def _done(start: float) -> None:
     print(f"   ({time.time() - start:.0f} s)", flush=True)
 
 
-def _experiment(variant: str, data: pathlib.Path, steps: int | None):
-    config = load_config(f"{REPO_EXPERIMENTS / 'quickstart.py'}:{variant}")
-    config.data.path = str(data)
-    if steps is not None:
-        config.train.steps = steps
-        config.train.eval_every = max(steps // 2, 1)
-        config.train.log_every = max(min(config.train.log_every, steps // 4), 1)
-        config.optimizer.warmup_steps = min(config.optimizer.warmup_steps, max(steps // 10, 1))
-    return config
-
-
-def run(workdir: pathlib.Path) -> dict[str, float]:
+def run(
+    workdir: pathlib.Path,
+    *,
+    config_file: str = DEFAULT_CONFIG,
+    corpus: tuple[str, ...] = DEFAULT_CORPUS,
+    entropy_steps: int | None = None,
+    blt_steps: int | None = None,
+    patch_size: float = 4.5,
+    sample_bytes: int = 96,
+) -> dict[str, float]:
     """Runs (or completes) every stage; returns the validation bits-per-byte of both models."""
+    config_path = resolve_config_file(config_file)  # before any work: a bad flag fails at once
     began = time.time()
     data = workdir / "data"
     started = _stage(1, f"prepare the bundled corpus -> {data}")
-    files = [CORPUS_DIR / name for name in _CORPUS.value]
-    prepare.prepare(files, data, shard_bytes=1 << 20, val_fraction=0.05, progress=False)
+    prepare.prepare([CORPUS_DIR / name for name in corpus], data, shard_bytes=1 << 20, val_fraction=0.05,
+                    progress=False)  # fmt: skip
     manifest = prepare.load_manifest(data)
     print(f"   {manifest.total('train', 'bytes'):,} train bytes, {manifest.total('validation', 'bytes'):,} validation")
     _done(started)
 
     started = _stage(2, "train the entropy model (a small byte LM)")
-    entropy_config = _experiment("entropy", data, _ENTROPY_STEPS.value)
+    entropy_config = experiment_config(config_path, "entropy", data, entropy_steps)
     entropy_run = train(entropy_config, workdir / "entropy_model")
     _done(started)
 
     export = workdir / "entropy_model" / "export"
     started = _stage(3, f"export its parameters -> {export}")
     if not (export / "config.json").is_file():
-        params = jax.device_get(entropy_run.state.params)
-        save_model(export, entropy_config, params)
+        save_model(export, entropy_config, jax.device_get(entropy_run.state.params))
     _done(started)
 
-    started = _stage(4, f"entropy sidecars, threshold for a mean patch of {_PATCH_SIZE.value} bytes")
-    # Rows of 2048 bytes: the exact-chunking overlap (layers x (window - 1) = 254) then costs ~14%.
-    summary = entropy.run(data, export, target_patch_size=_PATCH_SIZE.value, context=2048, log=sys.stdout)
+    started = _stage(4, f"entropy sidecars, threshold for a mean patch of {patch_size} bytes")
+    # Rows of 2048 bytes: the exact-chunking overlap (layers x (window - 1) = 254) stays small beside them.
+    summary = entropy.run(data, export, target_patch_size=patch_size, context=2048, log=sys.stdout)
     print(f"   threshold {summary.threshold:.4f} (tag {summary.tag}), {len(summary.computed)} shards computed")
     _done(started)
 
     started = _stage(5, "train the BLT on entropy patches")
-    blt_config = _experiment("blt", data, _BLT_STEPS.value)
+    blt_config = experiment_config(config_path, "blt", data, blt_steps)
     blt_config.patching.threshold = float(summary.threshold)
     blt_run = train(blt_config, workdir / "blt")
     _done(started)
@@ -111,22 +137,47 @@ def run(workdir: pathlib.Path) -> dict[str, float]:
     print(f"   BLT validation bpb:           {blt_run.validation_bpb:.4f}")
     print(f"   checkpoints: {workdir / 'blt' / 'checkpoints'}  (entropy model: {workdir / 'entropy_model'})")
     print(f"   tensorboard --logdir {workdir}")
-    if _SAMPLE_BYTES.value > 0:
+    if sample_bytes > 0:
         # The same path as `python -m bltjax.generate --workdir WORKDIR/blt`: the entropy model is
         # found next to the run and accepted because the sidecars name its fingerprint.
-        print(f"   greedy samples ({_SAMPLE_BYTES.value} bytes each):")
-        generate_cli.run(workdir=workdir / "blt", prompts=list(SAMPLE_PROMPTS), max_bytes=_SAMPLE_BYTES.value)
+        print(f"   greedy samples ({sample_bytes} bytes each):")
+        generate_cli.run(workdir=workdir / "blt", prompts=list(SAMPLE_PROMPTS), max_bytes=sample_bytes)
     print(f"   total {time.time() - began:.0f} s")
     return {"entropy_model_bpb": entropy_run.validation_bpb, "blt_bpb": blt_run.validation_bpb}
 
 
+def define_flags() -> None:
+    """Command-line flags, defined only when this module is the program."""
+    flags.DEFINE_string("workdir", "runs/quickstart", "Where data, models and logs go.")
+    flags.DEFINE_string("config", DEFAULT_CONFIG, "Experiment file with entropy and blt variants (from the cwd).")
+    flags.DEFINE_integer("entropy_steps", None, "Override the entropy model's training steps.")
+    flags.DEFINE_integer("blt_steps", None, "Override the BLT's training steps.")
+    flags.DEFINE_float("patch_size", 4.5, "Mean patch size the entropy threshold is calibrated to.")
+    flags.DEFINE_integer("sample_bytes", 96, "Bytes generated per sample prompt at the end; 0 = none.")
+    flags.DEFINE_list("corpus", list(DEFAULT_CORPUS), "Files of bltjax/data/corpus to train on.")
+
+
 def main(argv: list[str]) -> None:
     del argv
-    if not flags.FLAGS["verbosity"].present:
+    FLAGS = flags.FLAGS
+    if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     compile_cache.enable()
-    run(pathlib.Path(_WORKDIR.value).absolute())
+    try:
+        run(
+            pathlib.Path(FLAGS.workdir).absolute(),
+            config_file=FLAGS.config,
+            corpus=tuple(FLAGS.corpus),
+            entropy_steps=FLAGS.entropy_steps,
+            blt_steps=FLAGS.blt_steps,
+            patch_size=FLAGS.patch_size,
+            sample_bytes=FLAGS.sample_bytes,
+        )
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

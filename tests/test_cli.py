@@ -58,6 +58,30 @@ def test_main_job_runs_every_stage_and_resumes(tmp_path):
     assert f"BLT validation bpb:           {bpb:.4f}" in rerun.stdout  # the same model, evaluated again
 
 
+def test_quickstart_reads_its_config_from_the_current_folder_not_the_package(tmp_path, monkeypatch):
+    """An installed package has no experiments/ beside it: --config is read from the cwd, or named in the error."""
+    from bltjax import quickstart
+
+    monkeypatch.chdir(REPO)
+    file = quickstart.resolve_config_file(quickstart.DEFAULT_CONFIG)
+    assert file == REPO / "experiments" / "quickstart.py"
+    config = quickstart.experiment_config(file, "blt", tmp_path / "data", steps=4)
+    assert (config.data.path, config.train.steps, config.patching.mode) == (str(tmp_path / "data"), 4, "entropy")
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the package is still imported from the repository
+    with pytest.raises(ConfigError, match=r"--config: no experiment file .*experiments/quickstart\.py .*pass --config"):
+        quickstart.run(elsewhere / "qs")
+    assert not (elsewhere / "qs").exists(), "the flag is checked before any stage runs"
+    with pytest.raises(ConfigError, match=r"--config: expected an experiment file without a variant"):
+        quickstart.resolve_config_file(f"{file}:blt")
+    env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    command = [sys.executable, "-m", "bltjax.quickstart", "--workdir", "qs"]
+    result = subprocess.run(command, cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "error: --config: no experiment file" in result.stderr, result.stderr[-2000:]
+
+
 def test_describe_reports_parameter_counts():
     result = _run("bltjax.describe", "--config", "experiments/blt_1b.py")
     assert result.returncode == 0, result.stderr

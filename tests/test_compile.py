@@ -9,15 +9,14 @@ import pathlib
 import subprocess
 import sys
 import time
-import types
 
 import jax
 import pytest
 import test_distributed
 
-from bltjax import compile as aot
 from bltjax.config import load_config
 from bltjax.models.factory import parameter_shapes
+from bltjax.runtime import aot
 from bltjax.training.sharding import MeshError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -172,11 +171,9 @@ def test_cli_fails_early_with_the_reason(args, message):
     [("v5p-16", 8, "give exactly one of --topology"), (None, None, "give exactly one of --topology"),
      ("tpu-9000", None, "unknown target 'tpu-9000'")],
 )  # fmt: skip
-def test_run_checks_its_flags_first(topology, devices, message):
-    flags = types.SimpleNamespace(topology=topology, devices=devices, num_slices=1, hbm_gib=None, hbm_fraction=0.9,
-                                  backend="cpu", out=None)  # fmt: skip
+def test_compile_for_target_checks_its_arguments_first(topology, devices, message):
     with pytest.raises(aot.CompileError, match=message):
-        aot.run(tiny(), flags)
+        aot.compile_for_target(tiny(), topology=topology, devices=devices, backend="cpu")
 
 
 @pytest.mark.skipif(not aot.libtpu_available(), reason="needs the libtpu package (pip install libtpu)")

@@ -22,13 +22,13 @@ import numpy as np
 import pytest
 import test_train
 
-from bltjax import eval as bltjax_eval
 from bltjax.config import load_config
 from bltjax.data import prepare
+from bltjax.inference.evaluate import evaluate_and_write
 from bltjax.runtime import distributed
 from bltjax.runtime.cli import normalise_argv
-from bltjax.train import train
 from bltjax.training.metrics import read_jsonl
+from bltjax.training.trainer import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CORPUS = REPO / "bltjax" / "data" / "corpus"
@@ -93,9 +93,9 @@ def test_two_processes_train_like_one_and_their_checkpoint_evaluates_on_one(data
     assert {p.name for p in (step_dir / "data").iterdir()} >= {"process_0-of-2.json", "process_1-of-2.json"}
 
     # One process (4 devices here) restores the 2-process checkpoint: same bits per byte.
-    kwargs = dict(model_dir=None, data_dir=data_dir, console=io.StringIO(), devices=jax.devices()[:4])
-    from_two, _ = bltjax_eval.run(workdir=two, out=tmp_path / "two.json", **kwargs)
-    from_one, _ = bltjax_eval.run(workdir=one, out=tmp_path / "one.json", **kwargs)
+    kwargs = dict(model_dir=None, data_dir=data_dir, devices=jax.devices()[:4])
+    from_two, _ = evaluate_and_write(workdir=two, out=tmp_path / "two.json", **kwargs)
+    from_one, _ = evaluate_and_write(workdir=one, out=tmp_path / "one.json", **kwargs)
     assert from_two.step == from_one.step == 4
     assert from_two.n_targets == from_one.n_targets > 0
     assert from_two.bpb == pytest.approx(from_one.bpb, rel=2e-5)

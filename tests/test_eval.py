@@ -24,12 +24,12 @@ import test_train
 
 from bltjax.config import ConfigError, load_config
 from bltjax.data import pipeline, prepare
-from bltjax.eval import evaluate, run
+from bltjax.inference.evaluate import evaluate, evaluate_and_write
 from bltjax.inference.restore import RestoreError, load_for_inference
 from bltjax.models.factory import build_model, example_inputs
 from bltjax.tokenizer import OFFSET
-from bltjax.train import train
 from bltjax.training import checkpoint_io, sharding
+from bltjax.training.trainer import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BYTE_LM = str(REPO / "experiments" / "byte_lm.py")
@@ -278,9 +278,9 @@ def test_bad_input_is_refused_with_the_path_or_field_named(run_dir, data_dir, tm
 
     # Data: a missing folder, a missing split, a bad override; each before any device work.
     with pytest.raises(pipeline.DataError, match=r"no_data: no such data folder"):
-        run(workdir=workdir, model_dir=None, data_dir=tmp_path / "no_data", console=io.StringIO())
+        evaluate_and_write(workdir=workdir, model_dir=None, data_dir=tmp_path / "no_data")
     with pytest.raises(pipeline.DataError, match=r"manifest\.json: no split 'test'; found splits"):
-        run(workdir=workdir, model_dir=None, data_dir=data_dir, split="test", console=io.StringIO())
+        evaluate_and_write(workdir=workdir, model_dir=None, data_dir=data_dir, split="test")
     with pytest.raises(ConfigError, match=r"config\.patching\.treshold: unknown key"):
         evaluate(load_for_inference(workdir), data_dir, patching_overrides={"treshold": 1.0})
     assert not (workdir / "eval" / "test-step6.json").exists()

@@ -10,10 +10,11 @@ import types
 import jax
 import pytest
 
-from bltjax import flops
 from bltjax.config import load_config, model_config, stack_config
+from bltjax.models import flops
 from bltjax.models.configs import BLTConfig, ByteLMConfig, TransformerConfig
 from bltjax.models.factory import build_model, example_inputs
+from bltjax.runtime import peaks
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
 
@@ -192,7 +193,7 @@ def test_traced_matmul_flops_counts_scans_and_batched_dots():
 
 
 def test_mfu():
-    assert flops.mfu(3e9, 1e5, 1e15) == pytest.approx(3e-1)
+    assert peaks.mfu(3e9, 1e5, 1e15) == pytest.approx(3e-1)
 
 
 # --- device peaks ---------------------------------------------------------------------------------
@@ -214,7 +215,7 @@ def test_mfu():
     ],
 )
 def test_device_family(kind, family):
-    assert flops.device_family(kind) == family
+    assert peaks.device_family(kind) == family
 
 
 def _fake_device(kind: str, platform: str = "gpu", process_index: int = 0):
@@ -222,32 +223,32 @@ def _fake_device(kind: str, platform: str = "gpu", process_index: int = 0):
 
 
 def test_table_peaks():
-    value, source = flops.peak_flops_per_device(_fake_device("TPU v5 lite", "tpu"), "bfloat16")
+    value, source = peaks.peak_flops_per_device(_fake_device("TPU v5 lite", "tpu"), "bfloat16")
     assert value == 197e12 and "cloud.google.com" in source
-    value, _ = flops.peak_flops_per_device(_fake_device("NVIDIA H100 80GB HBM3"), "bfloat16")
+    value, _ = peaks.peak_flops_per_device(_fake_device("NVIDIA H100 80GB HBM3"), "bfloat16")
     assert value == 989.5e12
-    total, _ = flops.peak_flops_total([_fake_device("TPU v4", "tpu")] * 4, "bfloat16")
+    total, _ = peaks.peak_flops_total([_fake_device("TPU v4", "tpu")] * 4, "bfloat16")
     assert total == 4 * 275e12
 
 
 def test_float32_table_respects_matmul_precision():
     """conftest asks for "highest" float32 matmuls: that is not TF32, so the peak is measured."""
     with jax.default_matmul_precision("default"):
-        value, source = flops.peak_flops_per_device(_fake_device("NVIDIA A100-SXM4-40GB"), "float32")
+        value, source = peaks.peak_flops_per_device(_fake_device("NVIDIA A100-SXM4-40GB"), "float32")
         assert value == 156e12 and source.startswith("table")
     with jax.default_matmul_precision("highest"):
-        _, source = flops.peak_flops_per_device(_fake_device("NVIDIA A100-SXM4-40GB"), "float32")
+        _, source = peaks.peak_flops_per_device(_fake_device("NVIDIA A100-SXM4-40GB"), "float32")
         assert source.startswith("measured")
 
 
 def test_cpu_peak_is_measured_once_per_host():
     devices = jax.devices()
     assert len(devices) == 8 and devices[0].platform == "cpu"  # conftest's fake devices
-    one, source = flops.peak_flops_per_device(devices[0], "float32")
+    one, source = peaks.peak_flops_per_device(devices[0], "float32")
     assert source.startswith("measured") and 1e9 < one < 1e14
-    total, source = flops.peak_flops_total(devices, "float32")
+    total, source = peaks.peak_flops_total(devices, "float32")
     assert total == one and "1 CPU host" in source
-    assert flops.measured_matmul_peak("float32") == flops.measured_matmul_peak(jax.numpy.float32)  # cached
+    assert peaks.measured_matmul_peak("float32") == peaks.measured_matmul_peak(jax.numpy.float32)  # cached
 
 
 def test_positive_inputs_required(blt_1b):

@@ -16,8 +16,8 @@ import time
 
 import pytest
 
-from bltjax import flops
 from bltjax.config import ConfigError, load_config, model_config
+from bltjax.models import flops
 from bltjax.models.configs import TransformerConfig
 from bltjax.sweep import job_config, launchers, plan, runner, scaling, spec, stages
 from bltjax.sweep.__main__ import main as sweep_main
@@ -242,6 +242,22 @@ def test_bad_sweeps_name_the_field(sweep_file, tmp_path, capsys):
         spec.validate_sweep(sweep)
     assert sweep_main(["plan", "--sweep", str(sweep_file), "--out", str(tmp_path), "--base", "nowhere.py"]) == 1
     assert "sweep.base: expected an experiment file" in capsys.readouterr().err
+
+
+def test_sweep_file_paths_resolve_from_the_current_folder_or_beside_the_file(sweep_file, tmp_path, monkeypatch):
+    sibling = sweep_file.parent / "sibling_sweep.py"
+    sibling.write_text(TINY_SWEEP.replace('__file__ + ":', '"tiny_sweep.py:'))
+    monkeypatch.chdir(tmp_path)  # neither file is here, and no experiments/ folder either
+    sweep = spec.load_sweep(str(sibling))
+    assert (sweep.base, sweep.baseline) == (f"{sweep_file}:blt", f"{sweep_file}:byte")
+    assert spec.load_experiment(sweep.base, "base").model_type == "blt"
+    # The default entropy experiment is an experiments/ path: only found from the repository root.
+    assert sweep.entropy.config == "experiments/entropy_model.py:tiny"
+    with pytest.raises(ConfigError, match=r"sweep\.entropy\.config: expected an experiment file .*relative paths are "
+                       r"read from the current folder"):  # fmt: skip
+        spec.load_experiment(sweep.entropy.config, "entropy.config")
+    monkeypatch.chdir(REPO)
+    assert spec.load_experiment(sweep.entropy.config, "entropy.config").model_type == "byte_lm"
 
 
 # --- launch commands ------------------------------------------------------------------------------

@@ -23,11 +23,11 @@ import pytest
 
 from bltjax.config import ConfigError, load_config
 from bltjax.data import prepare
-from bltjax.train import Trainer, TrainingDivergedError, WorkdirError, train
 from bltjax.training import sharding
 from bltjax.training.checkpoints import Checkpointer
 from bltjax.training.metrics import read_jsonl
 from bltjax.training.state import create_train_state
+from bltjax.training.trainer import Trainer, TrainingDivergedError, WorkdirError, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CORPUS = REPO / "bltjax" / "data" / "corpus"

@@ -29,8 +29,8 @@ from typing import Any, TextIO
 
 import ml_collections
 
-from bltjax import flops
 from bltjax.config import ConfigError, model_config, validate
+from bltjax.models import flops
 from bltjax.models.configs import BLTConfig, TransformerConfig
 from bltjax.runtime.atomic import write_atomic
 from bltjax.sweep import scaling, spec, stages

@@ -32,7 +32,7 @@ from typing import Any
 
 import ml_collections
 
-from bltjax import flops
+from bltjax.models import flops
 from bltjax.runtime.atomic import write_atomic
 from bltjax.sweep.plan import load_plan
 from bltjax.sweep.runner import LAUNCHES_FILE, LOG_FILE, read_done, run_dir

@@ -31,7 +31,6 @@ from bltjax.sweep.plan import PlanError, job_file, load_plan
 from bltjax.training.metrics import METRICS_FILE, read_jsonl
 
 JOB_CONFIG = pathlib.Path(__file__).resolve().with_name("job_config.py")
-REPO = pathlib.Path(__file__).resolve().parents[2]
 RUNS_DIR = "runs"
 LOG_FILE = "train.log"
 LAUNCHES_FILE = "launches.jsonl"

@@ -6,7 +6,8 @@ function returning a ConfigDict whose keys are those of `default_sweep()`; comma
 every experiment, means one place documents the command, the configs and the sweep together.
 
 Configs are referenced as ``path.py[:variant]``. A relative path is looked up in the current
-folder, then in the repository, so ``experiments/...`` works from anywhere.
+folder; in a sweep file, then also in the sweep file's own folder (so a sweep file can name its
+siblings). ``experiments/...`` paths therefore work from the repository root.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import ml_collections
 
 from bltjax.config import ConfigError, load_config
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
 SWEEP_MODES = ("entropy", "space", "static")
 # English prose and Python code of the bundled corpus (bltjax/data/corpus): the default data.
 DEFAULT_CORPUS = ("en_jargon_file_excerpt.jsonl", "en_fortunes.jsonl", "code_python_stdlib.jsonl")
@@ -64,12 +64,8 @@ def default_sweep() -> ml_collections.ConfigDict:
 
 
 def resolve_path(path: str) -> pathlib.Path:
-    """A file path as given (relative to the current folder) or relative to the repository."""
-    candidate = pathlib.Path(path)
-    if candidate.exists() or candidate.is_absolute():
-        return candidate.absolute()
-    in_repo = REPO / candidate
-    return in_repo if in_repo.exists() else candidate.absolute()
+    """A file path as given: absolute, or relative to the current folder (never to the package)."""
+    return pathlib.Path(path).absolute()
 
 
 def load_experiment(spec: str, field: str) -> ml_collections.ConfigDict:
@@ -77,8 +73,30 @@ def load_experiment(spec: str, field: str) -> ml_collections.ConfigDict:
     path, sep, arg = spec.partition(":")
     file = resolve_path(path)
     if not file.is_file():
-        raise ConfigError(f"sweep.{field}: expected an experiment file path.py[:variant], got {spec!r} (no {file})")
+        raise ConfigError(
+            f"sweep.{field}: expected an experiment file path.py[:variant], got {spec!r} (no {file}; relative "
+            "paths are read from the current folder, or a sweep file's own folder)"
+        )
     return load_config(f"{file}{sep}{arg}")
+
+
+# Sweep fields that name experiment files; a sweep file's relative paths may be relative to it.
+EXPERIMENT_FIELDS = (("base",), ("baseline",), ("entropy", "config"))
+
+
+def _resolve_beside(sweep: ml_collections.ConfigDict, folder: pathlib.Path) -> None:
+    """Makes the sweep file's experiment paths absolute when they are found only next to it."""
+    for keys in EXPERIMENT_FIELDS:
+        section = sweep
+        for key in keys[:-1]:
+            section = section[key]
+        spec = section[keys[-1]]
+        if not spec:
+            continue
+        path, sep, arg = spec.partition(":")
+        beside = folder / path
+        if not pathlib.Path(path).exists() and beside.is_file():
+            section[keys[-1]] = f"{beside.absolute()}{sep}{arg}"
 
 
 def _merge(target: ml_collections.ConfigDict, values: ml_collections.ConfigDict, where: str) -> None:
@@ -102,13 +120,16 @@ def load_sweep(spec: str | None) -> ml_collections.ConfigDict:
     path, _, arg = spec.partition(":")
     file = resolve_path(path)
     if not file.is_file():
-        raise ConfigError(f"--sweep: expected a sweep file path.py[:variant], got {spec!r} (no {file})")
+        raise ConfigError(
+            f"--sweep: expected a sweep file path.py[:variant], got {spec!r} (no {file} from {pathlib.Path.cwd()})"
+        )
     module_spec = importlib.util.spec_from_file_location(f"bltjax_sweep_{file.stem}", file)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     if not hasattr(module, "get_sweep"):
         raise ConfigError(f"{file}: defines no get_sweep(arg) function")
     _merge(sweep, module.get_sweep(arg or None), "sweep")
+    _resolve_beside(sweep, file.parent)
     return sweep
 
 

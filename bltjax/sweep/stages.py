@@ -1,7 +1,7 @@
 """The sweep's shared stages: prepared data, then (for entropy runs) an entropy model and its sidecars.
 
 These are the quickstart's stages (`bltjax/quickstart.py`, steps 1-4), called through the same
-library functions: `bltjax.data.prepare.prepare`, `bltjax.train.train`,
+library functions: `bltjax.data.prepare.prepare`, `bltjax.training.trainer.train`,
 `bltjax.training.checkpoint_io.save_model` and `bltjax.data.entropy.run`. Each stage is done once per
 sweep folder and leaves a record under ``stages/``; a relaunch skips what is recorded:
 
@@ -198,8 +198,8 @@ def _train_entropy_model(
     """The quickstart's steps 2-3: train the entropy model, export its final parameters."""
     import jax
 
-    from bltjax.train import train
     from bltjax.training.checkpoint_io import save_model
+    from bltjax.training.trainer import train
 
     workdir = entropy_model_dir(sweep_dir)
     export = workdir / "export"
