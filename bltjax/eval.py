@@ -40,7 +40,7 @@ PATCHING_FLAGS = {
 def define_flags() -> None:
     """Command-line flags, defined only when this module is the program."""
     flags.DEFINE_string("workdir", None, "Training run directory (its checkpoints/ are read).")
-    flags.DEFINE_string("model", None, "Alternatively: a folder written by checkpoint_io.save_model.")
+    flags.DEFINE_string("model", None, "Alternatively: an exported model folder or a Hugging Face BLT folder.")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest complete one).")
     flags.DEFINE_string("data", None, "Data folder written by python -m bltjax.prepare.")
     flags.DEFINE_string("split", "validation", "Split to evaluate.")

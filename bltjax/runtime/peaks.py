@@ -105,8 +105,8 @@ def measured_matmul_peak(dtype: Any = "float32", size: int = 1024, device: jax.D
     """FLOP/s of a jitted ``size``³ matmul on ``device`` (best of 5 after a warm-up), cached per process.
 
     On CPU this is the whole host (XLA's thread pool spans every core), not one fake device.
-    1024³ float32 takes about 8 ms on two idle cores (2048³: 60 ms, the same rate), so the
-    measurement, compile included, costs a fraction of a second.
+    1024³ is large enough to reach the host's matmul rate and small enough that the measurement,
+    compile included, costs a fraction of a second (docs/design.md, "Programs and library").
     """
     device = device or jax.local_devices()[0]
     return _measured(_dtype_name(dtype), int(size), device)
