@@ -1,4 +1,4 @@
-"""The exported-model format (checkpoint_io) and the entropy sidecars (bltjax.data.entropy).
+"""The exported-model format (checkpoints), the entropy pass (data.entropy) and its sidecars (data.sidecars).
 
 Shards are written here by hand exactly as docs/data.md specifies (uint16 `.tokens`, int64
 `.docs.npy`, `manifest.json`), so these tests do not depend on `bltjax.data.prepare`.
@@ -23,10 +23,11 @@ import pytest
 
 from bltjax.config import load_config
 from bltjax.data import entropy as E
+from bltjax.data import sidecars as S
 from bltjax.models.byte_lm import ByteLM, next_byte_entropy
 from bltjax.models.factory import build_model, example_inputs
-from bltjax.patching.rules import patch_start_mask
-from bltjax.training import checkpoint_io
+from bltjax.patching import patch_start_mask
+from bltjax.training import checkpoints
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = f"{REPO / 'experiments' / 'entropy_model.py'}:tiny"
@@ -35,7 +36,7 @@ REF_LEN = 512  # the reference pass pads every document to this (with junk) for 
 
 
 def _random_documents(rng: np.random.Generator, count: int, longest: int) -> list[np.ndarray]:
-    """BOS + bytes + EOS documents (spec §1); a few repeated phrases so entropies vary."""
+    """BOS + bytes + EOS documents (docs/architecture.md §1); a few repeated phrases so entropies vary."""
     phrases = [np.frombuffer(w.encode(), np.uint8) for w in ("the cat ", "sat on ", "a mat. ", "BLT! ")]
     docs = []
     for _ in range(count):
@@ -118,7 +119,7 @@ def tiny(tmp_path_factory):
     config = load_config(TINY)
     model = build_model(config)
     params = _init(model, config, 0)
-    folder = checkpoint_io.save_model(tmp_path_factory.mktemp("models") / "tiny", config, params)
+    folder = checkpoints.save_model(tmp_path_factory.mktemp("models") / "tiny", config, params)
     return config, model, params, folder
 
 
@@ -139,14 +140,14 @@ def _copy(prepared_folder: pathlib.Path, tmp_path: pathlib.Path) -> pathlib.Path
     return pathlib.Path(shutil.copytree(prepared_folder, tmp_path / "data", copy_function=shutil.copy2))
 
 
-# --- checkpoint_io ---------------------------------------------------------------------------
+# --- checkpoints ---------------------------------------------------------------------------
 
 
 def test_save_load_round_trip_and_fingerprint(tiny, tmp_path):
     config, model, params, folder = tiny
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "params"]
     assert not list(folder.parent.glob(".*saving"))  # the temporary sibling was renamed away
-    loaded_config, loaded_model, loaded = checkpoint_io.load_model(folder)
+    loaded_config, loaded_model, loaded = checkpoints.load_model(folder)
     assert loaded_config.to_dict() == config.to_dict()
     assert loaded_model.config == model.config
     flat, _ = jax.tree_util.tree_flatten_with_path(loaded)
@@ -156,31 +157,41 @@ def test_save_load_round_trip_and_fingerprint(tiny, tmp_path):
             original = original[key.key]
         np.testing.assert_array_equal(np.asarray(value), original)
         assert value.dtype == original.dtype
-    fp = checkpoint_io.fingerprint(config, params)
-    assert fp == checkpoint_io.fingerprint(loaded_config, loaded) == checkpoint_io.fingerprint(config, params)
+    fp = checkpoints.fingerprint(config, params)
+    assert fp == checkpoints.fingerprint(loaded_config, loaded) == checkpoints.fingerprint(config, params)
     changed = jax.tree.map(np.copy, params)
     changed["final_norm"]["scale"][3] += 1e-3
-    assert checkpoint_io.fingerprint(config, changed) != fp
+    assert checkpoints.fingerprint(config, changed) != fp
     with pytest.raises(FileExistsError, match="already exists"):
-        checkpoint_io.save_model(folder, config, params)
+        checkpoints.save_model(folder, config, params)
 
 
 def test_load_model_names_the_bad_file(tiny, tmp_path):
     config, _, params, folder = tiny
     with pytest.raises(FileNotFoundError, match="config.json"):
-        checkpoint_io.load_model(tmp_path)
+        checkpoints.load_model(tmp_path)
     broken = pathlib.Path(shutil.copytree(folder, tmp_path / "broken"))
     shutil.rmtree(broken / "params")
     (broken / "params").mkdir()
-    with pytest.raises(checkpoint_io.CheckpointError, match=str(broken / "params")):
-        checkpoint_io.load_model(broken)
+    with pytest.raises(checkpoints.CheckpointError, match=str(broken / "params")):
+        checkpoints.load_model(broken)
+    # A folder copied without orbax's commit marker is incomplete: the missing file is named.
+    incomplete = pathlib.Path(shutil.copytree(folder, tmp_path / "incomplete"))
+    (incomplete / "params" / "_CHECKPOINT_METADATA").unlink()
+    with pytest.raises(
+        checkpoints.CheckpointFileMissing, match=f"{incomplete}/params/_CHECKPOINT_METADATA: no such file"
+    ):
+        checkpoints.load_model(incomplete)
+    shutil.rmtree(incomplete / "params")
+    with pytest.raises(FileNotFoundError, match=f"{incomplete}/params: no such folder"):
+        checkpoints.load_model(incomplete)
     # Same parameter names, other shapes: the config no longer matches the stored arrays.
     wider = json.loads((folder / "config.json").read_text())
     wider["model"]["stack"]["dim"] = 128
     other = pathlib.Path(shutil.copytree(folder, tmp_path / "other"))
     (other / "config.json").write_text(json.dumps(wider))
-    with pytest.raises(checkpoint_io.CheckpointError, match=r"parameter 'embedding' is float32\[260, 64\]"):
-        checkpoint_io.load_model(other)
+    with pytest.raises(checkpoints.CheckpointError, match=r"parameter 'embedding' is float32\[260, 64\]"):
+        checkpoints.load_model(other)
 
 
 # --- chunking --------------------------------------------------------------------------------
@@ -197,12 +208,12 @@ def test_document_chunks_cover_every_position_once():
         covered[f + k : f + n] += 1
     assert np.all(covered == 1)
     assert E.bucket_lengths(1000) == [128, 256, 512, 1000]
-    assert E.threshold_tag(1.335442066192627) == "t1.3354421"
-    assert E.threshold_tag(1.3354421) == E.threshold_tag(np.float32(1.335442066192627))
+    assert S.threshold_tag(1.335442066192627) == "t1.3354421"
+    assert S.threshold_tag(1.3354421) == S.threshold_tag(np.float32(1.335442066192627))
 
 
 def test_chunked_long_document_equals_unchunked(tiny):
-    """With the default overlap n_layers * (window - 1), chunking changes nothing (spec §2.3)."""
+    """With the default overlap n_layers * (window - 1), chunking changes nothing (docs/architecture.md §2.3)."""
     _, model, params, _ = tiny
     doc = _random_documents(np.random.default_rng(3), 1, REF_LEN - 2)[0]
     doc = np.concatenate([doc[:-1], np.full(REF_LEN - doc.size, 40, np.uint16), [2]])  # exactly REF_LEN
@@ -213,7 +224,7 @@ def test_chunked_long_document_equals_unchunked(tiny):
     assert chunked.dtype == np.float16
     assert len(E.document_chunks(offsets, 256, 126)[0]) == 3
     np.testing.assert_allclose(chunked.astype(np.float32), whole, rtol=1e-3, atol=1e-3)
-    # The spec's "overlap window - 1" only bounds the first layer: not exact with 2 layers.
+    # The "overlap window - 1" of docs/architecture.md §2.3 only bounds the first layer: not exact with 2 layers.
     approx = E.compute_entropies(model, params, doc, offsets, context=256, overlap=63, batch_size=2)
     assert np.abs(approx.astype(np.float32) - whole).max() > 1e-2
 
@@ -224,10 +235,10 @@ def test_chunked_long_document_equals_unchunked(tiny):
 def test_sidecars_are_per_document_and_match_patch_start_mask(tiny, prepared):
     _, model, params, _ = tiny
     folder, summary = prepared
-    tag = E.threshold_tag(THRESHOLD)
+    tag = S.threshold_tag(THRESHOLD)
     assert summary.tag == tag and len(summary.computed) == 3
     record = json.loads((folder / "sidecars.json").read_text())
-    assert record["entropy_model"]["fingerprint"] == checkpoint_io.fingerprint(tiny[0], params)
+    assert record["entropy_model"]["fingerprint"] == checkpoints.fingerprint(tiny[0], params)
     assert record["tag"] == tag and record["thresholds"][tag]["threshold"] == THRESHOLD
     for name in ("train-00000", "train-00001", "validation-00000"):
         tokens, offsets = shard_documents(folder, name)
@@ -239,7 +250,7 @@ def test_sidecars_are_per_document_and_match_patch_start_mask(tiny, prepared):
         assert shard["entropy_sha256"] == hashlib.sha256(entropy_file.read_bytes()).hexdigest()
         assert shard["starts_sha256"][tag] == hashlib.sha256(bits_file.read_bytes()).hexdigest()
         values = np.fromfile(entropy_file, "<f2")
-        starts = E.read_starts(folder, name, tag, tokens.size)
+        starts = S.read_starts(folder, name, tag, tokens.size)
         for lo, hi in zip(offsets[:-1], offsets[1:], strict=True):
             doc = tokens[lo:hi]
             np.testing.assert_allclose(
@@ -264,7 +275,7 @@ def test_resume_skips_finished_shards(tiny, prepared, tmp_path):
     assert mtimes(folder, "*-0000?.*") == before
     # A damaged sidecar is recomputed, the others stay.
     (folder / "train-00001.entropy.f16").write_bytes(b"\0\0" * 10)
-    (folder / f"validation-00000.starts.{E.threshold_tag(THRESHOLD)}.bits").unlink()
+    (folder / f"validation-00000.starts.{S.threshold_tag(THRESHOLD)}.bits").unlink()
     summary = E.run(folder, tiny[3], threshold=THRESHOLD, log=io.StringIO())
     assert summary.computed == ("train-00001",)
     assert set(summary.restarted) == {"train-00001", "validation-00000"}
@@ -284,31 +295,31 @@ def test_new_threshold_reuses_entropies_without_the_model(tiny, prepared, tmp_pa
     assert summary.computed == () and len(summary.restarted) == 3
     assert mtimes(folder, "*.entropy.f16") == entropies_before
     record = json.loads((folder / "sidecars.json").read_text())
-    old, new = E.threshold_tag(THRESHOLD), E.threshold_tag(0.7)
+    old, new = S.threshold_tag(THRESHOLD), S.threshold_tag(0.7)
     assert record["tag"] == new and set(record["thresholds"]) == {old, new}
     for name, shard in record["shards"].items():
         assert set(shard["starts_sha256"]) == {old, new}
         tokens, offsets = shard_documents(folder, name)
         values = np.fromfile(folder / f"{name}.entropy.f16", "<f2")
         np.testing.assert_array_equal(
-            E.read_starts(folder, name, new, tokens.size), E.start_mask(tokens, offsets, values, 0.7)
+            S.read_starts(folder, name, new, tokens.size), S.start_mask(tokens, offsets, values, 0.7)
         )
-        assert E.read_starts(folder, name, new, tokens.size).sum() > E.read_starts(folder, name, old, tokens.size).sum()
+        assert S.read_starts(folder, name, new, tokens.size).sum() > S.read_starts(folder, name, old, tokens.size).sum()
 
 
 def test_other_entropy_model_recomputes_everything(tiny, prepared, tmp_path):
     config, model, params, _ = tiny
     folder = _copy(prepared[0], tmp_path)
     other_params = _init(model, config, 1)
-    other = checkpoint_io.save_model(tmp_path / "other-model", config, other_params)
+    other = checkpoints.save_model(tmp_path / "other-model", config, other_params)
     log = io.StringIO()
     summary = E.run(folder, other, threshold=1.2, log=log)
     assert "another entropy model" in log.getvalue() and "recomputing" in log.getvalue()
     assert len(summary.computed) == 3
     record = json.loads((folder / "sidecars.json").read_text())
-    assert record["entropy_model"]["fingerprint"] == checkpoint_io.fingerprint(config, other_params)
-    assert set(record["thresholds"]) == {E.threshold_tag(1.2)}
-    assert not list(folder.glob(f"*.starts.{E.threshold_tag(THRESHOLD)}.bits"))  # never mixed with new entropies
+    assert record["entropy_model"]["fingerprint"] == checkpoints.fingerprint(config, other_params)
+    assert set(record["thresholds"]) == {S.threshold_tag(1.2)}
+    assert not list(folder.glob(f"*.starts.{S.threshold_tag(THRESHOLD)}.bits"))  # never mixed with new entropies
     tokens, offsets = shard_documents(folder, "train-00000")
     doc = tokens[offsets[0] : offsets[1]]
     np.testing.assert_allclose(
@@ -324,16 +335,16 @@ def test_changed_shard_and_unknown_checkpoint_are_errors(tiny, prepared, tmp_pat
     raw = bytearray((folder / "train-00001.tokens").read_bytes())
     raw[10] ^= 1
     (folder / "train-00001.tokens").write_bytes(bytes(raw))
-    with pytest.raises(E.SidecarError, match=r"train-00001\.tokens: sha256 .* does not match"):
+    with pytest.raises(S.SidecarError, match=r"train-00001\.tokens: sha256 .* does not match"):
         E.run(folder, tiny[3], threshold=THRESHOLD, log=io.StringIO())
     (tmp_path / "nothing").mkdir()
     (tmp_path / "nothing" / "config.json").write_text("{}")
-    with pytest.raises(E.SidecarError, match="neither a bltjax model folder"):
+    with pytest.raises(S.SidecarError, match="neither a bltjax model folder"):
         E.load_entropy_model(tmp_path / "nothing")
     blt = tmp_path / "blt"  # a bltjax folder of a whole BLT (only config.json is read before refusing)
     (blt / "params").mkdir(parents=True)
     (blt / "config.json").write_text(load_config(f"{REPO / 'experiments' / 'blt_tiny.py'}").to_json_best_effort())
-    with pytest.raises(E.SidecarError, match="'model_type' is 'blt'"):
+    with pytest.raises(S.SidecarError, match="'model_type' is 'blt'"):
         E.load_entropy_model(blt)
 
 
@@ -342,12 +353,12 @@ def test_target_patch_size_calibrates_on_train(tiny, prepared, tmp_path, monkeyp
     monkeypatch.setattr(ByteLM, "apply", lambda *a, **k: pytest.fail("entropies are already there"))
     summary = E.run(folder, tiny[3], target_patch_size=3.0, log=io.StringIO())
     assert summary.calibration is not None and summary.calibration["target_patch_size"] == 3.0
-    tag = E.threshold_tag(summary.threshold)
+    tag = S.threshold_tag(summary.threshold)
     tokens = patches = 0
     for name in ("train-00000", "train-00001"):
         count = np.fromfile(folder / f"{name}.tokens", "<u2").size
         tokens += count
-        patches += int(E.read_starts(folder, name, tag, count).sum())
+        patches += int(S.read_starts(folder, name, tag, count).sum())
     assert abs(tokens / patches - 3.0) < 0.15
     assert (folder / f"validation-00000.starts.{tag}.bits").is_file()
     record = json.loads((folder / "sidecars.json").read_text())
@@ -369,7 +380,8 @@ def test_cli_writes_sidecars_and_calibrates(tiny, prepared, tmp_path):
     folder = write_shards(tmp_path / "data", {"train": [_random_documents(rng, 6, 200)]})
     result = _cli("--data", str(folder), "--checkpoint", str(tiny[3]), "--target-patch-size", "2.5")
     assert result.returncode == 0, result.stderr
-    assert "calibrated threshold" in result.stdout and "bytes/s" in result.stderr
+    assert "calibrated threshold" in result.stdout and "bytes/s" in result.stdout  # the summary
+    assert "entropy: 100%" in result.stderr and "tokens/s" in result.stderr  # the progress bar, finished
     tag = result.stdout.split("tag=")[1].split()[0]
     assert (folder / f"train-00000.starts.{tag}.bits").is_file()
     # Same model and data as the in-process run: the same entropies, whatever the device count.
@@ -438,7 +450,7 @@ def test_hugging_face_folder_as_entropy_model(shared_dir, tmp_path):
     # context 64 < every document: chunks with the exact overlap 1 x (16 - 1) = 15.
     summary = E.run(folder, fixture, context=64, batch_size=2, log=io.StringIO())
     stored = json.loads((fixture / "config.json").read_text())["patching_threshold"]
-    assert summary.threshold == pytest.approx(stored) and summary.tag == E.threshold_tag(stored)
+    assert summary.threshold == pytest.approx(stored) and summary.tag == S.threshold_tag(stored)
     record = json.loads((folder / "sidecars.json").read_text())
     assert record["entropy_model"]["source"] == "huggingface" and record["entropy_model"]["overlap"] == 15
     i = 0

@@ -1,4 +1,4 @@
-"""Tests of ``python -m bltjax.prepare``: raw text -> byte shards (docs/data.md)."""
+"""Tests of ``python -m bltjax.prepare`` (`bltjax.data.prepare`) and its shard format (`bltjax.data.shards`)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ import sys
 import numpy as np
 import pytest
 
+from bltjax import prepare as program
 from bltjax import tokenizer
 from bltjax.data import prepare as prep
+from bltjax.data import shards
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 CORPUS_DIR = REPO_ROOT / "bltjax" / "data" / "corpus"
@@ -21,10 +23,10 @@ CORPUS_DIR = REPO_ROOT / "bltjax" / "data" / "corpus"
 
 def read_documents(data_dir: pathlib.Path, split: str) -> list[bytes]:
     """Every document of a split, in stream order, as the bytes between its BOS and EOS."""
-    manifest = prep.load_manifest(data_dir)
+    manifest = shards.load_manifest(data_dir)
     documents = []
     for shard in manifest.shards(split):
-        tokens, offsets = prep.read_shard(data_dir, split, shard.index)
+        tokens, offsets = shards.read_shard(data_dir, split, shard.index)
         for begin, end in zip(offsets[:-1], offsets[1:], strict=True):
             ids = np.asarray(tokens[begin:end])
             assert ids[0] == tokenizer.BOS_ID and ids[-1] == tokenizer.EOS_ID
@@ -86,9 +88,9 @@ def test_round_trip_text_gzip_jsonl_and_raw_bytes(mixed_inputs, tmp_path):
     assert manifest.total("train", "bytes") + manifest.total("validation", "bytes") == sum(map(len, expected))
     assert len(manifest.shards("train")) > 1  # 64-byte shards: several
     assert result.files == 6 and result.skipped == {}
-    for split in prep.SPLITS:
+    for split in shards.SPLITS:
         for shard in manifest.shards(split):
-            assert prep.verify_shard(out, split, shard.index, manifest) == shard
+            assert shards.verify_shard(out, split, shard.index, manifest) == shard
             tokens = np.fromfile(out / shard.tokens_file, dtype="<u2")
             assert tokens.size == shard.tokens
             assert 2 * tokens.size >= 64 or shard.index == len(manifest.shards(split)) - 1  # closed when full
@@ -113,7 +115,7 @@ def test_split_fractions_follow_val_fraction_and_content(tmp_path):
     # A function of each document's bytes: reversing the input order reverses each split's order.
     write_jsonl(tmp_path / "reversed.jsonl", texts[::-1])
     prep.prepare([tmp_path / "reversed.jsonl"], tmp_path / "b", val_fraction=0.2, seed=3, progress=False)
-    for split in prep.SPLITS:
+    for split in shards.SPLITS:
         assert read_documents(tmp_path / "a", split) == read_documents(tmp_path / "b", split)[::-1]
 
     # Another seed gives another (equally sized) split; the extremes put everything on one side.
@@ -138,11 +140,11 @@ def test_resume_after_a_killed_run(tmp_path):
     settings = dict(val_fraction=0.25, shard_bytes=600, seed=0, progress=False)
     reference = tmp_path / "reference"
     prep.prepare([src], reference, **settings)
-    assert len(prep.load_manifest(reference).shards("train")) >= 3
+    assert len(shards.load_manifest(reference).shards("train")) >= 3
 
     out = tmp_path / "out"
 
-    def kill_after_first(shard: prep.ShardInfo) -> None:
+    def kill_after_first(shard: shards.ShardInfo) -> None:
         raise Killed(shard.name)
 
     with pytest.raises(Killed):
@@ -160,8 +162,8 @@ def test_resume_after_a_killed_run(tmp_path):
     assert result.shards_kept == 1
     assert (
         result.shards_written
-        == len(prep.load_manifest(reference).shards("train"))
-        + len(prep.load_manifest(reference).shards("validation"))
+        == len(shards.load_manifest(reference).shards("train"))
+        + len(shards.load_manifest(reference).shards("validation"))
         - 1
     )
     for name in finished:
@@ -169,7 +171,7 @@ def test_resume_after_a_killed_run(tmp_path):
     assert folder_bytes(out) == folder_bytes(reference)  # temp file gone, result as if never killed
 
     # A stale shard (different bytes under a listed name) is rewritten on the next run.
-    tokens_file = out / f"{prep.shard_name('train', 1)}.tokens"
+    tokens_file = out / f"{shards.shard_name('train', 1)}.tokens"
     tokens_file.write_bytes(tokens_file.read_bytes()[::-1])
     again = prep.prepare([src], out, **settings)
     assert again.shards_written == 1
@@ -191,9 +193,9 @@ def test_cli_on_the_bundled_corpus(tmp_path):
     run = subprocess.run([*command, "--shard-bytes", "1MiB"], cwd=REPO_ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert "skipped    nothing" in run.stdout
-    assert "MiB/s" in run.stderr  # the progress line, with bytes/s
+    assert "MB/s" in run.stderr and "documents" in run.stderr  # the progress line: bytes/s, documents
 
-    manifest = prep.load_manifest(out)
+    manifest = shards.load_manifest(out)
     inputs = sorted(CORPUS_DIR.glob("*.txt")) + sorted(CORPUS_DIR.glob("*.jsonl"))
     assert manifest.summary["files"] == len(inputs) >= 9  # PROVENANCE.md and build_corpus.py are not inputs
     assert manifest.total("train", "documents") > 10_000
@@ -201,9 +203,9 @@ def test_cli_on_the_bundled_corpus(tmp_path):
     assert 3_000_000 < manifest.total("train", "bytes") + manifest.total("validation", "bytes") < 8_000_000
     assert manifest.settings["shard_bytes"] == 1 << 20
     text = b""
-    for split in prep.SPLITS:
+    for split in shards.SPLITS:
         for shard in manifest.shards(split):
-            prep.verify_shard(out, split, shard.index, manifest)
+            shards.verify_shard(out, split, shard.index, manifest)
         text += b"".join(read_documents(out, split))
     decoded = text.decode("utf-8")
     for sample in ("In the beginning God created", "def ", "Книга", "月", "¿", "perch"):
@@ -265,7 +267,7 @@ def test_missing_path_fails_before_anything_is_written(tmp_path, capsys):
         prep.prepare([good_file(tmp_path), missing], out, progress=False)
     assert not out.exists()
 
-    assert prep.main(["--input", str(missing), "--output", str(out)]) == 2
+    assert program.main(["--input", str(missing), "--output", str(out)]) == 2
     assert f"prepare: error: --input: path does not exist: {missing}" in capsys.readouterr().err
     assert not out.exists()
 
@@ -313,8 +315,8 @@ def test_settings_are_checked(tmp_path):
     ]:
         with pytest.raises(prep.PrepareError, match=field):
             prep.prepare([good], tmp_path / "out", progress=False, **kwargs)
-    assert prep.parse_size("64MiB") == 64 << 20 and prep.parse_size("512k") == 512 << 10
-    assert prep.parse_size("1000") == 1000
+    assert program.parse_size("64MiB") == 64 << 20 and program.parse_size("512k") == 512 << 10
+    assert program.parse_size("1000") == 1000
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,9 +335,9 @@ def test_verify_shard_detects_a_modified_shard(prepared):
     data = bytearray(path.read_bytes())
     data[10] ^= 1  # same size, one bit different
     path.write_bytes(bytes(data))
-    prep.verify_shard(prepared, "train", 0)
-    with pytest.raises(prep.DataFormatError, match=r"train-00001\.tokens: sha256 .*tokens_sha256"):
-        prep.verify_shard(prepared, "train", 1)
+    shards.verify_shard(prepared, "train", 0)
+    with pytest.raises(shards.DataFormatError, match=r"train-00001\.tokens: sha256 .*tokens_sha256"):
+        shards.verify_shard(prepared, "train", 1)
 
 
 def test_verify_shard_detects_a_modified_offsets_file(prepared):
@@ -343,28 +345,28 @@ def test_verify_shard_detects_a_modified_offsets_file(prepared):
     offsets = np.load(path)
     offsets[1] += 1
     np.save(path, offsets)
-    with pytest.raises(prep.DataFormatError, match=r"train-00000\.docs\.npy: sha256 .*docs_sha256"):
-        prep.verify_shard(prepared, "train", 0)
+    with pytest.raises(shards.DataFormatError, match=r"train-00000\.docs\.npy: sha256 .*docs_sha256"):
+        shards.verify_shard(prepared, "train", 0)
 
 
 def test_truncated_shard_is_detected_by_verify_and_read(prepared):
     path = prepared / "train-00002.tokens"
     path.write_bytes(path.read_bytes()[:-2])
-    with pytest.raises(prep.DataFormatError, match=r"train-00002\.tokens: size .*truncated"):
-        prep.verify_shard(prepared, "train", 2)
-    with pytest.raises(prep.DataFormatError, match=r"train-00002\.docs\.npy: offsets"):
-        prep.read_shard(prepared, "train", 2)
+    with pytest.raises(shards.DataFormatError, match=r"train-00002\.tokens: size .*truncated"):
+        shards.verify_shard(prepared, "train", 2)
+    with pytest.raises(shards.DataFormatError, match=r"train-00002\.docs\.npy: offsets"):
+        shards.read_shard(prepared, "train", 2)
     path.write_bytes(path.read_bytes()[:-1])  # an odd number of bytes
-    with pytest.raises(prep.DataFormatError, match=r"train-00002\.tokens: size"):
-        prep.read_shard(prepared, "train", 2)
+    with pytest.raises(shards.DataFormatError, match=r"train-00002\.tokens: size"):
+        shards.read_shard(prepared, "train", 2)
 
 
 def test_verify_shard_names_a_missing_file_and_a_missing_index(prepared):
     (prepared / "train-00001.docs.npy").unlink()
     with pytest.raises(FileNotFoundError, match=r"train-00001\.docs\.npy"):
-        prep.verify_shard(prepared, "train", 1)
-    with pytest.raises(prep.DataFormatError, match=r"manifest\.json.*no index 99"):
-        prep.verify_shard(prepared, "train", 99)
+        shards.verify_shard(prepared, "train", 1)
+    with pytest.raises(shards.DataFormatError, match=r"manifest\.json.*no index 99"):
+        shards.verify_shard(prepared, "train", 99)
 
 
 def edit_manifest(data_dir: pathlib.Path, edit) -> None:
@@ -390,14 +392,14 @@ def edit_manifest(data_dir: pathlib.Path, edit) -> None:
 )
 def test_malformed_manifest_names_the_file_and_field(prepared, edit, field):
     edit_manifest(prepared, edit)
-    with pytest.raises(prep.DataFormatError, match=rf"manifest\.json: field '{field}'"):
-        prep.load_manifest(prepared)
+    with pytest.raises(shards.DataFormatError, match=rf"manifest\.json: field '{field}'"):
+        shards.load_manifest(prepared)
 
 
 def test_manifest_that_is_not_json_or_absent(prepared):
     (prepared / "manifest.json").write_text('{"format": "bltjax-byte-shards", ')
-    with pytest.raises(prep.DataFormatError, match=r"manifest\.json: not valid JSON"):
-        prep.load_manifest(prepared)
+    with pytest.raises(shards.DataFormatError, match=r"manifest\.json: not valid JSON"):
+        shards.load_manifest(prepared)
     (prepared / "manifest.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"manifest\.json: no manifest"):
-        prep.load_manifest(prepared)
+        shards.load_manifest(prepared)

@@ -1,26 +1,26 @@
-"""Entropy sidecars: next-byte entropies and patch-start bits next to every byte shard.
+"""The entropy pass: next-byte entropies of every shard by an entropy model, then start bits.
 
     python -m bltjax.entropy --data DATA --checkpoint ENTROPY_MODEL_DIR [--threshold t | --target-patch-size s]
 
-For each shard `{split}-{index:05d}.tokens` of a prepared folder (docs/data.md) this writes
+    from bltjax.data import entropy
+    summary = entropy.run(DATA, ENTROPY_MODEL_DIR, target_patch_size=4.5)   # what the program calls
 
-    {shard}.entropy.f16         float16 H_t (spec §2.1), one per token, computed per document
-    {shard}.starts.{tag}.bits   np.packbits of the patch-start mask for one threshold
-    sidecars.json               model fingerprint, chunking, thresholds, per-shard sha256s
-
-`ENTROPY_MODEL_DIR` is a bltjax model folder (`bltjax.training.checkpoint_io.save_model`, model_type
-"byte_lm") or a Hugging Face BLT folder, whose entropy patcher and stored threshold are used.
+It writes the sidecars of `bltjax.data.sidecars` (``{shard}.entropy.f16``, ``{shard}.starts.{tag}.bits``,
+``sidecars.json``) next to every shard of a prepared folder (`bltjax.data.shards`).
+`ENTROPY_MODEL_DIR` is a bltjax model folder (`bltjax.training.checkpoints.save_model`,
+model_type "byte_lm") or a Hugging Face BLT folder, whose entropy patcher and stored threshold
+are used. The flags live in the program, `bltjax.entropy`.
 
 Design
 ------
-* Context (spec §2.3). Every document (BOS..EOS, from `.docs.npy`) is run alone: context never
+* Context (docs/architecture.md §2.3). Every document (BOS..EOS, from `.docs.npy`) is run alone: context never
   crosses a document or a row. A document longer than `context` tokens is cut into chunks of at
   most `context` tokens; each chunk after the first re-reads the `overlap` tokens before its
   first output position and keeps only the outputs after them. With a sliding window w and L
   layers a position depends on the previous L * (w - 1) tokens (each layer looks w - 1 back, and
   the layers compound), so the default overlap is L * (w - 1): results then do not depend on
   chunking at all (up to float rounding; RoPE is relative, so where a chunk starts does not
-  matter). The spec's "overlap w - 1" bounds only the first layer and is *not* exact for L > 1;
+  matter). The "overlap w - 1" of docs/architecture.md §2.3 bounds only the first layer and is *not* exact for L > 1;
   it is available as `--overlap` when the long-document cost matters (it costs
   context / (context - overlap) times more on long documents only). Without a window the model
   sees the whole prefix, and no finite chunking is exact: the default overlap is then
@@ -38,37 +38,22 @@ Design
   manifest order, all splits) belongs to process i % process_count. Each process records what
   it did in its own journal file; process 0 merges them into `sidecars.json` at the end. With
   several hosts the data folder must be on a shared file system.
-* Start bits follow `patching.patch_start_mask(mode="entropy", threshold=t,
-  include_next_token=False)` per document. They are computed in one vectorised pass over the
-  whole shard: the global rule compares H_{p-1} with t, so running it on the concatenated
-  stream and then forcing positions 0 and 1 of every document is exactly the per-document mask.
-* Threshold tags. `tag = "t" + shortest repr of float32(t)` (e.g. t1.3354421 for the released
-  1.335442066192627). The patcher compares float16 entropies with the threshold rounded to
-  float32, so equal tags mean bit-identical masks, while 4 decimals would alias thresholds
-  below ~0.1, where float16 entropies are finer than 1e-4.
 * Resume. A shard is skipped when its `.tokens` sha256 matches the data manifest and its
   recorded sidecars exist with matching sha256s and come from the same model fingerprint and
   chunking; a missing or mismatched starts file is rewritten from the stored entropies, so a
   threshold sweep never runs the model. A `sidecars.json` from another model (or chunking)
   makes every entropy recompute (said on stderr) and drops the old starts files. Every shard
   gets the bits of every threshold listed in `sidecars.json`, so a listed tag covers the data.
-* Shards are read and verified with `bltjax.data.prepare`'s `load_manifest`, `read_shard` and
-  `verify_shard` (its DataFormatError, which names the file, is re-raised as SidecarError).
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import dataclasses
-import hashlib
-import json
-import math
 import os
 import pathlib
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable
 from typing import Any, TextIO
 
 import jax
@@ -78,91 +63,33 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from bltjax.calibrate import UNITS, calibrate_threshold
 from bltjax.config import base_byte_lm_config
-from bltjax.data import prepare
+from bltjax.data import shards
+from bltjax.data.sidecars import (
+    SidecarError,
+    SidecarStore,
+    data_errors,
+    entropy_path,
+    read_entropies,
+    read_shard,
+    sidecar_documents,
+    start_mask,
+    starts_path,
+    sync_processes,
+    threshold_tag,
+    write_sidecar,
+)
 from bltjax.models.byte_lm import ByteLM, next_byte_entropy
 from bltjax.models.configs import ByteLMConfig
-from bltjax.patching.rules import patch_start_mask
-from bltjax.runtime import distributed, xla_options
-from bltjax.runtime.atomic import sha256_file, write_atomic
-from bltjax.training import checkpoint_io
+from bltjax.patching.calibrate import UNITS, calibrate_threshold
+from bltjax.runtime import xla_options
+from bltjax.runtime.atomic import sha256_file
+from bltjax.runtime.progress import progress_bar
+from bltjax.training import checkpoints as checkpoint_io
 
-SIDECARS_FILE = "sidecars.json"
-MANIFEST_FILE = prepare.MANIFEST_NAME
-FORMAT = "bltjax.entropy-sidecars"
-VERSION = 1
 MIN_BUCKET = 128
-HF_DEFAULT_CONTEXT = 8192  # rows of the official entropy pass (spec §2.3)
+HF_DEFAULT_CONTEXT = 8192  # rows of the official entropy pass (docs/architecture.md §2.3)
 DEFAULT_BATCH_SIZE = 8
-
-
-class SidecarError(ValueError):
-    """Data or sidecars that cannot be used; the message names the file and what is wrong."""
-
-
-# --- file names and small helpers ------------------------------------------------------------
-
-
-def threshold_tag(threshold: float) -> str:
-    """Deterministic file tag of a threshold: 't' + the shortest repr of its float32 value."""
-    value = float(threshold)
-    if not math.isfinite(value):
-        raise SidecarError(f"threshold: expected a finite number, got {threshold!r}")
-    return "t" + str(np.float32(value))
-
-
-def entropy_path(data_dir: str | os.PathLike, shard: str) -> pathlib.Path:
-    return pathlib.Path(data_dir) / f"{shard}.entropy.f16"
-
-
-def starts_path(data_dir: str | os.PathLike, shard: str, tag: str) -> pathlib.Path:
-    return pathlib.Path(data_dir) / f"{shard}.starts.{tag}.bits"
-
-
-def _atomic_write(path: pathlib.Path, data: bytes) -> str:
-    """Writes ``data`` atomically; returns its sha256 (recorded in sidecars.json)."""
-    write_atomic(path, data)
-    return hashlib.sha256(data).hexdigest()
-
-
-def _write_json(path: pathlib.Path, value: dict) -> None:
-    _atomic_write(path, (json.dumps(value, indent=1, sort_keys=True) + "\n").encode())
-
-
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
-# --- the data folder -------------------------------------------------------------------------
-
-
-def read_data_manifest(data_dir: str | os.PathLike) -> list[prepare.ShardInfo]:
-    """Every shard of `DATA/manifest.json`, in stream order (train, then validation).
-
-    Read with `bltjax.data.prepare.load_manifest`, the checked reader of the format.
-    """
-    with _data_errors():
-        manifest = prepare.load_manifest(data_dir)
-    return [info for split in prepare.SPLITS for info in manifest.shards(split)]
-
-
-@contextlib.contextmanager
-def _data_errors() -> Iterator[None]:
-    """prepare's DataFormatError (message names the file) becomes this module's SidecarError."""
-    try:
-        yield
-    except prepare.DataFormatError as err:
-        raise SidecarError(str(err)) from err
-
-
-def read_shard(data_dir: str | os.PathLike, shard: prepare.ShardInfo) -> tuple[np.ndarray, np.ndarray]:
-    """(uint16 token memmap [T], int64 document offsets [D + 1]) via prepare's structural checks."""
-    with _data_errors():
-        return prepare.read_shard(data_dir, shard.split, shard.index)
 
 
 # --- the entropy model -----------------------------------------------------------------------
@@ -264,11 +191,8 @@ def default_context(record: ByteLMConfig, seq_len: int) -> int:
     return seq_len if seq_len >= wanted else min(wanted, max(seq_len, HF_DEFAULT_CONTEXT))
 
 
-# --- chunks, buckets and the batched model run -----------------------------------------------
-
-
 def document_chunks(offsets: np.ndarray, context: int, overlap: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(first token, length, first kept position) of every chunk, per document (spec §2.3).
+    """(first token, length, first kept position) of every chunk, per document (docs/architecture.md §2.3).
 
     A document of n <= context tokens is one chunk. A longer one is cut into chunks of at most
     `context` tokens; each chunk after the first starts `overlap` tokens before the outputs it
@@ -393,164 +317,7 @@ def compute_entropies(
     return runner.shard_entropies(np.asarray(tokens), np.asarray(offsets, np.int64))
 
 
-def start_mask(tokens: np.ndarray, offsets: np.ndarray, entropies: np.ndarray, threshold: float) -> np.ndarray:
-    """bool [T]: `patch_start_mask(mode='entropy', threshold, include_next_token=False)` per document.
-
-    One pass over the stream, then positions 0 and 1 of every document are forced: the global
-    rule only looks at H_{p-1}, so this equals patching every document alone.
-    """
-    total = int(tokens.size)
-    if total == 0:
-        return np.zeros(0, bool)
-    mask = patch_start_mask(
-        np.asarray(tokens).reshape(1, total),
-        mode="entropy",
-        entropies=np.asarray(entropies).reshape(1, total),
-        threshold=float(threshold),
-        include_next_token=False,
-    )[0]
-    starts, lengths = offsets[:-1], np.diff(offsets)
-    mask[starts[lengths >= 1]] = True
-    mask[starts[lengths >= 2] + 1] = True
-    return mask
-
-
-def read_entropies(data_dir: str | os.PathLike, shard: str) -> np.ndarray:
-    """The float16 entropy sidecar of a shard (memory-mapped)."""
-    path = entropy_path(data_dir, shard)
-    return np.memmap(path, dtype="<f2", mode="r") if path.stat().st_size else np.zeros(0, "<f2")
-
-
-def read_starts(data_dir: str | os.PathLike, shard: str, tag: str, tokens: int) -> np.ndarray:
-    """The bool start mask [tokens] of a shard for threshold `tag`."""
-    return np.unpackbits(np.fromfile(starts_path(data_dir, shard, tag), np.uint8), count=tokens).astype(bool)
-
-
-# --- sidecars.json ---------------------------------------------------------------------------
-
-
-class _Store:
-    """sidecars.json plus per-process journals, so several processes never write one file.
-
-    Single process: sidecars.json is rewritten (atomically) at most every few seconds and at
-    the end. Several processes: each writes `.sidecars.process-{i}.json` with the records of its
-    own shards; process 0 merges them into sidecars.json at the end. Journals left by an
-    interrupted run are merged when the next run starts.
-    """
-
-    FLUSH_SECONDS = 5.0
-
-    def __init__(self, data_dir: pathlib.Path, identity: dict, log: TextIO):
-        self.dir = data_dir
-        self.identity = identity
-        self.main = data_dir / SIDECARS_FILE
-        self.journal = data_dir / f".sidecars.process-{jax.process_index()}.json"
-        self.state = {"shards": {}, "thresholds": {}, "threshold": None, "tag": None}
-        self.mine: set[str] = set()
-        self.last_flush = time.monotonic()
-        stale = None
-        for path in [self.main, *sorted(data_dir.glob(".sidecars.process-*.json"), key=lambda p: p.stat().st_mtime)]:
-            try:
-                saved = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError):
-                continue  # an unreadable record only costs a recomputation
-            if saved.get("format") != FORMAT or saved.get("entropy_model") != identity:
-                stale = saved.get("entropy_model")
-                continue
-            self.state["shards"].update(saved.get("shards", {}))
-            self.state["thresholds"].update(saved.get("thresholds", {}))
-            if path == self.main:
-                self.state["threshold"], self.state["tag"] = saved.get("threshold"), saved.get("tag")
-        if stale is not None and not self.state["shards"]:
-            old = (stale or {}).get("fingerprint", "?")
-            print(
-                f"entropy: {self.main} was computed by another entropy model or chunking "
-                f"(fingerprint {str(old)[:12]}, now {identity['fingerprint'][:12]}); recomputing all entropies",
-                file=log,
-            )
-
-    def shard(self, name: str) -> dict | None:
-        return self.state["shards"].get(name)
-
-    def put(self, name: str, record: dict) -> None:
-        self.state["shards"][name] = record
-        self.mine.add(name)
-        self.flush(force=False)
-
-    def document(self, shards: Iterable[str] | None = None) -> dict:
-        records = self.state["shards"]
-        keep = records if shards is None else {n: records[n] for n in shards if n in records}
-        return {
-            "format": FORMAT,
-            "version": VERSION,
-            "entropy_model": self.identity,
-            "threshold": self.state["threshold"],
-            "tag": self.state["tag"],
-            "thresholds": self.state["thresholds"],
-            "shards": keep,
-        }
-
-    def flush(self, force: bool) -> None:
-        if not force and time.monotonic() - self.last_flush < self.FLUSH_SECONDS:
-            return
-        if jax.process_count() == 1:
-            _write_json(self.main, self.document())
-        else:
-            _write_json(self.journal, self.document(sorted(self.mine)))
-        self.last_flush = time.monotonic()
-
-    def finish(self, listed: Sequence[str]) -> None:
-        """Writes the merged sidecars.json (records of shards still in the manifest only)."""
-        self.flush(force=True)
-        _sync("bltjax.entropy.journals")
-        if jax.process_index() == 0:
-            journals = sorted(self.dir.glob(".sidecars.process-*.json"), key=lambda p: p.stat().st_mtime)
-            for path in journals:
-                saved = json.loads(path.read_text())
-                if saved.get("entropy_model") == self.identity:
-                    self.state["shards"].update(saved.get("shards", {}))
-            _write_json(self.main, self.document(listed))
-            for path in journals:
-                path.unlink()
-        _sync("bltjax.entropy.merged")
-
-
-# --- progress --------------------------------------------------------------------------------
-
-
-class _Progress:
-    """A throttled progress line on stderr: tokens done (1 token = 1 byte, plus BOS/EOS) and bytes/s."""
-
-    def __init__(self, total: int, log: TextIO, every: float = 2.0):
-        self.total, self.log, self.every = total, log, every
-        self.done = 0
-        self.start = self.last = time.monotonic()
-        self.computed = 0
-
-    def rate(self) -> float:
-        return self.computed / max(time.monotonic() - self.start, 1e-9)
-
-    def __call__(self, tokens: int) -> None:
-        self.done += tokens
-        self.computed += tokens
-        now = time.monotonic()
-        if now - self.last >= self.every:
-            self.last = now
-            self.line()
-
-    def skip(self, tokens: int) -> None:
-        self.done += tokens
-
-    def line(self, label: str = "") -> None:
-        pct = 100.0 * self.done / max(self.total, 1)
-        print(
-            f"entropy: {self.done:,}/{self.total:,} tokens ({pct:.1f}%), {self.rate():,.0f} bytes/s {label}".rstrip(),
-            file=self.log,
-            flush=True,
-        )
-
-
-# --- the command -----------------------------------------------------------------------------
+# --- the pass over a data folder -------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -564,29 +331,6 @@ class RunSummary:
     skipped: tuple[str, ...]  # shards left as they were
     bytes_per_second: float
     calibration: dict | None
-
-
-def sidecar_documents(
-    data_dir: pathlib.Path, shards: Sequence[prepare.ShardInfo], limit: int | None = None
-) -> list[np.ndarray]:
-    """Per-document entropies of `shards` in stream order, whole documents up to `limit` tokens.
-
-    This is what threshold calibration reads (here and in `python -m bltjax.calibrate --data`).
-    """
-    documents: list[np.ndarray] = []
-    budget = math.inf if limit is None else int(limit)
-    for shard in shards:
-        _, offsets = read_shard(data_dir, shard)
-        values = np.asarray(read_entropies(data_dir, shard.name))
-        taken = int(np.searchsorted(np.cumsum(np.diff(offsets)), budget, side="right"))
-        if not documents and taken == 0 and offsets.size > 1:
-            taken = 1  # at least one document, however long
-        parts = np.split(values[: offsets[taken]], offsets[1:taken])
-        documents.extend(part for part in parts if part.size)
-        budget -= int(offsets[taken])
-        if taken < offsets.size - 1:
-            break
-    return documents
 
 
 def run(
@@ -608,9 +352,9 @@ def run(
         raise SidecarError("pass either threshold or target_patch_size, not both")
     if unit not in UNITS:
         raise SidecarError(f"unit: expected one of {UNITS}, got {unit!r}")
-    with _data_errors():
-        manifest = prepare.load_manifest(data_dir)
-    shards = [info for split in prepare.SPLITS for info in manifest.shards(split)]
+    with data_errors():
+        manifest = shards.load_manifest(data_dir)
+    infos = [info for split in shards.SPLITS for info in manifest.shards(split)]
     entropy_model = load_entropy_model(checkpoint)
     context = int(context or default_context(entropy_model.record, entropy_model.default_context))
     overlap = default_overlap(entropy_model.record, context) if overlap is None else int(overlap)
@@ -635,17 +379,25 @@ def run(
         "window": entropy_model.record.stack.window,
         "n_layers": entropy_model.record.stack.n_layers,
     }
-    store = _Store(data_dir, identity, log)
-    mine = [s for i, s in enumerate(shards) if i % jax.process_count() == jax.process_index()]
+    store = SidecarStore(data_dir, identity, log)
+    mine = [s for i, s in enumerate(infos) if i % jax.process_count() == jax.process_index()]
     runner: EntropyRunner | None = None
-    progress = _Progress(sum((data_dir / f"{s.name}.tokens").stat().st_size // 2 for s in mine), log)
+    # The bar counts tokens still to compute: a shard found done leaves its total.
+    total = sum((data_dir / f"{s.name}.tokens").stat().st_size // 2 for s in mine)
+    bar = progress_bar("entropy", total=total, unit=" tokens", file=log)
+    started, computed_tokens = time.monotonic(), 0
     computed, restarted, skipped = [], [], []
 
-    def ensure(shard: prepare.ShardInfo, first_pass: bool = True) -> None:
+    def advance(tokens: int) -> None:
+        nonlocal computed_tokens
+        computed_tokens += tokens
+        bar.update(tokens)
+
+    def ensure(shard: shards.ShardInfo, first_pass: bool = True) -> None:
         """Entropies of one shard, then the start bits of every threshold listed in the store."""
         nonlocal runner
-        with _data_errors():  # sha256 of .tokens and .docs.npy against the manifest, file named
-            prepare.verify_shard(data_dir, shard.split, shard.index, manifest)
+        with data_errors():  # sha256 of .tokens and .docs.npy against the manifest, file named
+            shards.verify_shard(data_dir, shard.split, shard.index, manifest)
         tokens, offsets = read_shard(data_dir, shard)
         record = store.shard(shard.name)
         ent_file = entropy_path(data_dir, shard.name)
@@ -661,19 +413,20 @@ def run(
                 runner = EntropyRunner(
                     entropy_model.model, entropy_model.params, context=context, overlap=overlap, batch_size=batch_size
                 )
-            entropies = runner.shard_entropies(tokens, offsets, progress)
+            entropies = runner.shard_entropies(tokens, offsets, advance)
             for old in data_dir.glob(f"{shard.name}.starts.*.bits"):  # computed from other entropies
                 old.unlink()
             record = {
                 "split": shard.split,
                 "tokens": int(tokens.size),
                 "tokens_sha256": shard.tokens_sha256,
-                "entropy_sha256": _atomic_write(ent_file, entropies.astype("<f2").tobytes()),
+                "entropy_sha256": write_sidecar(ent_file, entropies.astype("<f2").tobytes()),
                 "starts_sha256": {},
             }
             computed.append(shard.name)
         elif first_pass:
-            progress.skip(int(tokens.size))
+            bar.total -= int(tokens.size)
+            bar.refresh()
         changed = fresh
         # Every listed threshold, not only this run's: each shard then has every tag of the file.
         for tag, entry in sorted(store.state["thresholds"].items()):
@@ -684,7 +437,7 @@ def run(
                 entropies = read_entropies(data_dir, shard.name)
             mask = start_mask(tokens, offsets, entropies, entry["threshold"])
             record = dict(record, starts_sha256=dict(record["starts_sha256"]))
-            record["starts_sha256"][tag] = _atomic_write(bits, np.packbits(mask).tobytes())
+            record["starts_sha256"][tag] = write_sidecar(bits, np.packbits(mask).tobytes())
             changed = True
             if shard.name not in restarted:
                 restarted.append(shard.name)
@@ -711,10 +464,10 @@ def run(
         for shard in mine:
             ensure(shard)
         store.flush(force=True)
-        _sync("bltjax.entropy.computed")
-        train = [s for s in shards if s.split == "train"]
+        sync_processes("bltjax.entropy.computed")
+        train = [s for s in infos if s.split == "train"]
         if not train:
-            raise SidecarError(f"{data_dir / MANIFEST_FILE}: no 'train' split to calibrate the threshold on")
+            raise SidecarError(f"{data_dir / shards.MANIFEST_NAME}: no 'train' split to calibrate the threshold on")
         result = calibrate_threshold(
             sidecar_documents(data_dir, train, calibration_tokens), float(target_patch_size), unit=unit
         )
@@ -723,76 +476,14 @@ def run(
         set_threshold(threshold, calibration)
         for shard in mine:
             ensure(shard, first_pass=False)
-    if computed:
-        progress.line("(done)")
-    store.finish([s.name for s in shards])
+    bar.close()
+    store.finish([s.name for s in infos])
     return RunSummary(
         threshold=None if threshold is None else float(threshold),
         tag=store.state["tag"] if threshold is not None else None,
         computed=tuple(computed),
         restarted=tuple(restarted),
         skipped=tuple(s for s in skipped if s not in restarted),
-        bytes_per_second=progress.rate(),
+        bytes_per_second=computed_tokens / max(time.monotonic() - started, 1e-9),
         calibration=calibration,
     )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bltjax.entropy",
-        description="Entropy sidecars (next-byte entropies and patch-start bits) next to every byte shard.",
-    )
-    parser.add_argument("--data", required=True, help="a folder written by python -m bltjax.data.prepare")
-    parser.add_argument(
-        "--checkpoint", required=True, help="a bltjax byte_lm model folder or a Hugging Face BLT folder"
-    )
-    choice = parser.add_mutually_exclusive_group()
-    choice.add_argument("--threshold", type=float, help="global entropy threshold (default: the checkpoint's)")
-    choice.add_argument(
-        "--target-patch-size", type=float, help="calibrate the threshold on the train split for this mean patch size"
-    )
-    parser.add_argument("--unit", choices=UNITS, default="tokens", help="what --target-patch-size counts")
-    parser.add_argument("--calibration-tokens", type=int, help="calibrate on at most this many train tokens")
-    parser.add_argument("--batch-size", type=int, help="rows of --context tokens per step (default: the model's)")
-    parser.add_argument("--context", type=int, help="longest chunk in tokens (default: see the module doc)")
-    parser.add_argument("--overlap", type=int, help="tokens re-read by each further chunk (default: exact)")
-    parser.add_argument("--coordinator", help="host:port of process 0, for multi-process runs")
-    parser.add_argument("--num-processes", type=int)
-    parser.add_argument("--process-id", type=int)
-    args = parser.parse_args(argv)
-    try:  # flags, else the environment a launcher sets (bltjax/runtime/distributed.py), else one process
-        distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    except distributed.DistributedError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    try:
-        summary = run(
-            args.data,
-            args.checkpoint,
-            threshold=args.threshold,
-            target_patch_size=args.target_patch_size,
-            unit=args.unit,
-            batch_size=args.batch_size,
-            context=args.context,
-            overlap=args.overlap,
-            calibration_tokens=args.calibration_tokens,
-        )
-    except (SidecarError, checkpoint_io.CheckpointError, OSError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if summary.calibration is not None:
-        c = summary.calibration
-        print(
-            f"calibrated threshold {summary.threshold!r} for {c['target_patch_size']:g} {c['unit']} per patch: "
-            f"mean {c['mean_tokens_per_patch']:.4f} tokens / {c['mean_bytes_per_patch']:.4f} bytes per patch "
-            f"on {c['documents']} train documents"
-        )
-    if summary.tag is None:
-        print("no threshold given and none stored in the checkpoint: wrote entropies only")
-    else:
-        print(f"threshold={summary.threshold!r} tag={summary.tag}")
-    print(
-        f"shards: {len(summary.computed)} entropies computed, {len(summary.restarted)} starts written, "
-        f"{len(summary.skipped)} skipped; {summary.bytes_per_second:,.0f} bytes/s"
-    )
-    return 0

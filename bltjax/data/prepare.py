@@ -20,20 +20,19 @@ Why it is built this way:
   re-run regenerates the same stream, leaves every shard whose bytes already match untouched, and
   removes the temp files a killed run left behind.
 
-Readers (``pipeline``, ``entropy``) use :func:`load_manifest`, :func:`read_shard` and
-:func:`verify_shard`, which refuse truncated, modified or stale shards with the file named.
+Use it as ``python -m bltjax.prepare`` (the flags are in `bltjax.prepare`) or call
+:func:`prepare` (tests, sweeps, the quickstart). The format and its readers live in
+`bltjax.data.shards`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import fnmatch
 import gzip
 import hashlib
 import io
 import json
-import math
 import os
 import pathlib
 import re
@@ -41,19 +40,25 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
 
 import numpy as np
+import tqdm
 
 from bltjax import tokenizer
+from bltjax.data.shards import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    OFFSET_DTYPE,
+    SPLITS,
+    TOKEN_DTYPE,
+    Manifest,
+    ShardInfo,
+    load_manifest,
+)
 from bltjax.runtime.atomic import sha256_file, write_atomic
+from bltjax.runtime.progress import print_above, progress_bar
 
-FORMAT_NAME = "bltjax-byte-shards"
-FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
-SPLITS = ("train", "validation")
-TOKEN_DTYPE = np.dtype("<u2")
-OFFSET_DTYPE = np.dtype("<i8")
 DEFAULT_SHARD_BYTES = 64 * 2**20
 DEFAULT_VAL_FRACTION = 0.01
 DEFAULT_TEXT_FIELD = "text"
@@ -70,84 +75,13 @@ _CONTROL = np.zeros(256, dtype=bool)
 _CONTROL[[b for b in range(32) if b not in (9, 10, 11, 12, 13, 27)]] = True  # tab, newlines, ESC are text
 _CONTROL[127] = True
 _CHUNK = 1 << 20  # bytes read at a time
-_ERASE_LINE = "\r\x1b[K"  # carriage return + erase to the end of the line (terminals only)
 _WARNINGS_PER_FILE = 20  # further warnings about the same file are counted, not printed
 _SHARD_FILE = re.compile(r"^(train|validation)-(\d{5})\.(tokens|docs\.npy)$")
 _TEMP_FILE = re.compile(r"^\.((train|validation)-\d{5}\.(tokens|docs\.npy)|manifest\.json)\.tmp$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-
-
-class DataFormatError(ValueError):
-    """A prepared data folder, or one of its files, does not match docs/data.md."""
 
 
 class PrepareError(ValueError):
     """The inputs or settings of a prepare run are unusable; raised before anything is written."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ShardInfo:
-    """One manifest entry: what a shard must contain, so that a reader can check it."""
-
-    split: str
-    index: int
-    documents: int
-    tokens: int
-    bytes: int  # UTF-8 (text) bytes: tokens minus BOS and EOS of every document
-    tokens_sha256: str
-    docs_sha256: str
-
-    @property
-    def name(self) -> str:
-        return shard_name(self.split, self.index)
-
-    @property
-    def tokens_file(self) -> str:
-        return f"{self.name}.tokens"
-
-    @property
-    def docs_file(self) -> str:
-        return f"{self.name}.docs.npy"
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "documents": self.documents,
-            "tokens": self.tokens,
-            "bytes": self.bytes,
-            "tokens_sha256": self.tokens_sha256,
-            "docs_sha256": self.docs_sha256,
-        }
-
-
-@dataclasses.dataclass(frozen=True)
-class Manifest:
-    """A parsed, checked ``manifest.json``: the only list of shards a reader should trust."""
-
-    path: pathlib.Path
-    format_version: int
-    settings: dict[str, Any]
-    splits: dict[str, tuple[ShardInfo, ...]]
-    summary: dict[str, Any]
-
-    def shards(self, split: str) -> tuple[ShardInfo, ...]:
-        _check_split(split)
-        return self.splits[split]
-
-    def total(self, split: str, field: str = "tokens") -> int:
-        """Sum of ``documents``, ``tokens`` or ``bytes`` over the shards of ``split``."""
-        return sum(getattr(shard, field) for shard in self.shards(split))
-
-
-def shard_name(split: str, index: int) -> str:
-    """``train-00003``: names sort in stream order (docs/data.md)."""
-    _check_split(split)
-    return f"{split}-{index:05d}"
-
-
-def _check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,8 +241,7 @@ class _Report:
 
 
 def _warn(where: str, message: str) -> None:
-    clear = _ERASE_LINE if sys.stderr.isatty() else ""  # a warning replaces the progress line, not follows it
-    print(f"{clear}prepare: warning: {where}: {message}", file=sys.stderr, flush=True)
+    print_above(f"prepare: warning: {where}: {message}", file=sys.stderr)
 
 
 def _read_errors() -> tuple[type[BaseException], ...]:
@@ -317,19 +250,18 @@ def _read_errors() -> tuple[type[BaseException], ...]:
     return (OSError, EOFError) + ((zstandard.ZstdError,) if zstandard is not None else ())
 
 
-def _documents(files: Sequence[pathlib.Path], text_field: str, report: _Report, progress: _Progress) -> Iterator[bytes]:
+def _documents(files: Sequence[pathlib.Path], text_field: str, report: _Report, state: _RunState) -> Iterator[bytes]:
     """Yields every usable document's bytes: one per text file, one per JSONL line."""
     for path in files:
-        progress.file = path
         if _is_jsonl(path):
-            yield from _jsonl_documents(path, text_field, report, progress)
+            yield from _jsonl_documents(path, text_field, report, state)
             continue
         try:
             data = b"".join(_chunks(path))
         except _read_errors() as err:
             report.skip(path, "unreadable file", f"{type(err).__name__}: {err}")
             continue
-        progress.advance(len(data))
+        state.advance(len(data))
         if not data.strip():
             report.skip(path, "empty file")
             continue
@@ -340,12 +272,12 @@ def _documents(files: Sequence[pathlib.Path], text_field: str, report: _Report, 
         yield data
 
 
-def _jsonl_documents(path: pathlib.Path, text_field: str, report: _Report, progress: _Progress) -> Iterator[bytes]:
+def _jsonl_documents(path: pathlib.Path, text_field: str, report: _Report, state: _RunState) -> Iterator[bytes]:
     """One document per non-blank line; bad lines are reported with their number and skipped."""
     lineno = 0
     try:
         for lineno, line in enumerate(_lines(_chunks(path)), start=1):
-            progress.advance(len(line))
+            state.advance(len(line))
             if lineno == 1 and line.startswith(b"\xef\xbb\xbf"):
                 line = line[3:]  # a UTF-8 byte order mark is not part of the JSON value
             if not line.strip():
@@ -383,54 +315,6 @@ def split_of(document: bytes, seed: int, val_fraction: float) -> str:
 
 # --------------------------------------------------------------------------------------------
 # Writing
-
-
-class _Progress:
-    """A one-line progress report on stderr: bytes read, bytes/s, documents, shards."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.tty = enabled and sys.stderr.isatty()
-        self.interval = 0.5 if self.tty else 10.0
-        self.start = time.perf_counter()
-        self.last = self.start
-        self.bytes = 0
-        self.documents = 0
-        self.shards = 0
-        self.file: pathlib.Path | None = None
-
-    def advance(self, nbytes: int) -> None:
-        self.bytes += nbytes
-        now = time.perf_counter()
-        if self.enabled and now - self.last >= self.interval:
-            self.last = now
-            self._print(end="\r" if self.tty else "\n")
-
-    def line(self) -> str:
-        seconds = max(time.perf_counter() - self.start, 1e-9)
-        return (
-            f"{_human(self.bytes)} read in {seconds:.1f} s ({_human(self.bytes / seconds)}/s), "
-            f"{self.documents:,} documents, {self.shards} shards"
-        )
-
-    def _print(self, end: str) -> None:
-        current = f" [{self.file}]" if self.file is not None and self.tty else ""
-        clear = _ERASE_LINE if self.tty else ""
-        print(f"{clear}prepare: {self.line()}{current}", end=end, file=sys.stderr, flush=True)
-
-    def finish(self) -> None:
-        if self.enabled:
-            if self.tty:
-                print(_ERASE_LINE, end="", file=sys.stderr)
-            self._print(end="\n")
-
-
-def _human(nbytes: float) -> str:
-    """``1536`` -> ``1.5 KiB``."""
-    if nbytes < 1024:
-        return f"{nbytes:,.0f} B"
-    power = min(int(math.log(nbytes, 1024)), 3)
-    return f"{nbytes / 1024**power:,.1f} {('B', 'KiB', 'MiB', 'GiB')[power]}"
 
 
 def _same_content(path: pathlib.Path, size: int, sha256: str) -> bool:
@@ -484,17 +368,28 @@ class _ShardWriter:
         self.state.shards_written += not kept
         self.shards.append(info)
         self._parts, self._tokens = [], 0
-        self.state.progress.shards += 1
+        self.state.shards += 1
         if self.state.on_shard is not None:
             self.state.on_shard(info)
 
 
 @dataclasses.dataclass
 class _RunState:
-    progress: _Progress
+    """The counts of one run, shown on its progress bar (a disabled bar counts nothing itself)."""
+
+    bar: tqdm.tqdm
     on_shard: Callable[[ShardInfo], None] | None
+    bytes_read: int = 0
+    documents: int = 0
+    shards: int = 0
     shards_written: int = 0
     shards_kept: int = 0
+    start: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def advance(self, nbytes: int) -> None:
+        self.bytes_read += nbytes
+        self.bar.set_postfix_str(f"{self.documents:,} documents, {self.shards} shards", refresh=False)
+        self.bar.update(nbytes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -567,20 +462,20 @@ def prepare(
         manifest_path.unlink()  # the folder is complete again only when the new manifest lands
 
     report = _Report()
-    bar = _Progress(progress)
-    state = _RunState(progress=bar, on_shard=on_shard)
-    writers = {split: _ShardWriter(out, split, shard_bytes, state) for split in SPLITS}
-    for document in _documents(files, text_field, report, bar):
-        writers[split_of(document, seed, val_fraction)].add(tokenizer.encode(document))
-        bar.documents += 1
-    for writer in writers.values():
-        writer.close_shard()
-    bar.finish()
+    with progress_bar("prepare", binary=True, enabled=progress) as bar:  # bytes read, documents, shards
+        state = _RunState(bar=bar, on_shard=on_shard)
+        writers = {split: _ShardWriter(out, split, shard_bytes, state) for split in SPLITS}
+        for document in _documents(files, text_field, report, state):
+            writers[split_of(document, seed, val_fraction)].add(tokenizer.encode(document))
+            state.documents += 1
+        for writer in writers.values():
+            writer.close_shard()
+        bar.set_postfix_str(f"{state.documents:,} documents, {state.shards} shards", refresh=False)
     if not writers["train"].shards and not writers["validation"].shards:
         raise PrepareError(f"--input: no usable documents in {len(files)} file(s); see the warnings above")
     for split, asked in (("validation", val_fraction > 0), ("train", val_fraction < 1)):
         if asked and not writers[split].shards:
-            _warn(str(out), f"the {split} split is empty ({bar.documents} documents, --val-fraction {val_fraction})")
+            _warn(str(out), f"the {split} split is empty ({state.documents} documents, --val-fraction {val_fraction})")
 
     settings = {
         "inputs": [str(p) for p in inputs],
@@ -613,225 +508,6 @@ def prepare(
         skipped=dict(report.skipped),
         shards_written=state.shards_written,
         shards_kept=state.shards_kept,
-        input_bytes=bar.bytes,
-        seconds=time.perf_counter() - bar.start,
+        input_bytes=state.bytes_read,
+        seconds=time.perf_counter() - state.start,
     )
-
-
-# --------------------------------------------------------------------------------------------
-# Reading
-
-
-def _field(path: pathlib.Path, where: str, message: str) -> DataFormatError:
-    return DataFormatError(f"{path}: field '{where}': {message}")
-
-
-def _int_field(path: pathlib.Path, entry: dict, where: str, key: str, minimum: int) -> int:
-    value = entry.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise _field(path, f"{where}.{key}", f"expected an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def load_manifest(data_dir: str | os.PathLike) -> Manifest:
-    """Reads and checks ``DATA/manifest.json``: format, version and every shard entry.
-
-    Raises FileNotFoundError when the folder was never completed (no manifest), and
-    DataFormatError naming the file and the field for anything malformed.
-    """
-    path = pathlib.Path(data_dir) / MANIFEST_NAME
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: no manifest; the folder is not a finished prepare output (run `python -m bltjax.prepare`)"
-        )
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise DataFormatError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(raw, dict):
-        raise DataFormatError(f"{path}: expected a JSON object, got {type(raw).__name__}")
-    if raw.get("format") != FORMAT_NAME:
-        raise _field(path, "format", f"expected {FORMAT_NAME!r}, got {raw.get('format')!r}")
-    version = raw.get("format_version")
-    if version != FORMAT_VERSION or isinstance(version, bool):
-        raise _field(path, "format_version", f"expected {FORMAT_VERSION}, got {version!r}")
-    settings = raw.get("settings")
-    if not isinstance(settings, dict):
-        raise _field(path, "settings", f"expected an object, got {type(settings).__name__}")
-    splits_raw = raw.get("splits")
-    if not isinstance(splits_raw, dict) or sorted(splits_raw) != sorted(SPLITS):
-        got = sorted(splits_raw) if isinstance(splits_raw, dict) else type(splits_raw).__name__
-        raise _field(path, "splits", f"expected an object with keys {list(SPLITS)}, got {got}")
-    splits: dict[str, tuple[ShardInfo, ...]] = {}
-    for split in SPLITS:
-        entries = splits_raw[split]
-        if not isinstance(entries, list):
-            raise _field(path, f"splits.{split}", f"expected a list of shards, got {type(entries).__name__}")
-        shards = []
-        for index, entry in enumerate(entries):
-            where = f"splits.{split}[{index}]"
-            if not isinstance(entry, dict):
-                raise _field(path, where, f"expected an object, got {type(entry).__name__}")
-            if entry.get("name") != shard_name(split, index):
-                raise _field(path, f"{where}.name", f"expected {shard_name(split, index)!r}, got {entry.get('name')!r}")
-            documents = _int_field(path, entry, where, "documents", 1)
-            tokens = _int_field(path, entry, where, "tokens", 2 * documents)
-            nbytes = _int_field(path, entry, where, "bytes", 0)
-            if nbytes != tokens - 2 * documents:
-                raise _field(
-                    path, f"{where}.bytes", f"expected tokens - 2 * documents = {tokens - 2 * documents}, got {nbytes}"
-                )
-            hashes = []
-            for key in ("tokens_sha256", "docs_sha256"):
-                value = entry.get(key)
-                if not isinstance(value, str) or not _SHA256.match(value):
-                    raise _field(path, f"{where}.{key}", f"expected 64 lowercase hex digits, got {value!r}")
-                hashes.append(value)
-            shards.append(ShardInfo(split, index, documents, tokens, nbytes, *hashes))
-        splits[split] = tuple(shards)
-    summary = raw.get("summary", {})
-    return Manifest(path=path, format_version=version, settings=settings, splits=splits, summary=summary)
-
-
-def read_shard(data_dir: str | os.PathLike, split: str, index: int) -> tuple[np.memmap, np.ndarray]:
-    """Returns shard ``index`` of ``split``: (uint16 token memmap, int64 document offsets [D + 1]).
-
-    The tokens are memory-mapped, never loaded, because training reads windows at arbitrary
-    offsets. Checks the structure (lengths, offsets, BOS/EOS at the ends) but not the content
-    hash: use :func:`verify_shard` for that.
-    """
-    name = shard_name(split, index)
-    folder = pathlib.Path(data_dir)
-    tokens_path, docs_path = folder / f"{name}.tokens", folder / f"{name}.docs.npy"
-    for p in (tokens_path, docs_path):
-        if not p.is_file():
-            raise FileNotFoundError(f"{p}: shard file missing")
-    try:
-        offsets = np.load(docs_path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:
-        raise DataFormatError(f"{docs_path}: not a readable .npy file ({err})") from err
-    if offsets.dtype != OFFSET_DTYPE or offsets.ndim != 1 or offsets.size < 2:
-        raise DataFormatError(f"{docs_path}: expected int64 [D + 1] offsets, got {offsets.dtype} {offsets.shape}")
-    size = tokens_path.stat().st_size
-    if size % TOKEN_DTYPE.itemsize or size == 0:
-        raise DataFormatError(f"{tokens_path}: size {size} bytes is not a positive multiple of 2 (truncated?)")
-    length = size // TOKEN_DTYPE.itemsize
-    if offsets[0] != 0 or offsets[-1] != length or np.any(np.diff(offsets) < 2):
-        raise DataFormatError(
-            f"{docs_path}: offsets must rise from 0 to the stream length {length} by >= 2 per document, "
-            f"got {offsets[0]} .. {offsets[-1]} (truncated or stale shard?)"
-        )
-    tokens = np.memmap(tokens_path, dtype=TOKEN_DTYPE, mode="r", shape=(length,))
-    if tokens[0] != tokenizer.BOS_ID or tokens[-1] != tokenizer.EOS_ID:
-        raise DataFormatError(f"{tokens_path}: expected BOS first and EOS last, got {tokens[0]} and {tokens[-1]}")
-    return tokens, offsets
-
-
-def verify_shard(data_dir: str | os.PathLike, split: str, index: int, manifest: Manifest | None = None) -> ShardInfo:
-    """Checks a shard's files against the manifest (size, then sha256); returns its entry.
-
-    The pipeline calls this before training so that a truncated, modified or stale shard is
-    refused instead of silently training on the wrong bytes.
-    """
-    manifest = load_manifest(data_dir) if manifest is None else manifest
-    shards = manifest.shards(split)
-    if not 0 <= index < len(shards):
-        raise DataFormatError(f"{manifest.path}: field 'splits.{split}': lists {len(shards)} shards, no index {index}")
-    info = shards[index]
-    folder = pathlib.Path(data_dir)
-    tokens_path, docs_path = folder / info.tokens_file, folder / info.docs_file
-    for p in (tokens_path, docs_path):
-        if not p.is_file():
-            raise FileNotFoundError(f"{p}: shard file listed in {manifest.path} is missing")
-    size = tokens_path.stat().st_size
-    if size != info.tokens * TOKEN_DTYPE.itemsize:
-        raise DataFormatError(
-            f"{tokens_path}: size {size} bytes, but {manifest.path} lists {info.tokens} tokens "
-            f"({info.tokens * TOKEN_DTYPE.itemsize} bytes): truncated or replaced"
-        )
-    for p, key, expected in (
-        (tokens_path, "tokens_sha256", info.tokens_sha256),
-        (docs_path, "docs_sha256", info.docs_sha256),
-    ):
-        actual = sha256_file(p)
-        if actual != expected:
-            raise DataFormatError(
-                f"{p}: sha256 {actual} does not match field 'splits.{split}[{index}].{key}' = {expected} "
-                f"of {manifest.path}: the file was modified or is stale; re-run prepare"
-            )
-    return info
-
-
-# --------------------------------------------------------------------------------------------
-# Command line
-
-
-def parse_size(text: str) -> int:
-    """``64MiB``, ``64M``, ``512k``, ``1000`` -> bytes (binary multiples)."""
-    match = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(i?b)?\s*", text, flags=re.IGNORECASE)
-    if not match:
-        raise argparse.ArgumentTypeError(f"expected a size like 64MiB, 512k or 1000, got {text!r}")
-    return int(match.group(1)) * 1024 ** "_kmgt".index(match.group(2).lower() or "_")
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m bltjax.prepare",
-        description="Raw text (files, folders, JSONL, .gz/.zst) -> byte shards + manifest.json (docs/data.md).",
-    )
-    parser.add_argument(
-        "--input",
-        nargs="+",
-        action="extend",
-        required=True,
-        metavar="PATH",
-        help="text files, JSONL files (one document per line) or folders of them (recursive)",
-    )
-    parser.add_argument("--output", required=True, metavar="DIR", help="the shard folder to write or resume")
-    parser.add_argument(
-        "--val-fraction",
-        type=float,
-        default=DEFAULT_VAL_FRACTION,
-        help="fraction of documents, chosen by a keyed hash of their bytes, for validation",
-    )
-    parser.add_argument(
-        "--shard-bytes",
-        type=parse_size,
-        default=DEFAULT_SHARD_BYTES,
-        help="close a shard once its .tokens file reaches this size (default 64MiB)",
-    )
-    parser.add_argument("--text-field", default=DEFAULT_TEXT_FIELD, help="JSONL field that holds the text")
-    parser.add_argument("--seed", type=int, default=0, help="key of the train/validation hash")
-    parser.add_argument(
-        "--include",
-        default=",".join(DEFAULT_INCLUDE),
-        help="comma-separated name patterns taken from folders (files named directly always are)",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m bltjax.prepare``: returns the exit status (0 ok, 2 unusable inputs or settings)."""
-    args = _parser().parse_args(argv)
-    include = [p.strip() for p in args.include.split(",") if p.strip()]
-    try:
-        result = prepare(
-            args.input,
-            args.output,
-            val_fraction=args.val_fraction,
-            shard_bytes=args.shard_bytes,
-            text_field=args.text_field,
-            seed=args.seed,
-            include=include,
-            progress=not args.no_progress,
-        )
-    except PrepareError as err:
-        print(f"prepare: error: {err}", file=sys.stderr)
-        return 2
-    print(result.summary())
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
