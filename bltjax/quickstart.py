@@ -33,6 +33,7 @@ from absl import app, flags, logging
 from bltjax import generate as generate_cli
 from bltjax.config import ConfigError, load_config
 from bltjax.data import entropy, prepare
+from bltjax.data import shards as shard_format
 from bltjax.runtime import compile_cache
 from bltjax.training.checkpoint_io import save_model
 from bltjax.training.trainer import train
@@ -105,7 +106,7 @@ def run(
     started = _stage(1, f"prepare the bundled corpus -> {data}")
     prepare.prepare([CORPUS_DIR / name for name in corpus], data, shard_bytes=1 << 20, val_fraction=0.05,
                     progress=False)  # fmt: skip
-    manifest = prepare.load_manifest(data)
+    manifest = shard_format.load_manifest(data)
     print(f"   {manifest.total('train', 'bytes'):,} train bytes, {manifest.total('validation', 'bytes'):,} validation")
     _done(started)
 

@@ -51,7 +51,8 @@ import ml_collections
 import numpy as np
 
 from bltjax.config import ConfigError, validate
-from bltjax.data import pipeline, prepare
+from bltjax.data import pipeline
+from bltjax.data import shards as shard_format
 from bltjax.inference.restore import InferenceModel, load_for_inference
 from bltjax.runtime import distributed
 from bltjax.runtime.atomic import write_atomic
@@ -114,8 +115,8 @@ class _Window:
 def _shard_windows(shard: pipeline.Shard, seq_len: int) -> Iterator[_Window]:
     """Consecutive windows [wN, wN + N + 1) of one shard; the last one BOE-padded."""
     try:
-        tokens, _ = prepare.read_shard(shard.data_dir, shard.info.split, shard.info.index)
-    except (FileNotFoundError, prepare.DataFormatError) as err:
+        tokens, _ = shard_format.read_shard(shard.data_dir, shard.info.split, shard.info.index)
+    except (FileNotFoundError, shard_format.DataFormatError) as err:
         raise pipeline.DataError(str(err)) from err
     starts = None
     if shard.starts_path is not None:

@@ -73,15 +73,16 @@ def data_dir(sweep_dir: pathlib.Path, data: Mapping[str, Any]) -> pathlib.Path:
 def ensure_data(sweep_dir: pathlib.Path, data: Mapping[str, Any], log: TextIO = sys.stdout) -> pathlib.Path:
     """Prepares ``data.corpus`` into SWEEP/data once (recorded in stages/data.json); returns the folder."""
     from bltjax.data import prepare
+    from bltjax.data import shards as shard_format
 
     out = data_dir(sweep_dir, data)
     if data.get("path"):
-        prepare.load_manifest(out)  # a prepared folder given by the sweep: check it, write nothing
+        shard_format.load_manifest(out)  # a prepared folder given by the sweep: check it, write nothing
         return out
     inputs = [str(p) for p in corpus_inputs(data["corpus"])]
     settings = {"inputs": inputs, "val_fraction": data["val_fraction"], "shard_bytes": data["shard_bytes"]}
     record = sweep_dir / STAGES_DIR / DATA_RECORD
-    if record.is_file() and _read_json(record) == settings and (out / prepare.MANIFEST_NAME).is_file():
+    if record.is_file() and _read_json(record) == settings and (out / shard_format.MANIFEST_NAME).is_file():
         return out
     print(f"sweep: prepare {len(inputs)} input(s) -> {out}", file=log, flush=True)
     result = prepare.prepare(
