@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from bltjax.patching.rules import patch_lengths
+from bltjax.patching import PatchingRule, patch_lengths
 
 THETA = 1.335442066192627
 TARGET_MB_PER_S = 200.0
@@ -35,23 +35,21 @@ def synthetic_batch(rows: int, cols: int, seed: int = 0) -> tuple[np.ndarray, np
     return ids.astype(np.int32), entropies
 
 
-def cases(entropies: np.ndarray) -> list[tuple[str, str, dict, bool]]:
-    """(mode, configuration, keyword arguments, has a target)."""
+def cases(entropies: np.ndarray) -> list[tuple[str, PatchingRule, np.ndarray | None, bool]]:
+    """(configuration, rule, entropies, has a target)."""
     half = entropies.astype(np.float16)
+    entropy = functools.partial(PatchingRule, mode="entropy")
     return [
-        ("entropy", f"global θ={THETA:.4f}", {"entropies": entropies, "threshold": THETA}, True),
-        ("entropy", "global, float16 input", {"entropies": half, "threshold": THETA}, True),
-        ("entropy", "global, max_patch_length=8",
-         {"entropies": entropies, "threshold": THETA, "max_patch_length": 8}, True),
-        ("entropy", "monotonic θ_r=1.0",
-         {"entropies": entropies, "threshold": 1.0, "monotonicity": True}, True),
-        ("entropy", "combined θ, θ_add=0.5",
-         {"entropies": entropies, "threshold": THETA, "threshold_add": 0.5}, True),
-        ("entropy", "top-k s=4.5", {"entropies": entropies, "patch_size": 4.5}, True),
-        ("space", "SpaceByte rule", {}, False),
-        ("static", "s=4", {"patch_size": 4}, False),
-        ("byte", "one byte per patch", {}, False),
-    ]  # fmt: skip
+        (f"global θ={THETA:.4f}", entropy(threshold=THETA), entropies, True),
+        ("global, float16 input", entropy(threshold=THETA), half, True),
+        ("global, max_patch_length=8", entropy(threshold=THETA, max_patch_length=8), entropies, True),
+        ("monotonic θ_r=1.0", entropy(threshold=1.0, monotonicity=True), entropies, True),
+        ("combined θ, θ_add=0.5", entropy(threshold=THETA, threshold_add=0.5), entropies, True),
+        ("top-k s=4.5", entropy(patch_size=4.5), entropies, True),
+        ("SpaceByte rule", PatchingRule(mode="space"), None, False),
+        ("s=4", PatchingRule(mode="static", patch_size=4), None, False),
+        ("one byte per patch", PatchingRule(mode="byte"), None, False),
+    ]
 
 
 def best_time(function, repeats: int) -> float:
@@ -80,13 +78,14 @@ def main() -> None:
     ids, entropies = synthetic_batch(args.rows, args.cols)
     positions = ids.size
     results = []
-    for mode, config, kwargs, has_target in cases(entropies):
-        lengths = patch_lengths(ids, mode=mode, **kwargs)
-        seconds = best_time(functools.partial(patch_lengths, ids, mode=mode, **kwargs), args.repeats)
+    for config, rule, values, has_target in cases(entropies):
+        run = functools.partial(patch_lengths, ids, rule, entropies=values)
+        lengths = run()
+        seconds = best_time(run, args.repeats)
         rate = positions / seconds / 1e6
         results.append(
             {
-                "mode": mode,
+                "mode": rule.mode,
                 "config": config,
                 "seconds": seconds,
                 "mb_per_s": rate,

@@ -24,11 +24,11 @@ from bltjax.models.configs import (
     ByteLMConfig,
     TransformerConfig,
 )
+from bltjax.patching.rule import PatchingError, PatchingRule
 
 MODEL_TYPES = ("blt", "byte_lm")
 SCHEDULES = ("cosine", "linear", "constant")
 REMAT_MODES = ("none", "block")
-PATCHING_MODES = ("entropy", "space", "static", "byte")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -358,38 +358,11 @@ def _validate_blt(model: BLTConfig) -> None:
 
 
 def _validate_patching(config: ml_collections.ConfigDict) -> None:
-    p = config.patching
-    w = "config.patching"
-    _require(p.mode in PATCHING_MODES, f"{w}.mode", f"one of {PATCHING_MODES}", p.mode)
-    if p.mode == "entropy":
-        _require(
-            p.threshold is not None or p.patch_size is not None,
-            f"{w}.threshold",
-            "a threshold (or patch_size for top-k patching) in entropy mode",
-            p.threshold,
-        )
-    elif p.threshold is not None or p.threshold_add is not None:
-        _require(
-            False,
-            f"{w}.threshold",
-            f"None with mode={p.mode!r} (thresholds only apply to entropy patching)",
-            p.threshold,
-        )
-    if p.mode == "static":
-        _require(
-            p.patch_size is not None and float(p.patch_size).is_integer() and p.patch_size >= 1,
-            f"{w}.patch_size",
-            "a whole number of bytes >= 1 for static patching",
-            p.patch_size,
-        )
-    if p.patch_size is not None:
-        _require(p.patch_size > 0, f"{w}.patch_size", "a positive mean patch size", p.patch_size)
-    _require(
-        p.max_patch_length is None or _positive_int(p.max_patch_length),
-        f"{w}.max_patch_length",
-        "None or a positive integer",
-        p.max_patch_length,
-    )
+    """The patching rule record checks its own fields (bltjax/patching/rule.py); this names them in the config."""
+    try:
+        PatchingRule.from_config(config.patching)
+    except PatchingError as error:
+        raise ConfigError(f"config.{error}") from error
 
 
 def _schema(model_type: str) -> ml_collections.ConfigDict:

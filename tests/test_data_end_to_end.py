@@ -14,11 +14,11 @@ import sys
 import jax
 import numpy as np
 
+from bltjax import patching
 from bltjax.config import load_config
 from bltjax.data import entropy, pipeline, prepare
 from bltjax.models.factory import build_model, example_inputs
 from bltjax.models.patch_ids import check_patch_lengths
-from bltjax.patching import rules as patching
 from bltjax.training.checkpoint_io import save_model
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -78,7 +78,7 @@ def test_prepare_entropy_pipeline_model_round_trip(tmp_path):
             if window_entropies is None:
                 continue
             rule = patching.patch_start_mask(
-                tokens[None], mode="entropy", entropies=window_entropies[None], threshold=THRESHOLD
+                tokens[None], patching.PatchingRule.from_config(config), entropies=window_entropies[None]
             )[0]
             starts = patching.start_mask_from_lengths(batch["patch_lengths"][row : row + 1], n + 1)[0]
             window = np.concatenate([tokens, batch["targets"][row, -1:]])

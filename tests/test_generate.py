@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 
 from bltjax import generate as generate_cli
-from bltjax import tokenizer
+from bltjax import patching, tokenizer
 from bltjax.config import load_config
 from bltjax.convert import hf
 from bltjax.data.entropy import SIDECARS_FILE, config_from_byte_lm, load_entropy_model
@@ -48,7 +48,6 @@ from bltjax.models.blt import BLT
 from bltjax.models.byte_lm import next_byte_entropy
 from bltjax.models.configs import BLTConfig, TransformerConfig
 from bltjax.models.factory import build_model, example_inputs
-from bltjax.patching import rules as patching
 from bltjax.training.checkpoint_io import save_model
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -3,11 +3,13 @@ the jnp twin and threshold calibration (§3.15)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import json
 import math
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -19,8 +21,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bltjax.calibrate import calibrate_threshold, realised_patch_sizes
-from bltjax.patching.rules import (
+from bltjax.config import ConfigError, load_config, validate
+from bltjax.patching import (
+    PatchingError,
+    PatchingRule,
     decoder_patch_ids_from_lengths,
     lengths_from_start_mask,
     patch_ids_from_lengths,
@@ -31,6 +35,8 @@ from bltjax.patching.rules import (
     split_long_patches,
     start_mask_from_lengths,
 )
+from bltjax.patching.calibrate import calibrate_threshold, realised_patch_sizes
+from bltjax.patching.incremental import IncrementalRule
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 THETA = 1.335442066192627  # released models' global threshold (§3.4)
@@ -572,19 +578,19 @@ H = np.ones((2, 6), dtype=np.float32)
 @pytest.mark.parametrize(
     "tokens, kwargs, message",
     [
-        (IDS.astype(np.float32), {"mode": "byte"}, "`tokens` must be an integer array"),
-        (IDS[0], {"mode": "byte"}, r"`tokens` must be a 2-D array \[B, N\]"),
-        (IDS[:, :0], {"mode": "byte"}, "`tokens` must be non-empty"),
-        (IDS, {"mode": "entropy", "threshold": 1.0}, "`entropies` must be a float array"),
+        (IDS.astype(np.float32), {"mode": "byte"}, "tokens: expected an integer array"),
+        (IDS[0], {"mode": "byte"}, r"tokens: expected a 2-D array \[B, N\]"),
+        (IDS[:, :0], {"mode": "byte"}, "tokens: expected non-empty"),
+        (IDS, {"mode": "entropy", "threshold": 1.0}, "entropies: expected a float array"),
         (
             IDS,
             {"mode": "entropy", "entropies": H[:, :5], "threshold": 1.0},
-            "`entropies` must be shaped like tokens",
+            "entropies: expected shaped like tokens",
         ),
         (
             IDS,
             {"mode": "entropy", "entropies": IDS, "threshold": 1.0},
-            "`entropies` must be a float16/float32",
+            "entropies: expected a float16/float32",
         ),
         (
             IDS,
@@ -593,31 +599,31 @@ H = np.ones((2, 6), dtype=np.float32)
                 "entropies": np.where(np.eye(2, 6) > 0, np.nan, H),
                 "threshold": 1.0,
             },
-            "`entropies` must be free of NaN",
+            "entropies: expected free of NaN",
         ),
         (
             IDS,
             {"mode": "static", "patch_size": 4, "threshold": 1.0},
-            "`threshold` must be None when mode='static'",
+            "patching.threshold: expected None when patching.mode='static'",
         ),
         (
             IDS,
             {"mode": "static", "patch_size": 4, "entropies": H},
-            "`entropies` must be None when mode='static'",
+            "entropies: expected None when patching.mode='static'",
         ),
-        (IDS, {"mode": "static"}, "`patch_size` must be an int >= 1"),
-        (IDS, {"mode": "static", "patch_size": 4.5}, "`patch_size` must be an int >= 1"),
-        (IDS, {"mode": "space", "patch_size": 4}, "`patch_size` must be None when mode='space'"),
-        (IDS, {"mode": "entropy", "entropies": H}, "`patch_size` must be a number > 0 for top-k"),
+        (IDS, {"mode": "static"}, "patching.patch_size: expected a whole number >= 1"),
+        (IDS, {"mode": "static", "patch_size": 4.5}, "patching.patch_size: expected a whole number >= 1"),
+        (IDS, {"mode": "space", "patch_size": 4}, "patching.patch_size: expected None when patching.mode='space'"),
+        (IDS, {"mode": "entropy", "entropies": H}, "patching.patch_size: expected a number > 0 for top-k"),
         (
             IDS,
             {"mode": "entropy", "entropies": H, "threshold_add": 0.5, "patch_size": 4},
-            "`threshold` must be set",
+            "patching.threshold: expected set",
         ),
         (
             IDS,
             {"mode": "entropy", "entropies": H, "threshold": float("nan")},
-            "`threshold` must be None or a real",
+            "patching.threshold: expected None or a real",
         ),
         (
             IDS,
@@ -628,20 +634,20 @@ H = np.ones((2, 6), dtype=np.float32)
                 "threshold_add": 0.1,
                 "monotonicity": True,
             },
-            "`threshold_add` must be None when monotonicity=True",
+            "patching.threshold_add: expected None when monotonicity=True",
         ),
         (
             IDS,
             {"mode": "entropy", "entropies": H, "threshold": 1.0, "patch_size": 4},
-            "`patch_size` must be None",
+            "patching.patch_size: expected None when an entropy threshold",
         ),
         (
             IDS,
             {"mode": "byte", "max_patch_length": 0},
-            "`max_patch_length` must be None or an int >= 1",
+            "patching.max_patch_length: expected None or an int >= 1",
         ),
-        (IDS, {"mode": "bpe"}, "`mode` must be one of"),
-        (IDS + 300, {"mode": "space"}, r"`tokens` must be ids in \[0, 260\)"),
+        (IDS, {"mode": "bpe"}, "patching.mode: expected one of"),
+        (IDS + 300, {"mode": "space"}, r"tokens: expected ids in \[0, 260\)"),
     ],
 )
 def test_bad_input_raises_value_error_naming_the_argument(tokens, kwargs, message):
@@ -650,9 +656,9 @@ def test_bad_input_raises_value_error_naming_the_argument(tokens, kwargs, messag
 
 
 def test_bad_input_in_the_jnp_twin():
-    with pytest.raises(ValueError, match="`tokens` must be an integer array"):
+    with pytest.raises(ValueError, match="tokens: expected an integer array"):
         patch_start_mask_jnp(jnp.ones((1, 4)), mode="byte")
-    with pytest.raises(ValueError, match="`max_patches` must be an int >= 1"):
+    with pytest.raises(ValueError, match="max_patches: expected an int >= 1"):
         patch_lengths_jnp(IDS, mode="byte", max_patches=0)
 
 
@@ -714,13 +720,13 @@ def test_calibration_hits_the_target_and_agrees_with_patch_lengths(target, max_p
 
 def test_calibration_rejects_unreachable_targets_and_bad_input():
     docs = synthetic_corpus(documents=3)
-    with pytest.raises(ValueError, match="`target_patch_size` must be within the reachable range"):
+    with pytest.raises(ValueError, match="calibrate.target_patch_size: expected within the reachable range"):
         calibrate_threshold(docs, 1000.0)
-    with pytest.raises(ValueError, match="`entropies\\[0\\]` must be a 1-D float array"):
+    with pytest.raises(ValueError, match="calibrate.entropies\\[0\\]: expected a 1-D float array"):
         calibrate_threshold([np.ones((2, 3), np.float32)], 4.0)
-    with pytest.raises(ValueError, match="`entropies` must be free of NaN"):
+    with pytest.raises(ValueError, match="entropies: expected free of NaN"):
         calibrate_threshold([np.array([1.0, np.nan, 2.0], np.float32)], 2.0)
-    with pytest.raises(ValueError, match="`unit` must be one of"):
+    with pytest.raises(ValueError, match="calibrate.unit: expected one of"):
         calibrate_threshold(docs, 4.0, unit="words")
 
 
@@ -770,3 +776,116 @@ def test_calibration_command_line(tmp_path):
         check=False,
     )
     assert failed.returncode == 2 and "reachable range" in failed.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# One rule record for every user: numpy, traced, incremental (decoding), config validation
+
+CONFIG_FIELDS = ("mode", "threshold", "threshold_add", "monotonicity", "patch_size", "max_patch_length")
+
+
+def _config_with(fields: dict) -> object:
+    """The tiny experiment config with these patching fields (the others unset)."""
+    config = load_config(str(REPO_ROOT / "experiments" / "blt_tiny.py"))
+    config.data.max_patches = config.data.seq_len + 1  # room for every mode, byte included
+    config.patching.update({"threshold": None, "threshold_add": None, "monotonicity": False, "patch_size": None})
+    config.patching.update({"max_patch_length": None, **{k: v for k, v in fields.items() if k in CONFIG_FIELDS}})
+    return config
+
+
+def _incremental_mask(rule: IncrementalRule, ids: np.ndarray, entropies: np.ndarray) -> np.ndarray:
+    """Start bits of positions 0..N decided one at a time, as generation decides them."""
+    values = rule.values()
+    got, open_length = [True], 0
+    for t in range(ids.shape[1]):
+        start = bool(
+            rule.natural_starts(
+                values,
+                np.int32(t + 1),
+                entropies[0, t],
+                entropies[0, t - 1] if t else np.float32(0),
+                ids[0, t],
+                ids[0, t - 1] if t else np.int32(0),
+            )
+        )
+        start |= bool(rule.split_long(values, np.int32(open_length + 1)))
+        got.append(start)
+        open_length = 0 if start else open_length + 1
+    return np.array(got)
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        PatchingRule(mode="byte"),
+        PatchingRule(mode="static", patch_size=3.0),
+        PatchingRule(mode="space", max_patch_length=4),
+        PatchingRule(mode="entropy", threshold=THETA),
+        PatchingRule(mode="entropy", threshold=1.337, entropy_float16=True),
+        PatchingRule(mode="entropy", threshold=0.5, monotonicity=True, max_patch_length=5),
+        PatchingRule(mode="entropy", threshold=1.0, threshold_add=0.2, reference_quirks=True),
+    ],
+    ids=lambda rule: rule.kind + ("_f16" if rule.entropy_float16 else ""),
+)
+def test_one_record_drives_numpy_traced_incremental_and_config(rule):
+    ids, h = SENTENCE_IDS[:, :64], SENTENCE_H[:, :64]
+    entropies = h if rule.needs_entropy else None
+    mask = patch_start_mask(ids, rule, entropies=entropies)
+    assert mask.shape == (1, 65) and mask.sum() > 3 and (mask.sum() < 65 or rule.mode == "byte")
+    np.testing.assert_array_equal(np.asarray(patch_start_mask_jnp(ids, rule, entropies=entropies)), mask)
+    np.testing.assert_array_equal(_incremental_mask(IncrementalRule.of(rule), ids, h), mask[0])
+    # The keyword form builds the same record, and the config that spells it validates to it.
+    np.testing.assert_array_equal(patch_start_mask(ids, entropies=entropies, **rule.patching_kwargs()), mask)
+    config = _config_with(rule.patching_kwargs())
+    validate(config)
+    extra = {k: v for k, v in rule.patching_kwargs().items() if k not in CONFIG_FIELDS}
+    assert PatchingRule.from_config(config, **extra) == rule
+    if rule.entropy_float16:  # H_58 = 1.33707 is above 1.337 in float32, below it in float16
+        plain = patch_start_mask(ids, dataclasses.replace(rule, entropy_float16=False), entropies=h)
+        assert np.flatnonzero(plain[0] != mask[0]).tolist() == [59]
+
+
+@pytest.mark.parametrize(
+    "fields, field",
+    [
+        ({"mode": "bpe"}, "patching.mode"),
+        ({"mode": "static", "patch_size": 2.5}, "patching.patch_size"),
+        ({"mode": "space", "threshold": 1.0}, "patching.threshold"),
+        ({"mode": "entropy", "threshold": 1.0, "threshold_add": 0.1, "monotonicity": True}, "patching.threshold_add"),
+        ({"mode": "byte", "max_patch_length": 0}, "patching.max_patch_length"),
+    ],
+)
+def test_every_user_rejects_a_bad_rule_naming_the_same_field(fields, field):
+    entropies = H if fields["mode"] == "entropy" else None
+    users = {
+        "record": lambda: PatchingRule(**fields),
+        "numpy": lambda: patch_lengths(IDS, entropies=entropies, **fields),
+        "traced": lambda: patch_start_mask_jnp(IDS, entropies=entropies, **fields),
+        "incremental": lambda: IncrementalRule(**fields),
+    }
+    for user, call in users.items():
+        with pytest.raises(PatchingError) as raised:
+            call()
+        assert raised.value.field == field, user
+        assert str(raised.value).startswith(f"{field}: expected "), user
+    with pytest.raises(ConfigError, match=rf"^config\.{re.escape(field)}: expected "):
+        validate(_config_with(fields))
+
+
+def test_config_patch_size_is_the_target_mean_where_the_rule_has_none():
+    """A config's patch_size (the expected mean, for FLOPs and sweeps) is dropped where unused."""
+    config = _config_with({"mode": "entropy", "threshold": THETA, "patch_size": 4.5})
+    validate(config)
+    assert PatchingRule.from_config(config) == PatchingRule(mode="entropy", threshold=THETA)
+    assert PatchingRule.from_config(_config_with({"mode": "entropy", "patch_size": 4.5})).kind == "topk"
+    with pytest.raises(ConfigError, match=r"config\.patching\.patch_size: expected None or a number > 0"):
+        validate(_config_with({"mode": "space", "patch_size": -1.0}))
+
+
+def test_generation_refuses_the_rules_it_cannot_decide_byte_by_byte():
+    topk = PatchingRule(mode="entropy", patch_size=4.5)
+    patch_lengths(IDS, topk, entropies=H)  # fine on whole rows
+    with pytest.raises(PatchingError, match="top-k"):
+        IncrementalRule.of(topk)
+    with pytest.raises(PatchingError, match="static_first_patch_rule"):
+        IncrementalRule(mode="static", patch_size=4, static_first_patch_rule=False)

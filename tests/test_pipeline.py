@@ -25,7 +25,8 @@ from bltjax.data import pipeline, prepare
 from bltjax.data.entropy import threshold_tag
 from bltjax.data.pipeline import DataError, batch_at_step, global_batch, make_dataset, make_iterator
 from bltjax.models.patch_ids import check_patch_lengths
-from bltjax.patching.rules import (
+from bltjax.patching import (
+    PatchingRule,
     decoder_patch_ids_from_lengths,
     patch_ids_from_lengths,
     patch_lengths,
@@ -235,7 +236,7 @@ def test_byte_lm_configs_get_no_patch_lengths(data_dir):
 def test_entropy_lengths_follow_the_sidecar_and_the_first_patch_rule(data_dir, truth):
     config = make_config("entropy")
     source = pipeline.make_source(config, data_dir, "train")
-    builder = pipeline.BatchBuilder(seq_len=N, max_patches=40, mode="entropy")
+    builder = pipeline.BatchBuilder(seq_len=N, max_patches=40, rule=PatchingRule(mode="entropy", threshold=THETA))
     name = sorted(truth)[0]
     shard = truth[name]
     doc_lengths = np.diff(shard["offsets"])
@@ -266,7 +267,7 @@ def test_entropy_lengths_follow_the_sidecar_and_the_first_patch_rule(data_dir, t
 
 
 def test_entropy_virtual_next_token_uses_the_bit_of_token_n():
-    builder = pipeline.BatchBuilder(seq_len=8, max_patches=6, mode="entropy")
+    builder = pipeline.BatchBuilder(seq_len=8, max_patches=6, rule=PatchingRule(mode="entropy", threshold=THETA))
     window = np.array([[40, 41, 42, 43, 44, 45, 46, 47, 48]], np.uint16)  # mid-document: no BOS
     starts = np.zeros((1, 9), bool)
     starts[0, [0, 5]] = True  # position 0 started a patch of 5 in its document
@@ -397,13 +398,14 @@ def test_any_start_mask_gives_a_valid_row_and_an_exact_loss_mask(seq_len, max_pa
     rng = np.random.default_rng(seed)
     starts = rng.random((3, seq_len + 1)) < rng.uniform(0.05, 0.9)
     window = rng.integers(4, 260, size=(3, seq_len + 1)).astype(np.uint16)
-    builder = pipeline.BatchBuilder(seq_len, max_patches, "entropy", max_patch_length=max_patch_length)
+    rule = PatchingRule(mode="entropy", threshold=THETA, max_patch_length=max_patch_length)
+    builder = pipeline.BatchBuilder(seq_len, max_patches, rule)
     out = builder({"window": window, "starts": starts})
     lengths, mask = out["patch_lengths"], out["loss_mask"]
     assert lengths.shape == (3, max_patches)
     check_patch_lengths(lengths, seq_len)
     np.testing.assert_array_equal(lengths.sum(axis=1), seq_len + 1)
-    full = pipeline.BatchBuilder(seq_len, seq_len + 1, "entropy", max_patch_length=max_patch_length)
+    full = pipeline.BatchBuilder(seq_len, seq_len + 1, rule)
     unlimited = full({"window": window, "starts": starts})["patch_lengths"]
     kept = mask
     np.testing.assert_array_equal(

@@ -64,7 +64,7 @@ import grain
 import numpy as np
 
 from bltjax.data import prepare
-from bltjax.patching.rules import lengths_from_start_mask, patch_lengths, split_long_patches
+from bltjax.patching import PatchingRule, lengths_from_start_mask, patch_lengths, split_long_patches
 from bltjax.runtime.atomic import sha256_file
 from bltjax.tokenizer import BOE_ID, VOCAB_SIZE
 
@@ -73,7 +73,6 @@ SIDECAR_MANIFEST = "sidecars.json"
 SIDECAR_FORMAT = ("bltjax.entropy-sidecars", 1)  # (format, version) written by bltjax.data.entropy
 VERIFY_MODES = ("eager", "lazy", "size")
 OVERFLOW_POLICIES = ("truncate", "error")
-STATIC_MODES = ("static", "space", "byte")
 
 
 class DataError(ValueError):
@@ -135,25 +134,28 @@ def _read_sidecars(path: pathlib.Path) -> dict[str, Any]:
     return sidecars
 
 
-def _choose_tag(path: pathlib.Path, sidecars: Mapping[str, Any], patching: Mapping[str, Any], tag: str | None) -> str:
-    """The sidecar tag computed with the configured threshold; an explicit tag must agree with it.
-
-    Thresholds are compared in float32, as the patcher compares them (and as entropy's tags are
-    made): float32-equal thresholds give bit-identical start masks. Sidecars hold the global
-    rule only (spec §3.4), so threshold_add and monotonicity must be unset.
-    """
-    threshold = patching.get("threshold")
-    if threshold is None:
+def _check_sidecar_rule(rule: PatchingRule) -> None:
+    """Entropy patching in the pipeline reads start bits, which sidecars hold for the global rule only."""
+    if rule.kind == "topk":
         raise DataError(
             "config.patching.threshold: entropy patching in the pipeline needs a threshold (top-k patching is "
             "not incremental, so it has no per-document sidecar)"
         )
-    if patching.get("threshold_add") is not None or patching.get("monotonicity"):
+    if rule.kind != "global" and rule.mode == "entropy":
         raise DataError(
             "config.patching: the start-bit sidecars hold the global threshold rule (spec §3.4) only; "
-            f"threshold_add={patching.get('threshold_add')!r} and monotonicity={patching.get('monotonicity')!r} "
-            "must be None / False"
+            f"threshold_add={rule.threshold_add!r} and monotonicity={rule.monotonicity!r} must be None / False"
         )
+
+
+def _choose_tag(path: pathlib.Path, sidecars: Mapping[str, Any], rule: PatchingRule, tag: str | None) -> str:
+    """The sidecar tag computed with the configured threshold; an explicit tag must agree with it.
+
+    Thresholds are compared in float32, as the patcher compares them (and as entropy's tags are
+    made): float32-equal thresholds give bit-identical start masks.
+    """
+    _check_sidecar_rule(rule)
+    threshold = rule.threshold
     thresholds = sidecars.get("thresholds", {})
     available = ", ".join(f"{t!r} (threshold {v.get('threshold')!r})" for t, v in thresholds.items()) or "none"
     if tag is not None:
@@ -176,13 +178,19 @@ def _choose_tag(path: pathlib.Path, sidecars: Mapping[str, Any], patching: Mappi
 
 
 def attach_sidecars(
-    data_dir: str | os.PathLike, shards: Sequence[Shard], patching: Mapping[str, Any], *, tag: str | None = None
+    data_dir: str | os.PathLike,
+    shards: Sequence[Shard],
+    patching: PatchingRule | Mapping[str, Any],
+    *,
+    tag: str | None = None,
 ) -> list[Shard]:
-    """Shards with their start-bit sidecar; checks `sidecars.json` against the config and shards."""
+    """Shards with their start-bit sidecar; checks `sidecars.json` against the rule (a PatchingRule
+    or the ``config.patching`` fields) and the shards."""
+    rule = patching if isinstance(patching, PatchingRule) else PatchingRule.from_config(patching)
     root = pathlib.Path(data_dir)
     path = root / SIDECAR_MANIFEST
     sidecars = _read_sidecars(path)
-    tag = _choose_tag(path, sidecars, patching, tag)
+    tag = _choose_tag(path, sidecars, rule, tag)
     out = []
     for shard in shards:
         bits = root / f"{shard.info.name}.starts.{tag}.bits"
@@ -329,40 +337,37 @@ class BatchBuilder:
     """Turns stacked source elements into the model's batch (a picklable grain map).
 
     Output, for b rows: tokens int32 [b, N], targets int32 [b, N], loss_mask bool [b, N] and, when
-    a patching mode is set, patch_lengths int32 [b, max_patches] (row sum N + 1, first patch 1).
+    a patching rule is set, patch_lengths int32 [b, max_patches] (row sum N + 1, first patch 1).
+    In entropy mode the start bits come from the sidecars (`attach_sidecars` checked that they
+    were computed with this rule's threshold); the rule adds `max_patch_length`.
     """
 
     seq_len: int
     max_patches: int | None
-    mode: str | None  # None: no patch lengths (byte-level LMs)
-    patch_size: int | None = None
-    max_patch_length: int | None = None
+    rule: PatchingRule | None  # None: no patch lengths (byte-level LMs)
     overflow: str = "truncate"
 
     def __post_init__(self) -> None:
         if self.overflow not in OVERFLOW_POLICIES:
             raise ValueError(f"overflow: expected one of {OVERFLOW_POLICIES}, got {self.overflow!r}")
-        if self.mode is not None and self.mode not in (*STATIC_MODES, "entropy"):
-            raise ValueError(f"config.patching.mode: expected one of {(*STATIC_MODES, 'entropy')}, got {self.mode!r}")
-        if self.mode is not None and (self.max_patches is None or self.max_patches < 2):
-            raise ValueError(f"config.data.max_patches: expected an int >= 2, got {self.max_patches!r}")
+        if self.rule is not None and not isinstance(self.rule, PatchingRule):
+            raise ValueError(f"rule: expected a bltjax.patching.PatchingRule or None, got {type(self.rule).__name__}")
+        if self.rule is not None:
+            _check_sidecar_rule(self.rule)
+            if self.max_patches is None or self.max_patches < 2:
+                raise ValueError(f"config.data.max_patches: expected an int >= 2, got {self.max_patches!r}")
 
     def lengths(self, tokens: np.ndarray, starts: np.ndarray | None) -> np.ndarray:
         """Unpadded int32 [b, P'] lengths of the training convention for each row."""
-        if self.mode == "entropy":
+        if self.rule.mode == "entropy":
             if starts is None:
                 raise ValueError("entropy patching needs the window's start bits (a source built with sidecars)")
             starts = starts.copy()
             starts[:, :2] = True  # first-patch rule; re-splits a window that starts mid-document
             lengths = lengths_from_start_mask(starts)
-            return lengths if self.max_patch_length is None else split_long_patches(lengths, self.max_patch_length)
-        return patch_lengths(
-            tokens,
-            mode=self.mode,
-            patch_size=self.patch_size if self.mode == "static" else None,
-            max_patch_length=self.max_patch_length,
-            include_next_token=True,
-        )
+            limit = self.rule.max_patch_length
+            return lengths if limit is None else split_long_patches(lengths, limit)
+        return patch_lengths(tokens, self.rule, include_next_token=True)
 
     def fit(self, lengths: np.ndarray, loss_mask: np.ndarray) -> np.ndarray:
         """Pads to `max_patches` columns, or applies the overflow policy (module docstring)."""
@@ -392,7 +397,7 @@ class BatchBuilder:
         tokens, targets = windows[:, :-1], windows[:, 1:]
         loss_mask = targets != BOE_ID
         out = {"tokens": np.ascontiguousarray(tokens), "targets": np.ascontiguousarray(targets)}
-        if self.mode is not None:
+        if self.rule is not None:
             out["patch_lengths"] = self.fit(self.lengths(tokens, batch.get("starts")), loss_mask)
         out["loss_mask"] = loss_mask
         return out
@@ -402,12 +407,10 @@ class BatchBuilder:
 # Datasets, iterators, global arrays
 
 
-def _patching(config: Any) -> dict[str, Any] | None:
+def _patching_rule(config: Any) -> PatchingRule | None:
+    """The config's patching rule; None for configs without one (byte-level LMs)."""
     patching = config.get("patching") if hasattr(config, "get") else getattr(config, "patching", None)
-    if patching is None:
-        return None
-    return {k: patching.get(k) for k in ("mode", "threshold", "threshold_add", "monotonicity", "patch_size",
-                                          "max_patch_length")}  # fmt: skip
+    return None if patching is None else PatchingRule.from_config(patching)
 
 
 def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -434,9 +437,9 @@ def make_source(
         raise ValueError(f"verify: expected one of {VERIFY_MODES}, got {verify!r}")
     seq_len = int(config.data.seq_len)
     shards = read_split(data_dir, split)
-    patching = _patching(config)
-    if patching is not None and patching["mode"] == "entropy":
-        shards = attach_sidecars(data_dir, shards, patching, tag=sidecar_tag)
+    rule = _patching_rule(config)
+    if rule is not None and rule.mode == "entropy":
+        shards = attach_sidecars(data_dir, shards, rule, tag=sidecar_tag)
     for shard in shards:
         check_shard(shard, contents=verify == "eager")
     source = WindowSource(shards, seq_len, verify_on_open=verify == "lazy")
@@ -475,15 +478,11 @@ def make_dataset(
         )
     if not 0 <= seed < 2**32:
         raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
-    patching = _patching(config)
-    mode = None if patching is None else patching["mode"]
-    size = patching["patch_size"] if patching is not None and mode == "static" else None
+    rule = _patching_rule(config)
     builder = BatchBuilder(
         seq_len=int(config.data.seq_len),
-        max_patches=None if mode is None else int(config.data.max_patches),
-        mode=mode,
-        patch_size=None if size is None else int(size),
-        max_patch_length=None if patching is None else patching["max_patch_length"],
+        max_patches=None if rule is None else int(config.data.max_patches),
+        rule=rule,
         overflow=overflow,
     )
     source = make_source(config, data_dir, split, verify=verify, sidecar_tag=sidecar_tag)

@@ -26,7 +26,7 @@ from bltjax.inference.generation.decode import (
     teacher_forced,
 )
 from bltjax.inference.generation.sampling import choose_next, nucleus_logits
-from bltjax.patching.incremental import PatchRule
+from bltjax.patching.incremental import IncrementalRule as PatchRule
 
 __all__ = [
     "BLTState",

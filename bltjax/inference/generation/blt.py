@@ -43,7 +43,7 @@ from bltjax.models.configs import BLTConfig, ByteLMConfig
 from bltjax.models.hash_embed import all_hash_ids
 from bltjax.models.layers import dtype_of, eos_segment_ids
 from bltjax.models.local_encoder import pool_patches
-from bltjax.patching.incremental import PatchRule
+from bltjax.patching.incremental import IncrementalRule as PatchRule
 from bltjax.tokenizer import EOS_ID
 
 Params = dict[str, Any]

@@ -27,14 +27,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bltjax import patching
 from bltjax.inference.generation.blt import CachedBLT, patch_capacity
 from bltjax.inference.generation.byte_lm import CachedByteLM
 from bltjax.inference.generation.sampling import choose_next
 from bltjax.models.blt import BLT
 from bltjax.models.byte_lm import ByteLM, next_byte_entropy
 from bltjax.models.configs import BLTConfig, ByteLMConfig
-from bltjax.patching import rules as patching
-from bltjax.patching.incremental import PatchRule
+from bltjax.patching.incremental import IncrementalRule as PatchRule
 from bltjax.tokenizer import BOE_ID, EOS_ID, OFFSET, encode
 
 PROMPT_BUCKET = 16  # prompt widths are rounded up to a multiple of this (fewer compilations)
