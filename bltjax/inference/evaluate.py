@@ -54,6 +54,7 @@ from bltjax.config import ConfigError, validate
 from bltjax.data import pipeline
 from bltjax.data import shards as shard_format
 from bltjax.inference.restore import InferenceModel, load_for_inference
+from bltjax.patching import PatchingRule
 from bltjax.runtime import distributed
 from bltjax.runtime.atomic import write_atomic
 from bltjax.tokenizer import BOE_ID
@@ -249,9 +250,7 @@ def evaluate(
     builder = pipeline.BatchBuilder(
         seq_len=seq_len,
         max_patches=None if mode is None else int(config.data.max_patches),
-        mode=mode,
-        patch_size=int(patching["patch_size"]) if mode == "static" else None,
-        max_patch_length=None if patching is None else patching["max_patch_length"],
+        rule=None if patching is None else PatchingRule.from_config(patching),
         overflow="error",  # cannot happen: the columns are sized for the whole split
     )
     if mode is not None:
