@@ -1,11 +1,11 @@
 """One progress line for the long loops of bltjax's programs (prepare, entropy sidecars), on stderr.
 
-    from bltjax.runtime import progress
+    from bltjax.runtime.progress import print_above, progress_bar
 
-    with progress.bar("entropy", total=n_tokens, unit=" tokens") as bar:
+    with progress_bar("entropy", total=n_tokens, unit=" tokens") as bar:
         for chunk in work:
             bar.update(len(chunk))
-    progress.write("prepare: warning: ...")  # a message that does not tear the line apart
+    print_above("prepare: warning: ...")  # a message that does not tear the line apart
 
 Only process 0 of a joined multi-process run prints (a lone process always may), so N hosts
 show one line, not N. It is a tqdm bar: these loops count bytes and tokens rather than
@@ -35,7 +35,7 @@ def is_primary_process() -> bool:
     return jax is None or not jax.distributed.is_initialized() or jax.process_index() == 0
 
 
-def bar(
+def progress_bar(
     desc: str,
     *,
     total: int | None = None,
@@ -65,6 +65,6 @@ def bar(
     )
 
 
-def write(message: str, file: TextIO | None = None) -> None:
+def print_above(message: str, file: TextIO | None = None) -> None:
     """Prints ``message`` on its own line above any bar of ``file`` (default stderr), which is then redrawn."""
     tqdm.tqdm.write(message, file=sys.stderr if file is None else file)
