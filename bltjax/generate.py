@@ -48,7 +48,8 @@ def default_entropy_model(workdir: str | os.PathLike, config: Any) -> pathlib.Pa
     one in ``config.data.path``/sidecars.json, the model whose entropies placed the training
     patches.
     """
-    from bltjax.data.entropy import SIDECARS_FILE, load_entropy_model
+    from bltjax.data.entropy import load_entropy_model
+    from bltjax.data.sidecars import SIDECARS_FILE
     from bltjax.inference.restore import is_hf_dir
 
     if is_hf_dir(workdir):

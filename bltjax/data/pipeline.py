@@ -63,12 +63,12 @@ from typing import Any
 import grain
 import numpy as np
 
-from bltjax.data import prepare
+from bltjax.data import shards as shard_format
 from bltjax.patching import PatchingRule, lengths_from_start_mask, patch_lengths, split_long_patches
 from bltjax.runtime.atomic import sha256_file
 from bltjax.tokenizer import BOE_ID, VOCAB_SIZE
 
-MANIFEST = prepare.MANIFEST_NAME
+MANIFEST = shard_format.MANIFEST_NAME
 SIDECAR_MANIFEST = "sidecars.json"
 SIDECAR_FORMAT = ("bltjax.entropy-sidecars", 1)  # (format, version) written by bltjax.data.entropy
 VERIFY_MODES = ("eager", "lazy", "size")
@@ -80,7 +80,7 @@ class DataError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading the format: shards through bltjax.data.prepare's readers, sidecars.json here
+# Reading the format: shards through bltjax.data.shards' readers, sidecars.json here
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +88,7 @@ class Shard:
     """One shard of a split as the pipeline needs it (plain strings and ints: picklable)."""
 
     data_dir: str
-    info: prepare.ShardInfo  # the manifest entry: name, token count, sha256s
+    info: shard_format.ShardInfo  # the manifest entry: name, token count, sha256s
     starts_path: str | None = None  # entropy mode: the start-bit sidecar of the chosen tag
     starts_sha256: str | None = None
 
@@ -106,14 +106,14 @@ def _as_data_error() -> Iterator[None]:
     """prepare's readers raise FileNotFoundError / DataFormatError; the pipeline raises one type."""
     try:
         yield
-    except (FileNotFoundError, prepare.DataFormatError) as error:
+    except (FileNotFoundError, shard_format.DataFormatError) as error:
         raise DataError(str(error)) from error
 
 
 def read_split(data_dir: str | os.PathLike, split: str) -> list[Shard]:
     """The shards of `split` listed by `manifest.json` (prepare's checked reader), in stream order."""
     with _as_data_error():
-        manifest = prepare.load_manifest(data_dir)
+        manifest = shard_format.load_manifest(data_dir)
     if split not in manifest.splits:
         raise DataError(f"{manifest.path}: no split {split!r}; found splits {sorted(manifest.splits)}")
     if not manifest.splits[split]:
@@ -234,7 +234,7 @@ def check_shard(shard: Shard, *, contents: bool) -> None:
     process and file version (path, size, mtime).
     """
     info = shard.info
-    _check_size(shard.tokens_path, info.tokens * prepare.TOKEN_DTYPE.itemsize, f"{info.tokens} uint16 tokens")
+    _check_size(shard.tokens_path, info.tokens * shard_format.TOKEN_DTYPE.itemsize, f"{info.tokens} uint16 tokens")
     if shard.starts_path is not None:
         _check_size(shard.starts_path, (info.tokens + 7) // 8, f"start-bit sidecar of {info.tokens} tokens")
     if not contents:
@@ -243,7 +243,7 @@ def check_shard(shard: Shard, *, contents: bool) -> None:
     with _as_data_error():
         stamp = _stamp(shard.tokens_path, docs_path)
         if stamp not in _VERIFIED:
-            prepare.verify_shard(shard.data_dir, info.split, info.index)
+            shard_format.verify_shard(shard.data_dir, info.split, info.index)
             _VERIFIED.add(stamp)
     if shard.starts_path is not None:
         stamp = _stamp(shard.starts_path)
@@ -304,7 +304,7 @@ class WindowSource(grain.sources.RandomAccessDataSource):
             if self.verify_on_open:
                 check_shard(shard, contents=True)
             with _as_data_error():
-                tokens, _ = prepare.read_shard(shard.data_dir, shard.info.split, shard.info.index)
+                tokens, _ = shard_format.read_shard(shard.data_dir, shard.info.split, shard.info.index)
             starts = None
             if shard.starts_path is not None:
                 starts = np.memmap(shard.starts_path, dtype=np.uint8, mode="r", shape=((shard.n_tokens + 7) // 8,))

@@ -347,6 +347,7 @@ class Trainer:
             self.workdir, process_index=jax.process_index(), console=self.console, total_steps=cfg.train.steps
         )
         writer.truncate_after(start)
+        writer.write_hparams(json.loads(self.config.to_json()))  # TensorBoard's HParams tab
         try:
             return self._loop(state, iterator, start, writer)
         finally:  # also on divergence or an error: finish in-flight saves, flush the logs
