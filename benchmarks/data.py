@@ -203,7 +203,7 @@ def entropy_rate(variant: str, data_dir: pathlib.Path, folder: pathlib.Path, pea
 
     from bltjax.data import entropy
     from bltjax.models.factory import build_model, example_inputs
-    from bltjax.training.checkpoint_io import save_model
+    from bltjax.training.checkpoints import save_model
 
     config = load_config(str(REPO / "experiments" / f"entropy_model.py:{variant}"))
     model = build_model(config)

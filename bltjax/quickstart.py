@@ -35,7 +35,7 @@ from bltjax.config import ConfigError, load_config
 from bltjax.data import entropy, prepare
 from bltjax.data import shards as shard_format
 from bltjax.runtime import compile_cache
-from bltjax.training.checkpoint_io import save_model
+from bltjax.training.checkpoints import save_model
 from bltjax.training.trainer import train
 
 DEFAULT_CONFIG = "experiments/quickstart.py"

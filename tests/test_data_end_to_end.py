@@ -19,7 +19,7 @@ from bltjax.config import load_config
 from bltjax.data import entropy, pipeline, prepare
 from bltjax.models.factory import build_model, example_inputs
 from bltjax.models.patch_ids import check_patch_lengths
-from bltjax.training.checkpoint_io import save_model
+from bltjax.training.checkpoints import save_model
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CORPUS = REPO / "bltjax" / "data" / "corpus"

@@ -2,7 +2,7 @@
 
 One real training run on a (2, 2, 2) mesh (the program of test_train's sharded test, so the
 persistent compilation cache serves both) provides the BLT checkpoint; a randomly initialised
-byte LM exported with `checkpoint_io.save_model` provides the model folder, and is small
+byte LM exported with `checkpoints.save_model` provides the model folder, and is small
 enough to score by hand with a full forward pass.
 """
 
@@ -28,7 +28,7 @@ from bltjax.inference.evaluate import evaluate, evaluate_and_write
 from bltjax.inference.restore import RestoreError, load_for_inference
 from bltjax.models.factory import build_model, example_inputs
 from bltjax.tokenizer import OFFSET
-from bltjax.training import checkpoint_io, sharding
+from bltjax.training import checkpoints, sharding
 from bltjax.training.trainer import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -141,7 +141,7 @@ def byte_lm_dir(tmp_path_factory) -> tuple[pathlib.Path, pathlib.Path]:
     config.data.batch_size = 3
     model = build_model(config)
     params = jax.jit(model.init)(jax.random.key(7), *example_inputs(config))["params"]
-    model_dir = checkpoint_io.save_model(root / "model", config, params)
+    model_dir = checkpoints.save_model(root / "model", config, params)
     return data, model_dir
 
 
@@ -176,6 +176,31 @@ def test_save_model_folder_matches_a_hand_computed_full_forward_pass(byte_lm_dir
     np.testing.assert_allclose(result.nats, nll[mask].sum(), rtol=1e-5)
     np.testing.assert_allclose(result.bpb, nll[mask].sum() / (math.log(2) * mask.sum()), rtol=1e-5)
     np.testing.assert_allclose(result.bpb_bytes, nll[byte_mask].sum() / (math.log(2) * byte_mask.sum()), rtol=1e-5)
+
+
+def test_incomplete_or_mismatched_model_folder_is_refused_naming_the_file(byte_lm_dir, tmp_path):
+    """load_for_inference runs the format module's checks: the missing file or the bad parameter is named."""
+    assert RestoreError is checkpoints.CheckpointError  # one error type for every unreadable folder
+    model_dir = byte_lm_dir[1]
+    copy = pathlib.Path(shutil.copytree(model_dir, tmp_path / "model"))
+    (copy / "params" / "_CHECKPOINT_METADATA").unlink()
+    with pytest.raises(RestoreError, match=f"{copy}/params/_CHECKPOINT_METADATA: no such file"):
+        load_for_inference(copy)
+    shutil.rmtree(copy / "params")
+    with pytest.raises(RestoreError, match=f"{copy} holds config.json without params/"):
+        load_for_inference(copy)
+    wider = pathlib.Path(shutil.copytree(model_dir, tmp_path / "wider"))
+    config = json.loads((wider / "config.json").read_text())
+    dim = config["model"]["stack"]["dim"]
+    config["model"]["stack"]["dim"] = 2 * dim
+    (wider / "config.json").write_text(json.dumps(config))
+    expected = rf"wider/params: parameter 'embedding' is float32\[260, {dim}\] in the checkpoint, but the model "
+    with pytest.raises(
+        RestoreError, match=expected + rf"built from .*wider/config.json expects float32\[260, {2 * dim}\]"
+    ):
+        load_for_inference(wider)
+    with pytest.raises(RestoreError, match="a model folder holds one model, not training steps"):
+        load_for_inference(model_dir, step=1)
 
 
 def test_entropy_patching_reads_the_sidecar_bits_of_each_window(run_dir, byte_lm_dir, tmp_path):
@@ -301,7 +326,7 @@ def test_hugging_face_folder_evaluates_like_its_saved_import(byte_lm_dir, fixtur
     assert direct.config.patching.threshold == pytest.approx(2.494)
     assert direct.config.patching.max_patch_length == 5
     model, params = hf.load_hf_blt(hf_dir)
-    saved = load_for_inference(checkpoint_io.save_model(tmp_path / "imported", direct.config, params))
+    saved = load_for_inference(checkpoints.save_model(tmp_path / "imported", direct.config, params))
     assert saved.model.config == direct.model.config == model.config
     a = evaluate(direct, data, split="train", batch_size=8)
     b = evaluate(saved, data, split="train", batch_size=8)

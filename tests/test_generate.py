@@ -48,7 +48,7 @@ from bltjax.models.blt import BLT
 from bltjax.models.byte_lm import next_byte_entropy
 from bltjax.models.configs import BLTConfig, TransformerConfig
 from bltjax.models.factory import build_model, example_inputs
-from bltjax.training.checkpoint_io import save_model
+from bltjax.training.checkpoints import save_model
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MAX_BYTES = 48  # = the teacher-forced step count below, so both share one compiled program

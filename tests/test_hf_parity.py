@@ -253,7 +253,7 @@ def test_missing_parameter_is_named(fixtures_dir, tmp_path):
 
 
 def test_bfloat16_checkpoints_load(fixtures_dir, tmp_path):
-    """Released checkpoints are bf16, which numpy (and so safetensors' numpy API) lacks."""
+    """Released checkpoints are bf16 tensors written by torch."""
     torch = pytest.importorskip("torch")
     from safetensors.numpy import load_file
     from safetensors.torch import save_file
@@ -266,6 +266,39 @@ def test_bfloat16_checkpoints_load(fixtures_dir, tmp_path):
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reference), strict=False):
         assert a.dtype == np.float32
         np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-2)
+
+
+def test_bfloat16_written_by_safetensors_itself_loads_without_torch(fixtures_dir, tmp_path):
+    """safetensors' numpy API writes BF16 from ml_dtypes.bfloat16, and the import reads it back bit for bit."""
+    import ml_dtypes
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    folder = _copy_fixture(fixtures_dir, tmp_path)
+    weights = folder / "model.safetensors"
+    save_file({k: v.astype(ml_dtypes.bfloat16) for k, v in load_file(weights).items()}, weights)
+    with safe_open(weights, framework="np") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    _, reference = hf.load_hf_blt(_fixture_b(fixtures_dir))
+    _, params = hf.load_hf_blt(folder)
+    _, kept = hf.load_hf_blt(folder, dtype=ml_dtypes.bfloat16)
+    for got, same, want in zip(jax.tree.leaves(params), jax.tree.leaves(kept), jax.tree.leaves(reference), strict=True):
+        assert got.dtype == np.float32 and same.dtype == ml_dtypes.bfloat16
+        rounded = want.astype(ml_dtypes.bfloat16)
+        np.testing.assert_array_equal(got, rounded.astype(np.float32))
+        np.testing.assert_array_equal(same.view(np.uint16), rounded.view(np.uint16))
+        assert np.any(got != want) or want.size < 8  # the weights really went through bfloat16
+    _, entropy_params, _ = hf.load_hf_entropy_model(folder)
+    _, entropy_reference, _ = hf.load_hf_entropy_model(_fixture_b(fixtures_dir))
+    for got, want in zip(jax.tree.leaves(entropy_params), jax.tree.leaves(entropy_reference), strict=True):
+        np.testing.assert_array_equal(got, want.astype(ml_dtypes.bfloat16).astype(np.float32))
+
+
+def test_unreadable_safetensors_file_is_named(fixtures_dir, tmp_path):
+    folder = _copy_fixture(fixtures_dir, tmp_path)
+    (folder / "model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(hf.CheckpointError, match=r"ckpt/model.safetensors: not a readable safetensors file"):
+        hf.load_hf_blt(folder)
 
 
 def test_export_refuses_what_transformers_cannot_run(fixtures_dir, tmp_path):

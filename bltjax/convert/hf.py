@@ -1,13 +1,18 @@
 """Hugging Face `transformers` BLT checkpoints <-> bltjax (no torch needed).
 
+    model, params = load_hf_blt(hf_dir)                         # BltForCausalLM weights as a BLT
+    byte_lm, params, threshold = load_hf_entropy_model(hf_dir)  # its entropy patcher
+    save_hf_blt(model, params, out_dir, entropy_model=(byte_lm, params), threshold=threshold)
+
 A checkpoint folder holds ``config.json`` (a `BltConfig` with four sub-configs) and
-``model.safetensors`` (a `BltForCausalLM` state dict, linear weights as [out, in]). Import maps
-every parameter by name, checks its shape and reshapes it into the Linen tree; export does the
-reverse so that a model trained here can be loaded by `BltForCausalLM.from_pretrained`.
+``model.safetensors`` (a `BltForCausalLM` state dict, linear weights as [out, in]), read
+through safetensors' numpy API (bfloat16 included, as ml_dtypes arrays). Import maps every
+parameter by name, checks its shape and reshapes it into the Linen tree; export does the
+reverse so that `BltForCausalLM.from_pretrained` loads a model trained here.
 
 The imported model reproduces `transformers`' arithmetic exactly, which differs from the
-official BLT code in two switches that `load_hf_blt` sets (spec §18): no document masks
-(``document_mask=False``) and re-pooling at every encoder cross-attention layer.
+official BLT code in two switches that `load_hf_blt` sets (docs/architecture.md §18): no
+document masks (``document_mask=False``) and re-pooling at every encoder cross-attention layer.
 """
 
 from __future__ import annotations
@@ -17,15 +22,15 @@ import json
 import math
 import os
 import pathlib
-import struct
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import flax.linen as nn
 import jax
-import ml_dtypes
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from bltjax.models.blt import BLT
@@ -368,39 +373,6 @@ def _to_hf(path: tuple[str, ...], value: np.ndarray, hash_vocab: int | None = No
 # --- safetensors ------------------------------------------------------------------------------
 
 
-class _SafetensorsReader:
-    """Reads tensors one at a time through safetensors' numpy API.
-
-    numpy has no bfloat16, so safetensors' numpy API refuses BF16 tensors (the dtype of the
-    released checkpoints); those are read from the file's documented layout (an 8-byte header
-    length, a JSON header with dtype/shape/offsets, then raw little-endian data) as
-    ml_dtypes.bfloat16 and widened to float32.
-    """
-
-    def __init__(self, path: pathlib.Path):
-        self.path = path
-        with open(path, "rb") as f:
-            (header_size,) = struct.unpack("<Q", f.read(8))
-            self.header = json.loads(f.read(header_size))
-        self.data_start = 8 + header_size
-        self.header.pop("__metadata__", None)
-
-    def keys(self) -> set[str]:
-        return set(self.header)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.header[name]["shape"])
-
-    def get(self, name: str) -> np.ndarray:
-        info = self.header[name]
-        if info["dtype"] == "BF16":
-            start, end = info["data_offsets"]
-            raw = np.fromfile(self.path, dtype=np.uint8, count=end - start, offset=self.data_start + start)
-            return raw.view(ml_dtypes.bfloat16).reshape(info["shape"]).astype(np.float32)
-        with safe_open(self.path, framework="np") as f:
-            return f.get_tensor(name)
-
-
 def _read_json(path: pathlib.Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(
@@ -412,36 +384,51 @@ def _read_json(path: pathlib.Path) -> dict:
         raise CheckpointError(f"{path}: not valid JSON ({err})") from err
 
 
-def _weights(model_dir: pathlib.Path) -> _SafetensorsReader:
+@contextmanager
+def _weights(model_dir: pathlib.Path) -> Iterator[Any]:
+    """safetensors' own reader of ``model.safetensors``, yielding numpy arrays (bfloat16 as ml_dtypes')."""
     path = model_dir / WEIGHTS_FILE
     if not path.is_file():
         raise FileNotFoundError(
             f"{path}: no such file (a Hugging Face BLT folder holds {CONFIG_FILE} and {WEIGHTS_FILE})"
         )
-    return _SafetensorsReader(path)
+    try:
+        reader = safe_open(path, framework="np")
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
+    with reader:
+        yield reader
 
 
 def _load_tree(
-    module: nn.Module, example_args: tuple, name_of, reader: _SafetensorsReader, dtype, hash_vocab: int | None = None
+    module: nn.Module,
+    example_args: tuple,
+    name_of: Callable[[tuple[str, ...]], str],
+    model_dir: pathlib.Path,
+    dtype: Any,
+    hash_vocab: int | None = None,
 ) -> dict:
-    """Fills the module's parameter tree from ``reader``, checking every name and shape."""
+    """Fills the module's parameter tree from the folder's safetensors file, checking every name and shape."""
     shapes = nn.meta.unbox(jax.eval_shape(lambda: module.init(jax.random.key(0), *example_args))["params"])
-    available = reader.keys()
+    path = model_dir / WEIGHTS_FILE
 
-    def load(key_path, leaf):
-        path = tuple(k.key for k in key_path)
-        name = name_of(path)
-        if name not in available:
-            raise CheckpointError(f"{reader.path}: parameter '{name}' (bltjax {'/'.join(path)}) is missing")
-        expected = _hf_shape(path, leaf.shape, hash_vocab)
-        if reader.shape(name) != expected:
-            raise CheckpointError(
-                f"{reader.path}: parameter '{name}' has shape {list(reader.shape(name))}, "
-                f"expected {list(expected)} from config.json"
-            )
-        return _from_hf(path, reader.get(name), leaf.shape, hash_vocab).astype(dtype)
+    with _weights(model_dir) as weights:
+        available = set(weights.keys())
 
-    return jax.tree_util.tree_map_with_path(load, shapes)
+        def load(key_path, leaf):
+            tree_path = tuple(k.key for k in key_path)
+            name = name_of(tree_path)
+            if name not in available:
+                raise CheckpointError(f"{path}: parameter '{name}' (bltjax {'/'.join(tree_path)}) is missing")
+            expected = _hf_shape(tree_path, leaf.shape, hash_vocab)
+            stored = tuple(weights.get_slice(name).get_shape())
+            if stored != expected:
+                raise CheckpointError(
+                    f"{path}: parameter '{name}' has shape {list(stored)}, expected {list(expected)} from {CONFIG_FILE}"
+                )
+            return _from_hf(tree_path, weights.get_tensor(name), leaf.shape, hash_vocab).astype(dtype)
+
+        return jax.tree_util.tree_map_with_path(load, shapes)
 
 
 def _example_blt_args() -> tuple[np.ndarray, np.ndarray]:
@@ -461,7 +448,7 @@ def load_hf_blt(model_dir: str | os.PathLike, *, dtype=np.float32, hash_rows_mul
     cfg = dataclasses.replace(cfg, hash_rows_multiple=hash_rows_multiple)
     model = BLT(cfg)
     name_of = lambda p: hf_parameter_name(cfg, p)  # noqa: E731
-    params = _load_tree(model, _example_blt_args(), name_of, _weights(model_dir), dtype, cfg.hash_vocab)
+    params = _load_tree(model, _example_blt_args(), name_of, model_dir, dtype, cfg.hash_vocab)
     return model, params
 
 
@@ -471,7 +458,7 @@ def load_hf_entropy_model(model_dir: str | os.PathLike, *, dtype=np.float32) -> 
     config_path = model_dir / CONFIG_FILE
     raw = _read_json(config_path)
     model = ByteLM(entropy_model_config_from_hf(raw, config_path))
-    params = _load_tree(model, (np.ones((1, 4), np.int32),), hf_entropy_parameter_name, _weights(model_dir), dtype)
+    params = _load_tree(model, (np.ones((1, 4), np.int32),), hf_entropy_parameter_name, model_dir, dtype)
     return model, params, raw.get("patching_threshold")
 
 

@@ -199,7 +199,7 @@ def _train_entropy_model(
     """The quickstart's steps 2-3: train the entropy model, export its final parameters."""
     import jax
 
-    from bltjax.training.checkpoint_io import save_model
+    from bltjax.training.checkpoints import save_model
     from bltjax.training.trainer import train
 
     workdir = entropy_model_dir(sweep_dir)
