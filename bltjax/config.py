@@ -16,10 +16,12 @@ from typing import Any
 import ml_collections
 
 from bltjax.models.configs import (
+    ATTENTION_IMPLEMENTATIONS,
     HASH_PRIMES,
     INIT_STD_FACTORS,
     PATCH_QUERY_INITS,
     POOLING_MODES,
+    REMAT_POLICIES,
     BLTConfig,
     ByteLMConfig,
     TransformerConfig,
@@ -28,7 +30,6 @@ from bltjax.patching.rule import PatchingError, PatchingRule
 
 MODEL_TYPES = ("blt", "byte_lm")
 SCHEDULES = ("cosine", "linear", "constant")
-REMAT_MODES = ("none", "block")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -149,6 +150,7 @@ def base_byte_lm_config() -> ml_collections.ConfigDict:
             param_dtype="float32",
             init_std_factor="disabled",
             remat="none",
+            attention="auto",
         )
     )
     return config
@@ -285,7 +287,13 @@ def _validate_stack(stack: TransformerConfig, where: str) -> None:
 
 
 def _validate_common(model, where: str) -> None:
-    _require(model.remat in REMAT_MODES, f"{where}.remat", f"one of {REMAT_MODES}", model.remat)
+    _require(model.remat in REMAT_POLICIES, f"{where}.remat", f"one of {REMAT_POLICIES}", model.remat)
+    _require(
+        model.attention in ATTENTION_IMPLEMENTATIONS,
+        f"{where}.attention",
+        f"one of {ATTENTION_IMPLEMENTATIONS}",
+        model.attention,
+    )
     _require(model.dtype in DTYPES, f"{where}.dtype", f"one of {DTYPES}", model.dtype)
     _require(model.param_dtype in DTYPES, f"{where}.param_dtype", f"one of {DTYPES}", model.param_dtype)
     _require(

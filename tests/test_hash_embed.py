@@ -1,12 +1,17 @@
 """Hash n-gram ids: the test vectors of spec §4.3, bit-exact, in numpy and inside jit."""
 
+import dataclasses
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from bltjax import tokenizer
-from bltjax.models.configs import HASH_PRIMES
+from bltjax.convert import hf
+from bltjax.models.blt import BLT
+from bltjax.models.configs import HASH_PRIMES, BLTConfig, TransformerConfig
 from bltjax.models.hash_embed import HashNgramEmbedding, all_hash_ids, all_hash_ids_numpy, hash_ids, hash_ids_numpy
 
 HELLO = np.array([[1, 76, 105, 112, 112, 115, 48, 36, 123, 115, 118, 112, 104, 37]], np.int32)
@@ -90,3 +95,62 @@ def test_hash_table_gradient_is_the_scatter_add_of_autodiff():
     got, got_vjp = jax.vjp(lambda t: _lookup_sum(t, ids), tables)
     np.testing.assert_allclose(got, want, rtol=1e-6)
     np.testing.assert_allclose(jax.jit(got_vjp)(cotangent)[0], want_vjp(cotangent)[0], rtol=1e-6, atol=1e-6)
+
+
+def test_hash_table_init_does_not_depend_on_the_row_multiple():
+    ids = jnp.array([[[0, 4, 6]], [[1, 1, 2]]])  # [tables=2, B=1, N=3]
+    plain = HashNgramEmbedding(num_tables=2, vocab=7, dim=3)
+    padded = HashNgramEmbedding(num_tables=2, vocab=7, dim=3, rows_multiple=4)
+    tables = plain.init(jax.random.key(0), ids)["params"]["tables"]
+    padded_tables = padded.init(jax.random.key(0), ids)["params"]["tables"]
+    assert padded_tables.names == ("hash_tables", "hash_rows", "hash_embed")
+    assert padded_tables.value.shape == (2, 8, 3)
+    np.testing.assert_array_equal(padded_tables.value[:, :7], tables.value)
+    assert not np.asarray(padded_tables.value[:, 7:]).any()
+    np.testing.assert_array_equal(
+        padded.apply({"params": {"tables": padded_tables}}, ids), plain.apply({"params": {"tables": tables}}, ids)
+    )
+
+
+def test_padded_hash_tables_same_logits_and_export(tmp_path):
+    """Tables padded to a row multiple (for the mesh) change no logit and export unpadded."""
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(4, 260, (2, 40)).astype(np.int32)
+    tokens[:, 0] = 1
+    lengths = np.array([[1, 6, 9, 5, 8, 12, 0], [1, 4, 4, 4, 4, 4, 20]], np.int32)  # N + 1 = 41
+    cfg = BLTConfig(
+        encoder=TransformerConfig(32, 1, 4, window=8),
+        latent=TransformerConfig(48, 2, 4),
+        decoder=TransformerConfig(32, 2, 2, window=8),
+        hash_sizes=(3, 4),
+        hash_vocab=97,
+        document_mask=False,
+        repool_every_cross_attn_layer=True,
+    )
+    padded_cfg = dataclasses.replace(cfg, hash_rows_multiple=8)
+    model, padded = BLT(cfg), BLT(padded_cfg)
+    assert padded_cfg.hash_table_rows == 104
+    shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), tokens, lengths)["params"])
+    leaves, tree = jax.tree.flatten(shapes)
+    params = jax.tree.unflatten(tree, [jnp.asarray(rng.normal(0, 0.3, x.shape), x.dtype) for x in leaves])
+    tables = np.asarray(params["local_encoder"]["hash_embedding"]["tables"])
+    padded_params = jax.tree.map(lambda x: x, params)
+    padded_params["local_encoder"]["hash_embedding"]["tables"] = jnp.pad(tables, [(0, 0), (0, 7), (0, 0)])
+    shapes = nn.meta.unbox(jax.eval_shape(padded.init, jax.random.key(0), tokens, lengths)["params"])
+    assert jax.tree.map(lambda x: x.shape, shapes) == jax.tree.map(lambda x: x.shape, padded_params)
+    logits = jax.jit(model.apply)({"params": params}, tokens, lengths)
+    np.testing.assert_array_equal(jax.jit(padded.apply)({"params": padded_params}, tokens, lengths), logits)
+
+    state = hf.to_hf_state_dict(padded, padded_params)
+    np.testing.assert_array_equal(state["model.encoder_hash_tok_embedding.weight"], tables.reshape(2 * 97, 32))
+    assert hf.blt_config_to_hf(padded_cfg) == hf.blt_config_to_hf(cfg)  # not model semantics
+    hf.save_hf_blt(padded, padded_params, tmp_path / "export")
+    loaded, loaded_params = hf.load_hf_blt(tmp_path / "export", hash_rows_multiple=8)
+    assert loaded.config.hash_rows_multiple == 8
+    np.testing.assert_array_equal(
+        loaded_params["local_encoder"]["hash_embedding"]["tables"],
+        padded_params["local_encoder"]["hash_embedding"]["tables"],
+    )
+    np.testing.assert_allclose(jax.jit(loaded.apply)({"params": loaded_params}, tokens, lengths), logits, atol=1e-6)
+    plain_loaded, plain_params = hf.load_hf_blt(tmp_path / "export")
+    np.testing.assert_array_equal(plain_params["local_encoder"]["hash_embedding"]["tables"], tables)

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 
 from bltjax import tokenizer
-from bltjax.config import load_config
+from bltjax.config import ConfigError, load_config, validate
 from bltjax.describe import count_parameters
+from bltjax.kernels.dense import attend
 from bltjax.models.blt import BLT
 from bltjax.models.byte_lm import next_byte_entropy
 from bltjax.models.factory import build_model, parameter_shapes
-from bltjax.models.layers import apply_rope, attend
+from bltjax.models.layers import apply_rope
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
 
@@ -99,6 +100,26 @@ def test_padding_gives_finite_values_and_gradients(blt_tiny):
     value, grads = jax.jit(jax.value_and_grad(loss))(params)
     assert np.isfinite(float(value))
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+
+
+@pytest.mark.parametrize("implementation", ["dense", "xla_blockwise"])
+def test_attention_implementations_give_the_same_blt_logits(blt_tiny, implementation):
+    """``model.attention`` picks how attention is computed, never what: the logits of "auto"."""
+    model, params, apply, tokens, lengths = blt_tiny
+    other = BLT(dataclasses.replace(model.config, attention=implementation))
+    assert model.config.attention == "auto"
+    out = jax.jit(lambda p: other.apply({"params": p}, tokens, lengths))(params)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(apply(params, tokens, lengths)), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("field, value", [("attention", "flash"), ("remat", "sometimes")])
+@pytest.mark.parametrize("name", ["blt_tiny.py", "entropy_model.py:tiny"])
+def test_bad_attention_or_remat_is_rejected_naming_the_field(name, field, value):
+    config = tiny(name)
+    validate(config)
+    config.model[field] = value
+    with pytest.raises(ConfigError, match=rf"^config\.model\.{field}: expected one of .*got '{value}'"):
+        validate(config)
 
 
 def test_rope_rotates_adjacent_pairs():

@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bltjax.models.layers import eos_segment_ids, local_causal_mask
+from bltjax.kernels.masks import local_causal_mask
+from bltjax.models.layers import eos_segment_ids
 from bltjax.models.local_encoder import encoder_cross_attn_mask, pool_patches
 from bltjax.models.patch_ids import check_patch_lengths, decoder_patch_ids, patch_ids, with_next_token
 

@@ -43,7 +43,10 @@ class ByteLM(nn.Module):
         x = jnp.take(table, tokens, axis=0).astype(kw["dtype"])
         positions = positions_like(tokens)
         segments = eos_segment_ids(tokens == EOS_ID) if cfg.document_mask else None
-        x = Transformer(stack, cfg.init_std_factor, remat=cfg.remat, name="transformer", **kw)(x, positions, segments)
+        transformer = Transformer(
+            stack, cfg.init_std_factor, remat=cfg.remat, attention=cfg.attention, name="transformer", **kw
+        )
+        x = transformer(x, positions, segments)
         x = RMSNorm(stack.norm_eps, name="final_norm", **kw)(x)
         logits = Linear((stack.dim,), (cfg.vocab_size,), ("embed", "vocab"), stack.dim**-0.5, name="output", **kw)(x)
         return logits.astype(jnp.float32)

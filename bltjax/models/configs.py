@@ -30,9 +30,13 @@ HASH_PRIMES = (
 INIT_STD_FACTORS = ("disabled", "current_depth", "global_depth", "dim_ratio")
 POOLING_MODES = ("max", "avg", "min")
 PATCH_QUERY_INITS = ("hidden", "embedding")
-# Activation rematerialisation: "block" recomputes each TransformerBlock in the backward pass
-# (activations kept: one [B, T, E] per block) instead of storing its attention and FFN internals.
-REMAT_MODES = ("none", "block")
+# Activation rematerialisation policies of `bltjax.models.remat`: "block" recomputes each block
+# once its output gradient exists (activations kept: one [B, T, E] per block); "full" and
+# "save_dots" are `nn.remat` with `jax.checkpoint_policies`.
+REMAT_POLICIES = ("none", "block", "full", "save_dots")
+# Attention implementations of `bltjax.kernels` (its ATTENTION_IMPLEMENTATIONS; this copy keeps
+# config validation free of jax).
+ATTENTION_IMPLEMENTATIONS = ("auto", "dense", "xla_blockwise")
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -106,7 +110,9 @@ class BLTConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     init_std_factor: str = "disabled"
-    remat: str = "none"  # one of REMAT_MODES; not model semantics (same parameters, same values)
+    # How, not what: neither changes parameters or values.
+    remat: str = "none"  # one of REMAT_POLICIES
+    attention: str = "auto"  # one of ATTENTION_IMPLEMENTATIONS
     # The hash tables get round_up(hash_vocab, hash_rows_multiple) rows so that their row axis
     # divides the mesh; ids stay < hash_vocab, so the zero padding rows are never read.
     hash_rows_multiple: int = 1
@@ -130,4 +136,5 @@ class ByteLMConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     init_std_factor: str = "disabled"
-    remat: str = "none"  # one of REMAT_MODES
+    remat: str = "none"  # one of REMAT_POLICIES
+    attention: str = "auto"  # one of ATTENTION_IMPLEMENTATIONS

@@ -28,5 +28,7 @@ class LatentTransformer(nn.Module):
             x = Linear(
                 (width_in,), (cfg.latent.dim,), ("patch_slots", "embed"), width_in**-0.5, name="input_projection", **kw
             )(x)
-        stack = Transformer(cfg.latent, cfg.init_std_factor, remat=cfg.remat, name="transformer", **kw)
+        stack = Transformer(
+            cfg.latent, cfg.init_std_factor, remat=cfg.remat, attention=cfg.attention, name="transformer", **kw
+        )
         return stack(x, positions_BP, segment_ids_BP)

@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 
 from bltjax.models.configs import BLTConfig
-from bltjax.models.layers import CrossAttention, Linear, RMSNorm, block_class, depth_factor, dtype_of
+from bltjax.models.layers import CrossAttention, Linear, RMSNorm, TransformerBlock, depth_factor, dtype_of
+from bltjax.models.remat import rematerialise
 
 
 class LocalDecoder(nn.Module):
@@ -47,17 +48,17 @@ class LocalDecoder(nn.Module):
             cross = dict(mask_BTS=(slot_patch <= dpid) & (dpid < slot_patch + window))
 
         heads, kv_heads = (cfg.cross_attn_heads, None) if cfg.cross_attn_heads else (stack.n_heads, stack.kv_heads)
-        block = block_class(cfg.remat)
-        remat = cfg.remat == "block"  # the cross-attentions are recomputed like the blocks
+        # The cross-attentions are rematerialised like the blocks.
+        block, cross_attention = (rematerialise(c, cfg.remat) for c in (TransformerBlock, CrossAttention))
         x = byte_states_BNE
         for i in range(stack.n_layers):
             if cfg.cross_attn_all_layers_decoder or i == 0:
                 f = depth_factor(cfg.init_std_factor, i, stack.n_layers, e)
-                updated = CrossAttention(
-                    e, heads, e**-0.5 / f, stack.norm_eps, kv_heads, remat=remat, name=f"cross_attention_{i}", **kw
-                )(x, slots, **cross)
+                kind = dict(attention=cfg.attention, name=f"cross_attention_{i}", **kw)
+                updated = cross_attention(e, heads, e**-0.5 / f, stack.norm_eps, kv_heads, **kind)(x, slots, **cross)
                 x = x + updated if cfg.double_cross_attn_residual else updated
-            x = block(stack, i, cfg.init_std_factor, name=f"layers_{i}", **kw)(x, positions_BN, segment_ids_BN)
+            layer = block(stack, i, cfg.init_std_factor, attention=cfg.attention, name=f"layers_{i}", **kw)
+            x = layer(x, positions_BN, segment_ids_BN)
         x = RMSNorm(stack.norm_eps, name="final_norm", **kw)(x)
         self.sow("intermediates", "decoder_output", x)
         logits = Linear((e,), (cfg.vocab_size,), ("embed", "vocab"), e**-0.5, name="output", **kw)(x)

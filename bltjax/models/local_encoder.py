@@ -3,7 +3,7 @@
 A light byte transformer (sliding-window attention) whose states are pooled per patch into
 queries that then cross-attend to the bytes of their own patch. The pooled-query init, the
 double residual and the own-patch window are those of the released checkpoints. With that
-window the cross-attention is a per-patch softmax over gathered queries (`attend_own_patch`),
+window the cross-attention is a per-patch softmax over gathered queries (`kernels.cross`),
 never a [P*k, N] mask; wider windows use the dense mask.
 """
 
@@ -18,11 +18,12 @@ from bltjax.models.hash_embed import HashNgramEmbedding
 from bltjax.models.layers import (
     CrossAttention,
     Linear,
-    block_class,
+    TransformerBlock,
     depth_factor,
     dtype_of,
     truncated_normal_init,
 )
+from bltjax.models.remat import rematerialise
 
 
 def pool_patches(x_BNE: jax.Array, pid_BN: jax.Array, n_patches: int, mode: str) -> jax.Array:
@@ -88,16 +89,17 @@ class LocalEncoder(nn.Module):
         embeddings = x
 
         if cfg.cross_attn_window_encoder == 1:
-            cross = dict(key_patch_BS=pid_BN, slots_per_patch=k)
+            cross = dict(key_patch_BS=pid_BN)
         else:
             cross = dict(mask_BTS=encoder_cross_attn_mask(pid_BN, n_patches, k, cfg.cross_attn_window_encoder))
-        block = block_class(cfg.remat)
-        remat = cfg.remat == "block"  # the cross-attentions are recomputed like the blocks
+        # The cross-attentions are rematerialised like the blocks.
+        block, cross_attention = (rematerialise(c, cfg.remat) for c in (TransformerBlock, CrossAttention))
         project_patches = Linear((e,), (k * e,), ("embed", "patch_slots"), e**-0.5, name="patch_projection", **kw)
         heads, kv_heads = (cfg.cross_attn_heads, None) if cfg.cross_attn_heads else (stack.n_heads, stack.kv_heads)
         slots = None
         for i in range(stack.n_layers):
-            x = block(stack, i, cfg.init_std_factor, name=f"layers_{i}", **kw)(x, positions_BN, segment_ids_BN)
+            layer = block(stack, i, cfg.init_std_factor, attention=cfg.attention, name=f"layers_{i}", **kw)
+            x = layer(x, positions_BN, segment_ids_BN)
             if not (cfg.cross_attn_all_layers_encoder or i == stack.n_layers - 1):
                 continue
             if slots is None or cfg.repool_every_cross_attn_layer:
@@ -105,8 +107,7 @@ class LocalEncoder(nn.Module):
                 pooled = pool_patches(source, pid_BN, n_patches, cfg.pooling)
                 slots = project_patches(pooled).reshape(x.shape[0], n_patches * k, e)
             f = depth_factor(cfg.init_std_factor, i, stack.n_layers, e)
-            updated = CrossAttention(
-                e, heads, e**-0.5 / f, stack.norm_eps, kv_heads, remat=remat, name=f"cross_attention_{i}", **kw
-            )(slots, x, **cross)
+            kind = dict(attention=cfg.attention, slots_per_patch=k, name=f"cross_attention_{i}", **kw)
+            updated = cross_attention(e, heads, e**-0.5 / f, stack.norm_eps, kv_heads, **kind)(slots, x, **cross)
             slots = slots + updated if cfg.double_cross_attn_residual else updated
         return x, slots
