@@ -2,7 +2,7 @@
 
 These are the quickstart's stages (`bltjax/quickstart.py`, steps 1-4), called through the same
 library functions: `bltjax.data.prepare.prepare`, `bltjax.training.trainer.train`,
-`bltjax.training.checkpoint_io.save_model` and `bltjax.data.entropy.run`. Each stage is done once per
+`bltjax.training.checkpoints.save_model` and `bltjax.data.entropy.run`. Each stage is done once per
 sweep folder and leaves a record under ``stages/``; a relaunch skips what is recorded:
 
     SWEEP/data/                       byte shards (+ entropy sidecars, one start-bit file per threshold)
