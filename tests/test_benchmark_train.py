@@ -12,10 +12,13 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "train.py"
 
 
+@pytest.mark.slow
 def test_train_benchmark_prints_table(tmp_path):
     out = tmp_path / "train.json"
     command = [sys.executable, str(SCRIPT), "--model", "tiny", "--seq-len", "128", "--batch", "1", "--steps", "1",

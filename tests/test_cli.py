@@ -28,6 +28,7 @@ def test_readme_opens_with_the_two_setup_commands():
     assert "bash tests/run.sh" in (REPO / ".ci" / "run").read_text()
 
 
+@pytest.mark.slow
 def test_main_job_runs_every_stage_and_resumes(tmp_path):
     """The README's main command itself (shortened by its own flags), then its rerun."""
     env = dict(
@@ -82,12 +83,14 @@ def test_quickstart_reads_its_config_from_the_current_folder_not_the_package(tmp
     assert result.returncode == 1 and "error: --config: no experiment file" in result.stderr, result.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_describe_reports_parameter_counts():
     result = _run("bltjax.describe", "--config", "experiments/blt_1b.py")
     assert result.returncode == 0, result.stderr
     assert "| latent | 1,284,608,000 |" in result.stdout
 
 
+@pytest.mark.slow
 def test_bad_override_is_rejected_with_the_field_name():
     result = _run("bltjax.describe", "--config", "experiments/blt_tiny.py", "--config.model.encoder.n_heads=5")
     assert result.returncode != 0

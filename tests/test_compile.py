@@ -85,6 +85,7 @@ def test_backend_choice():
             aot.choose_backend(aot.parse_topology("v5p-8"), "tpu")
 
 
+@pytest.mark.slow
 def test_compiled_step_reports_per_device_memory_and_refuses_what_does_not_fit():
     devices = jax.devices()[:4]
     config = tiny(data=1, fsdp=4)
@@ -143,6 +144,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
 
 
+@pytest.mark.slow
 def test_cli_compiles_for_a_topology_on_fake_cpu_devices(tmp_path):
     out = tmp_path / "report.json"
     result = _cli("--topology", "v5p-8", "--backend", "cpu", "--out", str(out))
@@ -154,6 +156,7 @@ def test_cli_compiles_for_a_topology_on_fake_cpu_devices(tmp_path):
     assert report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -176,6 +179,7 @@ def test_compile_for_target_checks_its_arguments_first(topology, devices, messag
         aot.compile_for_target(tiny(), topology=topology, devices=devices, backend="cpu")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not aot.libtpu_available(), reason="needs the libtpu package (pip install libtpu)")
 def test_cli_compiles_for_a_real_v5p_128_with_libtpu():
     result = _cli("--topology", "v5p-128", "--backend", "tpu", "--config.mesh.fsdp=-1", "--config.data.batch_size=64")

@@ -13,6 +13,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from bltjax import patching
 from bltjax.config import load_config
@@ -26,6 +27,7 @@ CORPUS = REPO / "bltjax" / "data" / "corpus"
 THRESHOLD = 5.0  # random tiny entropy models give entropies around ln 260 = 5.56, spread by the weights
 
 
+@pytest.mark.slow
 def test_prepare_entropy_pipeline_model_round_trip(tmp_path):
     # 1. prepare: two real multilingual files, small shards so that there are several.
     data = tmp_path / "data"

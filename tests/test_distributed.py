@@ -23,7 +23,6 @@ import pytest
 import test_train
 
 from bltjax.config import load_config
-from bltjax.data import prepare
 from bltjax.inference.evaluate import evaluate_and_write
 from bltjax.runtime import distributed
 from bltjax.runtime.cli import normalise_argv
@@ -41,11 +40,8 @@ OVERRIDES = {**test_train.OVERRIDES, "mesh.data": 1, "mesh.fsdp": 4, "train.step
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> pathlib.Path:
-    out = tmp_path_factory.mktemp("distributed_data") / "data"
-    inputs = [CORPUS / "jargon_file_4.4.7_appendix_a.txt", CORPUS / "zh_tang_song_poems.jsonl"]
-    prepare.prepare(inputs, out, shard_bytes=256 * 1024, val_fraction=0.1, progress=False)
-    return out
+def data_dir(corpus_data) -> pathlib.Path:
+    return corpus_data  # conftest's session folder, the one the training tests read
 
 
 def _env() -> dict[str, str]:
@@ -65,6 +61,7 @@ def _records(workdir: pathlib.Path, split: str) -> dict[int, dict]:
     return {r["step"]: r for r in read_jsonl(workdir / "metrics.jsonl") if r["split"] == split}
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_and_their_checkpoint_evaluates_on_one(data_dir, tmp_path):
     config = load_config(TINY)
     config.data.path = str(data_dir)
@@ -101,6 +98,7 @@ def test_two_processes_train_like_one_and_their_checkpoint_evaluates_on_one(data
     assert from_two.bpb == pytest.approx(from_one.bpb, rel=2e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("victim", [1, 0])
 def test_killing_one_process_stops_the_other_with_a_clear_error(data_dir, tmp_path, victim):
     heartbeat = 5

@@ -375,6 +375,7 @@ def _cli(*args: str, devices: int = 2) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_cli_writes_sidecars_and_calibrates(tiny, prepared, tmp_path):
     rng = np.random.default_rng(5)
     folder = write_shards(tmp_path / "data", {"train": [_random_documents(rng, 6, 200)]})
@@ -397,6 +398,7 @@ def test_cli_writes_sidecars_and_calibrates(tiny, prepared, tmp_path):
     assert bad.returncode == 2 and "neither a bltjax model folder" in bad.stderr
 
 
+@pytest.mark.slow
 def test_two_processes_split_the_shards_and_merge_one_manifest(tiny, prepared, tmp_path):
     """2 processes x 1 device (jax.distributed over localhost): shard i goes to process i % 2."""
     portpicker = pytest.importorskip("portpicker")

@@ -29,7 +29,6 @@ from bltjax.inference.restore import RestoreError, load_for_inference
 from bltjax.models.factory import build_model, example_inputs
 from bltjax.tokenizer import OFFSET
 from bltjax.training import checkpoints, sharding
-from bltjax.training.trainer import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BYTE_LM = str(REPO / "experiments" / "byte_lm.py")
@@ -51,13 +50,13 @@ def split_counts(data: pathlib.Path, split: str) -> tuple[int, int]:
 
 
 @pytest.fixture(scope="module")
-def run_dir(data_dir, tmp_path_factory):
-    """A BLT trained for 6 steps on the (data, fsdp, tensor) = (2, 2, 2) mesh; checkpoint at step 6."""
-    config = tiny_config(data_dir, **{"train.steps": 6})
-    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
-    workdir = tmp_path_factory.mktemp("eval_run") / "run"
-    result = train(config, workdir, console=io.StringIO())
-    return workdir, jax.device_get(result.state.params)
+def run_dir(data_dir, trained_run):
+    """A BLT trained for 6 steps on the (data, fsdp, tensor) = (2, 2, 2) mesh; checkpoint at step 6.
+
+    test_train's sharded run: conftest's `trained_run` trains it once for both files.
+    """
+    run = trained_run(test_train.cube_config(data_dir))
+    return run.workdir, jax.device_get(run.result.state.params)
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +64,7 @@ def eval_all_devices(run_dir, data_dir):
     return evaluate(load_for_inference(run_dir[0]), data_dir, batch_size=8)
 
 
+@pytest.mark.slow
 def test_checkpoint_from_a_cube_mesh_evaluates_identically_on_one_device(
     run_dir, data_dir, eval_all_devices, monkeypatch
 ):
@@ -104,6 +104,7 @@ def test_checkpoint_from_a_cube_mesh_evaluates_identically_on_one_device(
     assert sharding.addressable_fraction(tables) == pytest.approx(1 / 4)
 
 
+@pytest.mark.slow
 def test_every_byte_of_the_split_is_counted_once(run_dir, data_dir, eval_all_devices):
     result = eval_all_devices
     targets, byte_targets = split_counts(data_dir, "validation")
@@ -203,6 +204,7 @@ def test_incomplete_or_mismatched_model_folder_is_refused_naming_the_file(byte_l
         load_for_inference(model_dir, step=1)
 
 
+@pytest.mark.slow
 def test_entropy_patching_reads_the_sidecar_bits_of_each_window(run_dir, byte_lm_dir, tmp_path):
     """The space-patched BLT evaluated with entropy patches from sidecars (written by the random
     byte LM): the patches counted are those of the stored start bits, window by window."""
@@ -235,6 +237,7 @@ def _eval_cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_cli_prints_the_table_and_writes_json(run_dir, data_dir, eval_all_devices, byte_lm_dir):
     workdir = run_dir[0]
     # The README's command.
@@ -262,6 +265,7 @@ def test_cli_prints_the_table_and_writes_json(run_dir, data_dir, eval_all_device
     assert "config.patching.threshold: expected None with mode='space'" in failed.stderr
 
 
+@pytest.mark.slow
 def test_bad_input_is_refused_with_the_path_or_field_named(run_dir, data_dir, tmp_path):
     workdir = run_dir[0]
     empty = tmp_path / "empty_run"

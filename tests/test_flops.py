@@ -393,6 +393,7 @@ def test_analytic_forward_agrees_with_xla_for_a_byte_lm():
     assert flops.matmul_flops_per_byte(config).total_forward == pytest.approx(xla, rel=0.10)
 
 
+@pytest.mark.slow
 def test_analytic_forward_and_training_agree_with_xla_for_a_blt():
     config = _paper_shaped_blt()
     n_p = flops.realised_static_patch_size(128, 4)
@@ -418,6 +419,7 @@ def test_xla_counts_padded_patch_columns():
 # --- the command line -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_prints_the_breakdown_table():
     import subprocess
     import sys

@@ -166,6 +166,7 @@ def test_topk_entropy_patching_is_refused():
         PatchRule(mode="entropy", patch_size=4.5)
 
 
+@pytest.mark.slow
 def test_teacher_forced_logits_equal_training_forward_entropy_mode(fixture_b):
     """Spec §16.3: several thresholds, incl. all single-byte patches, one patch, and max_patch_length splits."""
     model, params, entropy, rule = fixture_b
@@ -236,6 +237,7 @@ def _random_params(model, *inputs, seed: int = 1) -> dict:
     return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
+@pytest.mark.slow
 def test_teacher_forced_windowed_cross_attention_space_mode(windowed_blt):
     """Space patching; an EOS mid-row starts a new document segment (local and global masks)."""
     model, params = windowed_blt
@@ -397,6 +399,7 @@ def test_cli_generates_from_a_saved_model(fixture_b, tmp_path):
     assert f"{len(results[0].data)} bytes, stopped at" in printed
 
 
+@pytest.mark.slow
 def test_cli_rejects_bad_input(fixture_b, tmp_path):
     with pytest.raises(generate_cli.GenerateError, match="prompt 2 is empty"):
         generate_cli.run(workdir=tmp_path, prompts=["ok", ""])
@@ -439,6 +442,7 @@ def test_cli_finds_the_entropy_model_the_sidecars_name(fixture_b, tmp_path):
     assert generate_cli.default_entropy_model(tmp_path / "blt", config) is None
 
 
+@pytest.mark.slow
 def test_generation_benchmark_prints_table(tmp_path):
     """Smoke run of benchmarks/generate.py on the tiny config (plumbing only: the numbers mean nothing)."""
     out = tmp_path / "generate.json"

@@ -74,6 +74,7 @@ def _compare_rowwise(model_logits_fn, hf_model, fixture, tokens, lengths):
         assert err <= 1e-4, f"row {row}: rel err {err:.2e}"
 
 
+@pytest.mark.slow
 def test_fresh_transformers_model_imports_with_parity(tmp_path):
     fixture = _fixture_module()
     config = copy.deepcopy(fixture.CONFIG)
@@ -109,6 +110,7 @@ def test_fresh_transformers_model_imports_with_parity(tmp_path):
     _compare_rowwise(apply, reference, fixture, tokens, lengths)
 
 
+@pytest.mark.slow
 def test_bltjax_model_exports_to_transformers_with_parity(tmp_path):
     from transformers import BltForCausalLM
 

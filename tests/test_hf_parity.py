@@ -140,6 +140,7 @@ def test_entropy_model_on_shared_patcher_cases(shared_dir):
             np.testing.assert_allclose(np.asarray(logits), cases[f"{name}_logits"], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_loss_and_gradients_match_training_reference(shared_dir):
     """Training parity (set A grads.npz): loss, gradient norms/sums and sampled entries."""
     folder = shared_dir / "fixtures" / "hf_blt_tiny"

@@ -121,6 +121,7 @@ def test_bad_invocations_say_what_is_wrong(args, message):
 LOCAL = ["launch/local.sh", "--processes", "2", "--devices-per-process", "3", "--"]
 
 
+@pytest.mark.slow
 def test_local_gives_every_process_its_index_and_devices():
     names = ("BLTJAX_PROCESS_ID", "BLTJAX_NUM_PROCESSES", "JAX_NUM_CPU_DEVICES", "XLA_FLAGS", "BLTJAX_COORDINATOR")
     code = f"import os; print(*[os.environ[n] for n in {names!r}])"
@@ -132,6 +133,7 @@ def test_local_gives_every_process_its_index_and_devices():
     assert "every process exited with status 0" in result.stderr
 
 
+@pytest.mark.slow
 def test_local_reports_each_failure_and_exits_with_the_first():
     code = "import os, sys, time; i = int(os.environ['BLTJAX_PROCESS_ID']); time.sleep(3 * (1 - i)); sys.exit(3 + i)"
     result = _bash([*LOCAL, sys.executable, "-c", code], env=_clean_env())
@@ -140,6 +142,7 @@ def test_local_reports_each_failure_and_exits_with_the_first():
     assert "process 0 exited with status 3" in result.stderr
 
 
+@pytest.mark.slow
 def test_local_terminates_a_process_that_outlives_the_grace_period():
     code = "import os, sys, time; i = int(os.environ['BLTJAX_PROCESS_ID']); time.sleep(60 * (1 - i)); sys.exit(i)"
     start = time.monotonic()
@@ -151,6 +154,7 @@ def test_local_terminates_a_process_that_outlives_the_grace_period():
     assert "process 0 was terminated by the launcher" in result.stderr
 
 
+@pytest.mark.slow
 def test_local_forwards_sigterm_to_every_process():
     code = ("import signal, sys, time\nsignal.signal(signal.SIGTERM, lambda *a: sys.exit(143))\n"
             "print('ready', flush=True)\ntime.sleep(60)")  # fmt: skip

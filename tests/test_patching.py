@@ -730,6 +730,7 @@ def test_calibration_rejects_unreachable_targets_and_bad_input():
         calibrate_threshold(docs, 4.0, unit="words")
 
 
+@pytest.mark.slow
 def test_calibration_command_line(tmp_path):
     docs = synthetic_corpus(seed=1, documents=6)
     np.save(tmp_path / "one.npy", docs[0].astype(np.float16))

@@ -461,6 +461,7 @@ _FRESH_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_fresh_interpreter_gives_identical_batches(data_dir, tmp_path):
     out = tmp_path / "fresh.npz"
     script = _FRESH_SCRIPT.format(tests=str(REPO_ROOT / "tests"), data=str(data_dir), seed=SEED, out=str(out))
@@ -554,6 +555,7 @@ _PROCESS_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_two_real_processes_build_the_one_process_global_batch(data_dir, tmp_path):
     portpicker = pytest.importorskip("portpicker")
     port = str(portpicker.pick_unused_port())

@@ -187,6 +187,7 @@ def test_a_shorter_rerun_removes_shards_the_manifest_no_longer_lists(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "train-00000.docs.npy", "train-00000.tokens"]
 
 
+@pytest.mark.slow
 def test_cli_on_the_bundled_corpus(tmp_path):
     out = tmp_path / "bundled"
     command = [sys.executable, "-m", "bltjax.prepare", "--input", str(CORPUS_DIR), "--output", str(out)]

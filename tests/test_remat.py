@@ -71,6 +71,7 @@ def _assert_same_loss_and_grads(got, want):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), grads, want_grads)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", [p for p in REMAT_POLICIES if p != "none"])
 def test_every_remat_policy_gives_same_parameters_loss_and_gradients(policy):
     tokens, lengths = _batch()
@@ -101,6 +102,7 @@ def _backward_temp_bytes(layers: int, remat: bool) -> int:
     return compiled.memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow
 def test_block_remat_bounds_activation_memory():
     """With "block" remat, 4 blocks need about the temporary memory of 1; without it, about 4 times more.
 
@@ -114,6 +116,7 @@ def test_block_remat_bounds_activation_memory():
     assert remat_4 < 0.5 * plain_4
 
 
+@pytest.mark.slow
 def test_block_remat_replays_the_recorded_attention():
     """ "block" remat recomputes a block's projections and FFN, not its attention scores.
 

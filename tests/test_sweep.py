@@ -312,6 +312,7 @@ def _train_records(workdir: pathlib.Path) -> list[dict]:
     return [r for r in read_jsonl(path) if r["split"] == "train"] if path.is_file() else []
 
 
+@pytest.mark.slow
 def test_tiny_sweep_is_killed_resumes_and_reports(sweep_file, tmp_path):
     out = tmp_path / "sweep"
     assert sweep_main(["plan", "--sweep", str(sweep_file), "--out", str(out)]) == 0

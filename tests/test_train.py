@@ -22,7 +22,6 @@ import numpy as np
 import pytest
 
 from bltjax.config import ConfigError, load_config
-from bltjax.data import prepare
 from bltjax.training import sharding
 from bltjax.training.checkpoints import Checkpointer
 from bltjax.training.metrics import read_jsonl
@@ -35,11 +34,8 @@ TINY = str(REPO / "experiments" / "blt_tiny.py")
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> pathlib.Path:
-    out = tmp_path_factory.mktemp("train_data") / "data"
-    inputs = [CORPUS / "jargon_file_4.4.7_appendix_a.txt", CORPUS / "zh_tang_song_poems.jsonl"]
-    prepare.prepare(inputs, out, shard_bytes=256 * 1024, val_fraction=0.1, progress=False)
-    return out
+def data_dir(corpus_data) -> pathlib.Path:
+    return corpus_data  # conftest's session folder: two real corpus files, prepared once
 
 
 # Most tests run this exact program (30 steps on the 8-device data-parallel mesh), in process or
@@ -69,37 +65,48 @@ def train_losses(workdir: pathlib.Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_jsonl(workdir / "metrics.jsonl") if r["split"] == "train"}
 
 
-def test_loss_decreases_and_workdir_is_complete(data_dir, tmp_path):
-    config = tiny_config(data_dir, **{"train.eval_every": 15})
-    console = io.StringIO()
-    result = train(config, tmp_path / "run", console=console)
-    losses = train_losses(tmp_path / "run")
+def reference_run(trained_run, data_dir):
+    """The uninterrupted 30-step run (validation at steps 15 and 30), trained once per session."""
+    return trained_run(tiny_config(data_dir, **{"train.eval_every": 15}))
+
+
+@pytest.mark.slow
+def test_loss_decreases_and_workdir_is_complete(data_dir, trained_run):
+    run = reference_run(trained_run, data_dir)
+    result, workdir = run.result, run.workdir
+    losses = train_losses(workdir)
     assert sorted(losses) == list(range(1, 31))
     first, last = np.mean([losses[s] for s in range(1, 6)]), np.mean([losses[s] for s in range(26, 31)])
     assert last < first - 0.5, (first, last)
     assert result.validation_bpb is not None and result.validation_bpb < 8.0
-    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    records = read_jsonl(workdir / "metrics.jsonl")
     validation = [r for r in records if r["split"] == "validation"]
     assert [r["step"] for r in validation] == [15, 30]
     train_record = [r for r in records if r["split"] == "train"][-1]
     for key in ("bpb", "learning_rate", "grad_norm", "bytes_per_sec", "patches_per_sec", "mean_patch_size", "mfu"):
         assert np.isfinite(train_record[key]), key
-    assert (tmp_path / "run" / "config.json").is_file()
-    assert list((tmp_path / "run" / "tensorboard").rglob("events.out.tfevents.*"))
-    assert "| bpb" in console.getvalue()
-    assert Checkpointer(tmp_path / "run" / "checkpoints").latest_complete_step() == 30
-    stored = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (workdir / "config.json").is_file()
+    assert list((workdir / "tensorboard").rglob("events.out.tfevents.*"))
+    assert "| bpb" in run.console
+    assert Checkpointer(workdir / "checkpoints").latest_complete_step() == 30
+    stored = json.loads((workdir / "config.json").read_text())
     assert stored["model"]["hash_rows_multiple"] == 1  # data parallel only: nothing to pad for
-    assert "mesh {" in (tmp_path / "run" / "shardings.txt").read_text()
+    assert "mesh {" in (workdir / "shardings.txt").read_text()
 
 
-def test_sharded_run_matches_one_device_and_shards_parameters(data_dir, tmp_path):
+def cube_config(data: pathlib.Path):
+    """6 steps on the (data, fsdp, tensor) = (2, 2, 2) mesh: test_eval evaluates the same run."""
+    config = tiny_config(data, **{"train.steps": 6})
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
+    return config
+
+
+@pytest.mark.slow
+def test_sharded_run_matches_one_device_and_shards_parameters(data_dir, trained_run, tmp_path):
     one = tiny_config(data_dir, **{"train.steps": 6})
     train(one, tmp_path / "one", console=io.StringIO(), devices=jax.devices()[:1])
-    cube = tiny_config(data_dir, **{"train.steps": 6})
-    cube.mesh.data, cube.mesh.fsdp, cube.mesh.tensor = 2, 2, 2
-    train(cube, tmp_path / "cube", console=io.StringIO())
-    a, b = train_losses(tmp_path / "one"), train_losses(tmp_path / "cube")
+    cube = cube_config(data_dir)
+    a, b = train_losses(tmp_path / "one"), train_losses(trained_run(cube).workdir)
     np.testing.assert_allclose([a[s] for s in range(1, 7)], [b[s] for s in range(1, 7)], rtol=2e-5)
 
     trainer = Trainer(cube, tmp_path / "inspect", console=io.StringIO())
@@ -136,10 +143,9 @@ def _complete(step_dir: pathlib.Path) -> bool:
     )
 
 
-def test_resume_after_sigkill_is_bit_identical(data_dir, tmp_path):
+@pytest.mark.slow
+def test_resume_after_sigkill_is_bit_identical(data_dir, trained_run, tmp_path):
     steps = 30
-    straight = subprocess.run(_cli(tmp_path / "straight", data_dir, steps), env=_env(), capture_output=True, text=True)
-    assert straight.returncode == 0, straight.stderr[-3000:]
 
     killed_dir = tmp_path / "killed"
     cmd = _cli(
@@ -159,11 +165,14 @@ def test_resume_after_sigkill_is_bit_identical(data_dir, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     resumed_at = int(resumed.stdout.split("at step ")[1].split()[0])
     assert 8 <= resumed_at < steps
-    expected, got = train_losses(tmp_path / "straight"), train_losses(killed_dir)
+    # Against the uninterrupted in-process run: the same program, so the same bits (validation
+    # steps leave the training state alone).
+    expected, got = train_losses(reference_run(trained_run, data_dir).workdir), train_losses(killed_dir)
     assert sorted(got) == list(range(1, steps + 1))  # each step once: the lines after the checkpoint were replaced
     assert [got[s] for s in sorted(got)] == [expected[s] for s in sorted(expected)]  # bit for bit
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_relaunch_continues(data_dir, tmp_path):
     workdir = tmp_path / "run"
     cmd = _cli(workdir, data_dir, 30)  # the program of the SIGKILL test: compiled once for both
@@ -205,6 +214,7 @@ def test_half_written_checkpoints_are_skipped(tmp_path):
     assert next(fresh) == 2  # the data position came back with the state
 
 
+@pytest.mark.slow
 def test_bad_config_is_rejected_before_any_device_work(data_dir, tmp_path):
     config = tiny_config(data_dir)
     config.train.not_a_field = 1
@@ -234,6 +244,7 @@ def test_relaunch_with_a_different_model_is_refused(data_dir, tmp_path):
         Trainer(changed, tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_without_saving(data_dir, tmp_path):
     trainer = Trainer(tiny_config(data_dir, **{"train.checkpoint_every": 2}), tmp_path / "run", console=io.StringIO())
     real_step = trainer.train_step
@@ -250,6 +261,7 @@ def test_nan_loss_stops_without_saving(data_dir, tmp_path):
     assert Checkpointer(tmp_path / "run" / "checkpoints").steps() == [2]
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_one_big_batch(data_dir, tmp_path):
     whole = tiny_config(data_dir, **{"data.batch_size": 16, "train.steps": 2})
     split = tiny_config(data_dir, **{"train.grad_accum": 2, "data.batch_size": 16, "train.steps": 2})
