@@ -32,8 +32,9 @@ import numpy as np
 
 from bltjax.config import load_config
 from bltjax.data import prepare
-from bltjax.data.entropy import start_mask, threshold_tag
+from bltjax.data import shards as shard_format
 from bltjax.data.pipeline import make_dataset, make_iterator
+from bltjax.data.sidecars import start_mask, threshold_tag
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 THETA = 1.335442066192627
@@ -60,12 +61,12 @@ def write_corpus(folder: pathlib.Path, megabytes: float) -> pathlib.Path:
 def write_sidecars(data_dir: pathlib.Path) -> None:
     """Start bits from gamma-distributed entropies, in the layout bltjax.data.entropy writes."""
     rng = np.random.default_rng(0)
-    manifest = prepare.load_manifest(data_dir)
+    manifest = shard_format.load_manifest(data_dir)
     tag = threshold_tag(THETA)
     shards = {}
     for split, infos in manifest.splits.items():
         for info in infos:
-            tokens, offsets = prepare.read_shard(data_dir, split, info.index)
+            tokens, offsets = shard_format.read_shard(data_dir, split, info.index)
             entropies = rng.gamma(0.6, 1.4, size=tokens.size).astype(np.float16)
             bits = data_dir / f"{info.name}.starts.{tag}.bits"
             bits.write_bytes(np.packbits(start_mask(np.asarray(tokens), offsets, entropies, THETA)).tobytes())
@@ -216,7 +217,7 @@ def entropy_rate(variant: str, data_dir: pathlib.Path, folder: pathlib.Path, pea
         seconds = time.perf_counter() - start
     finally:
         sink.close()
-    tokens = prepare.load_manifest(data_dir).total("train", "tokens")
+    tokens = shard_format.load_manifest(data_dir).total("train", "tokens")
     context = entropy.default_context(model.config, config.data.seq_len)
     flops = entropy_forward_flops_per_token(config, context)
     return {
@@ -260,7 +261,7 @@ def main() -> None:
         data_dir = folder / "data"
         prepare.prepare([corpus], data_dir, shard_bytes=4 * 2**20, val_fraction=0.0, progress=False)
         write_sidecars(data_dir)
-        prepared = prepare.load_manifest(data_dir)
+        prepared = shard_format.load_manifest(data_dir)
         print(
             f"corpus: {prepared.total('train', 'bytes') / 2**20:.1f} MiB of stdlib Python in "
             f"{len(prepared.shards('train'))} shards, prepared + sidecars in {time.perf_counter() - start:.1f} s\n"

@@ -17,7 +17,8 @@ import pytest
 
 from bltjax import patching
 from bltjax.config import load_config
-from bltjax.data import entropy, pipeline, prepare
+from bltjax.data import entropy, pipeline, prepare, sidecars
+from bltjax.data import shards as shard_format
 from bltjax.models.factory import build_model, example_inputs
 from bltjax.models.patch_ids import check_patch_lengths
 from bltjax.training.checkpoints import save_model
@@ -33,7 +34,7 @@ def test_prepare_entropy_pipeline_model_round_trip(tmp_path):
     data = tmp_path / "data"
     inputs = [CORPUS / "jargon_file_4.4.7_appendix_a.txt", CORPUS / "zh_tang_song_poems.jsonl"]
     prepare.prepare(inputs, data, shard_bytes=64 * 1024, val_fraction=0.1, progress=False)
-    manifest = prepare.load_manifest(data)
+    manifest = shard_format.load_manifest(data)
     assert len(manifest.shards("train")) >= 2 and manifest.shards("validation")
 
     # 2. entropy sidecars from a tiny random entropy model saved in the exported-model format.
@@ -45,9 +46,9 @@ def test_prepare_entropy_pipeline_model_round_trip(tmp_path):
     tag = summary.tag
     for split in ("train", "validation"):
         for shard in manifest.shards(split):
-            assert entropy.entropy_path(data, shard.name).parent == data  # sidecars lie next to the shard
-            assert entropy.entropy_path(data, shard.name).exists()
-            assert entropy.starts_path(data, shard.name, tag).exists()
+            assert sidecars.entropy_path(data, shard.name).parent == data  # sidecars lie next to the shard
+            assert sidecars.entropy_path(data, shard.name).exists()
+            assert sidecars.starts_path(data, shard.name, tag).exists()
 
     # The calibration tool reads the same sidecars.
     result = subprocess.run(
@@ -104,10 +105,10 @@ def _window_entropies(data, manifest, tokens, targets):
     """Finds the window in the train shards and returns its entropies (None if not unique)."""
     window = np.concatenate([tokens, targets[-1:]]).astype(np.uint16)
     for index, shard in enumerate(manifest.shards("train")):
-        stream, _ = prepare.read_shard(data, "train", index)
+        stream, _ = shard_format.read_shard(data, "train", index)
         n = len(tokens)
         starts = np.arange(0, len(stream) - n, n)
         for start in starts:
             if np.array_equal(stream[start : start + n + 1], window):
-                return entropy.read_entropies(data, shard.name)[start : start + n].astype(np.float32)
+                return sidecars.read_entropies(data, shard.name)[start : start + n].astype(np.float32)
     return None

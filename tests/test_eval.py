@@ -208,7 +208,7 @@ def test_incomplete_or_mismatched_model_folder_is_refused_naming_the_file(byte_l
 def test_entropy_patching_reads_the_sidecar_bits_of_each_window(run_dir, byte_lm_dir, tmp_path):
     """The space-patched BLT evaluated with entropy patches from sidecars (written by the random
     byte LM): the patches counted are those of the stored start bits, window by window."""
-    from bltjax.data import entropy
+    from bltjax.data import entropy, sidecars
 
     text = (REPO / "bltjax" / "data" / "corpus" / "jargon_file_4.4.7_appendix_a.txt").read_text()[:6000]
     source = tmp_path / "docs.jsonl"
@@ -223,7 +223,7 @@ def test_entropy_patching_reads_the_sidecar_bits_of_each_window(run_dir, byte_lm
     manifest = json.loads((data / "manifest.json").read_text())
     assert len(manifest["splits"]["train"]) >= 2
     for shard in manifest["splits"]["train"]:
-        bits = entropy.read_starts(data, shard["name"], summary.tag, shard["tokens"])
+        bits = sidecars.read_starts(data, shard["name"], summary.tag, shard["tokens"])
         for offset in range(0, shard["tokens"] - 1, n):
             real = min(n, shard["tokens"] - 1 - offset)  # inputs of this window with a real target
             expected += 1 + (real >= 2) + int(bits[offset + 2 : offset + real].sum())  # 0 and 1 forced

@@ -22,8 +22,9 @@ from jax.sharding import PartitionSpec as P
 
 from bltjax.config import base_blt_config, base_byte_lm_config
 from bltjax.data import pipeline, prepare
-from bltjax.data.entropy import threshold_tag
+from bltjax.data import shards as shard_format
 from bltjax.data.pipeline import DataError, batch_at_step, global_batch, make_dataset, make_iterator
+from bltjax.data.sidecars import threshold_tag
 from bltjax.models.patch_ids import check_patch_lengths
 from bltjax.patching import (
     PatchingRule,
@@ -580,7 +581,7 @@ def test_reads_what_prepare_writes(tmp_path):
     corpus.write_text("".join(json.dumps({"text": p}) + "\n" for p in _documents()))
     out = tmp_path / "prepared"
     prepare.prepare([corpus], out, shard_bytes=8192, val_fraction=0.2, progress=False)
-    manifest = prepare.load_manifest(out)
+    manifest = shard_format.load_manifest(out)
     assert len(manifest.shards("train")) > 1
     for split in ("train", "validation"):
         ds = make_dataset(make_config("space"), out, split, seed=0, process_index=0, process_count=1)
