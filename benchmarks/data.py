@@ -202,9 +202,9 @@ def entropy_rate(variant: str, data_dir: pathlib.Path, folder: pathlib.Path, pea
     """Times `python -m bltjax.entropy`'s `run` with a random model of the experiment's shape."""
     import jax
 
+    from bltjax.checkpoints import save_model
     from bltjax.data import entropy
     from bltjax.models.factory import build_model, example_inputs
-    from bltjax.training.checkpoints import save_model
 
     config = load_config(str(REPO / "experiments" / f"entropy_model.py:{variant}"))
     model = build_model(config)

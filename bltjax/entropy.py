@@ -15,11 +15,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from bltjax import checkpoints
 from bltjax.data import entropy
 from bltjax.data.sidecars import SidecarError
 from bltjax.patching.calibrate import UNITS
 from bltjax.runtime import distributed
-from bltjax.training import checkpoints
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,7 +5,7 @@ r"""Generate text from a trained BLT (or byte-level LM) with KV caches and incre
       [--entropy-model runs/quickstart/entropy_model/export]
 
 ``--workdir`` is a training run (its newest complete checkpoint, or ``--step``), a folder
-written by `checkpoint_io.save_model` or a Hugging Face BLT folder, loaded with
+written by `bltjax.checkpoints.save_model` or a Hugging Face BLT folder, loaded with
 `bltjax.inference.restore.load_for_inference` onto one device. The patching rule is the one saved with
 the checkpoint (``config.patching``). An entropy-patched BLT needs its entropy model
 (``--entropy-model``, a `save_model` folder or a Hugging Face BLT folder); without the flag, a

@@ -31,11 +31,11 @@ import ml_collections
 from absl import app, flags, logging
 
 from bltjax import generate as generate_cli
+from bltjax.checkpoints import save_model
 from bltjax.config import ConfigError, load_config
 from bltjax.data import entropy, prepare
 from bltjax.data import shards as shard_format
 from bltjax.runtime import compile_cache
-from bltjax.training.checkpoints import save_model
 from bltjax.training.trainer import train
 
 DEFAULT_CONFIG = "experiments/quickstart.py"

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 
 from bltjax import patching
+from bltjax.checkpoints import save_model
 from bltjax.config import load_config
 from bltjax.data import entropy, pipeline, prepare, sidecars
 from bltjax.data import shards as shard_format
 from bltjax.models.factory import build_model, example_inputs
 from bltjax.models.patch_ids import check_patch_lengths
-from bltjax.training.checkpoints import save_model
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CORPUS = REPO / "bltjax" / "data" / "corpus"

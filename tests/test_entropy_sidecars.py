@@ -21,13 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bltjax import checkpoints
 from bltjax.config import load_config
 from bltjax.data import entropy as E
 from bltjax.data import sidecars as S
 from bltjax.models.byte_lm import ByteLM, next_byte_entropy
 from bltjax.models.factory import build_model, example_inputs
 from bltjax.patching import patch_start_mask
-from bltjax.training import checkpoints
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = f"{REPO / 'experiments' / 'entropy_model.py'}:tiny"

@@ -22,13 +22,14 @@ import orbax.checkpoint as ocp
 import pytest
 import test_train
 
+from bltjax import checkpoints
 from bltjax.config import ConfigError, load_config
 from bltjax.data import pipeline, prepare
 from bltjax.inference.evaluate import evaluate, evaluate_and_write
 from bltjax.inference.restore import RestoreError, load_for_inference
 from bltjax.models.factory import build_model, example_inputs
 from bltjax.tokenizer import OFFSET
-from bltjax.training import checkpoints, sharding
+from bltjax.training import sharding
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BYTE_LM = str(REPO / "experiments" / "byte_lm.py")

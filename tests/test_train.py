@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bltjax.checkpoints import Checkpointer
 from bltjax.config import ConfigError, load_config
 from bltjax.training import sharding
-from bltjax.training.checkpoints import Checkpointer
 from bltjax.training.metrics import read_jsonl
 from bltjax.training.state import create_train_state
 from bltjax.training.trainer import Trainer, TrainingDivergedError, WorkdirError, train

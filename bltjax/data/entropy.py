@@ -7,7 +7,7 @@
 
 It writes the sidecars of `bltjax.data.sidecars` (``{shard}.entropy.f16``, ``{shard}.starts.{tag}.bits``,
 ``sidecars.json``) next to every shard of a prepared folder (`bltjax.data.shards`).
-`ENTROPY_MODEL_DIR` is a bltjax model folder (`bltjax.training.checkpoints.save_model`,
+`ENTROPY_MODEL_DIR` is a bltjax model folder (`bltjax.checkpoints.save_model`,
 model_type "byte_lm") or a Hugging Face BLT folder, whose entropy patcher and stored threshold
 are used. The flags live in the program, `bltjax.entropy`.
 
@@ -63,6 +63,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from bltjax import checkpoints
 from bltjax.config import base_byte_lm_config
 from bltjax.data import shards
 from bltjax.data.sidecars import (
@@ -85,7 +86,6 @@ from bltjax.patching.calibrate import UNITS, calibrate_threshold
 from bltjax.runtime import xla_options
 from bltjax.runtime.atomic import sha256_file
 from bltjax.runtime.progress import progress_bar
-from bltjax.training import checkpoints as checkpoint_io
 
 MIN_BUCKET = 128
 HF_DEFAULT_CONTEXT = 8192  # rows of the official entropy pass (docs/architecture.md §2.3)
@@ -129,19 +129,19 @@ def load_entropy_model(directory: str | os.PathLike) -> EntropyModel:
     path = pathlib.Path(directory)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such folder (expected an entropy model checkpoint)")
-    if (path / checkpoint_io.PARAMS_DIR).is_dir():
-        config = checkpoint_io.load_config_json(path)
+    if (path / checkpoints.PARAMS_DIR).is_dir():
+        config = checkpoints.load_config_json(path)
         if config.get("model_type") != "byte_lm":
             raise SidecarError(
-                f"{path / checkpoint_io.CONFIG_FILE}: field 'model_type' is {config.get('model_type')!r}; "
+                f"{path / checkpoints.CONFIG_FILE}: field 'model_type' is {config.get('model_type')!r}; "
                 "an entropy model must be a 'byte_lm'"
             )
-        config, model, params = checkpoint_io.load_model(path)
+        config, model, params = checkpoints.load_model(path)
         return EntropyModel(
             model,
             params,
             config,
-            checkpoint_io.fingerprint(config, params),
+            checkpoints.fingerprint(config, params),
             "bltjax",
             str(path.absolute()),
             None,
@@ -157,7 +157,7 @@ def load_entropy_model(directory: str | os.PathLike) -> EntropyModel:
             model,
             params,
             config,
-            checkpoint_io.fingerprint(config, params),
+            checkpoints.fingerprint(config, params),
             "huggingface",
             str(path.absolute()),
             None if threshold is None else float(threshold),
@@ -165,8 +165,8 @@ def load_entropy_model(directory: str | os.PathLike) -> EntropyModel:
             DEFAULT_BATCH_SIZE,
         )
     raise SidecarError(
-        f"{path}: neither a bltjax model folder ({checkpoint_io.CONFIG_FILE} + {checkpoint_io.PARAMS_DIR}/, "
-        f"from bltjax.training.checkpoint_io.save_model) nor a Hugging Face BLT folder "
+        f"{path}: neither a bltjax model folder ({checkpoints.CONFIG_FILE} + {checkpoints.PARAMS_DIR}/, "
+        f"from bltjax.training.checkpoints.save_model) nor a Hugging Face BLT folder "
         f"({hf.CONFIG_FILE} + {hf.WEIGHTS_FILE})"
     )
 

@@ -12,7 +12,7 @@
 
 This module only decides what to read and where to place it: a data-parallel mesh over the
 given devices (default: all local ones), resharded by orbax from whatever mesh wrote it. The
-formats and their completeness, shape and dtype checks are `bltjax.training.checkpoints`'s
+formats and their completeness, shape and dtype checks are `bltjax.checkpoints`'s
 (Hugging Face folders: `bltjax.convert.hf`'s). Why it reads this way: docs/design.md,
 "Checkpoint formats".
 """
@@ -30,8 +30,9 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from bltjax.training import checkpoints, sharding
-from bltjax.training.checkpoints import CHECKPOINTS_DIR, CONFIG_FILE, ITEMS, METADATA_FILE, PARAMS_DIR
+from bltjax import checkpoints
+from bltjax.checkpoints import CHECKPOINTS_DIR, CONFIG_FILE, ITEMS, METADATA_FILE, PARAMS_DIR
+from bltjax.training import sharding
 
 EVAL_MESH = {"data": -1, "fsdp": 1, "tensor": 1}
 

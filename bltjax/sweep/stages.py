@@ -2,7 +2,7 @@
 
 These are the quickstart's stages (`bltjax/quickstart.py`, steps 1-4), called through the same
 library functions: `bltjax.data.prepare.prepare`, `bltjax.training.trainer.train`,
-`bltjax.training.checkpoints.save_model` and `bltjax.data.entropy.run`. Each stage is done once per
+`bltjax.checkpoints.save_model` and `bltjax.data.entropy.run`. Each stage is done once per
 sweep folder and leaves a record under ``stages/``; a relaunch skips what is recorded:
 
     SWEEP/data/                       byte shards (+ entropy sidecars, one start-bit file per threshold)
@@ -199,7 +199,7 @@ def _train_entropy_model(
     """The quickstart's steps 2-3: train the entropy model, export its final parameters."""
     import jax
 
-    from bltjax.training.checkpoints import save_model
+    from bltjax.checkpoints import save_model
     from bltjax.training.trainer import train
 
     workdir = entropy_model_dir(sweep_dir)

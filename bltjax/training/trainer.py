@@ -9,7 +9,7 @@ a pure function of the data, the seed and s, and the checkpoint holds the whole 
 plus the grain iterator state. What lands in the workdir:
 
     config.json        the resolved config of the first launch (a relaunch must agree with it)
-    checkpoints/<s>/   orbax steps (bltjax/training/checkpoints.py)
+    checkpoints/<s>/   orbax steps (bltjax/checkpoints.py)
     metrics.jsonl      one line per logged step / evaluation (train and validation)
     tensorboard/       event files: tensorboard --logdir WORKDIR/tensorboard
     shardings.txt      where every parameter lives on the mesh
@@ -44,6 +44,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from bltjax.checkpoints import Checkpointer
 from bltjax.config import ConfigError, validate
 from bltjax.data import pipeline
 from bltjax.models import flops
@@ -51,7 +52,6 @@ from bltjax.models.factory import build_model
 from bltjax.runtime import distributed, peaks
 from bltjax.runtime.atomic import write_atomic
 from bltjax.training import sharding
-from bltjax.training.checkpoints import Checkpointer
 from bltjax.training.metrics import MetricsWriter, bits_per_byte
 from bltjax.training.optimizer import learning_rate_schedule, make_optimizer
 from bltjax.training.state import TrainState, abstract_state, create_train_state, restore_target, state_placements
