@@ -182,7 +182,7 @@ def matmul_peak_flops(size: int = 2048, repeats: int = 5) -> float:
 
 
 def entropy_forward_flops_per_token(config, context: int) -> dict[str, float]:
-    """Forward FLOPs per token of a byte LM (spec §14.1 primitives, real FFN width).
+    """Forward FLOPs per token of a byte LM (docs/architecture.md §14.1 primitives, real FFN width).
 
     `useful` counts attention over the sliding window only; `executed` counts what the current
     dense masked attention computes (every key of the chunk), the honest denominator today.

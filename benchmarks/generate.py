@@ -4,7 +4,7 @@ Prints a markdown table and writes benchmarks/generate.json.
 
 Models (random weights, drawn with numpy from the parameter shapes, seed 0; float32, CPU)
 ------------------------------------------------------------------------------------------
-* **debug**: the official debug shape of `experiments/blt_debug.py` (spec §15.3: local 256 x 8
+* **debug**: the official debug shape of `experiments/blt_debug.py` (docs/architecture.md §15.3: local 256 x 8
   layers each, global 512 x 8, k = 8, cross-attention in every local layer with 512-patch
   windows, hash n = 4 with 3 functions), switched from space to **entropy patching**. Its entropy
   model is **small**: `experiments/entropy_model.py:tiny` (2 layers x 64, window 64), not the
@@ -142,7 +142,7 @@ def gap_threshold(sorted_entropies, quantile: float) -> float:
     """The midpoint of the gap between the two entropies around ``quantile``.
 
     A quantile lands on (or within rounding of) an entropy of the very text being generated, and
-    the cached and the full-recompute entropy passes round differently (spec §2.1): a decision
+    the cached and the full-recompute entropy passes round differently (docs/architecture.md §2.1): a decision
     flipped there changes every later byte. The midpoint leaves the widest margin at the same rank.
     """
     import numpy as np

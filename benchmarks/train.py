@@ -35,7 +35,7 @@ Measurements
 * FLOPs per byte: `bltjax.models.flops.matmul_flops_per_byte(config, mean_patch_size=4.5).train`
   (3 x forward; what bltjax multiplies, attention over the causal window only). The HF row
   uses the same count (the same model's useful FLOPs; its dense masked attention executes more,
-  which is its inefficiency, not extra useful work). The spec §14 analytic count is in the JSON.
+  which is its inefficiency, not extra useful work). The docs/architecture.md §14 analytic count is in the JSON.
   Achieved FLOP/s = FLOPs/byte x bytes/s; MFU = achieved / `measured_matmul_peak("float32")`.
 * Memory: each row runs in its own child process (`--child blt|hf|baseline`), so peaks never
   mix. "peak RSS" is the child's ru_maxrss at the end of its timed steps (before the component
@@ -600,7 +600,8 @@ def main() -> None:
         if "skipped" not in r:
             analytic = r["flops_per_byte"]["analytic"]["train"]
             print(f"{name}: {r['shape'] if 'shape' in r else r.get('attn_implementation')}; "
-                  f"{r['params'] / 1e6:.1f}M params; analytic (spec §14) {analytic / 1e6:.1f}M FLOPs/byte; "
+                  f"{r['params'] / 1e6:.1f}M params; "
+                  f"analytic (docs/architecture.md §14) {analytic / 1e6:.1f}M FLOPs/byte; "
                   f"base RSS {r['base_rss_mib']:,.0f} MiB")  # fmt: skip
 
     ratios = {}

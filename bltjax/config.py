@@ -79,7 +79,7 @@ def _common() -> ml_collections.ConfigDict:
     )
     # Device mesh (bltjax/training/sharding.py): -1 on one axis = all remaining devices.
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    # AdamW of spec §13; the official code decays every parameter (decay_all=True).
+    # AdamW of docs/architecture.md §13; the official code decays every parameter (decay_all=True).
     config.optimizer = ml_collections.ConfigDict(
         dict(
             learning_rate=4e-4,
@@ -127,7 +127,7 @@ def base_blt_config() -> ml_collections.ConfigDict:
     config.patching = ml_collections.ConfigDict(
         dict(
             mode="entropy",
-            threshold=1.335442066192627,  # released models (spec §3.4)
+            threshold=1.335442066192627,  # released models (docs/architecture.md §3.4)
             threshold_add=None,
             monotonicity=False,
             patch_size=4.5,  # target mean for static/top-k/calibration
@@ -156,7 +156,7 @@ def base_byte_lm_config() -> ml_collections.ConfigDict:
     return config
 
 
-# Paper model sizes (spec §15.2). Only the 1B row is confirmed by a released checkpoint;
+# Paper model sizes (docs/architecture.md §15.2). Only the 1B row is confirmed by a released checkpoint;
 # the others are the spec's best reading of the paper's Table 10 ([UNSURE] there).
 PAPER_SIZES = {
     #        encoder (layers, heads, dim), global, decoder, cross_attn_k
@@ -169,7 +169,7 @@ PAPER_SIZES = {
 
 
 def paper_blt_config(size: str) -> ml_collections.ConfigDict:
-    """A BLT of the paper's sizes with entropy patching and 16 KiB contexts (spec §13, §15)."""
+    """A BLT of the paper's sizes with entropy patching and 16 KiB contexts (docs/architecture.md §13, §15)."""
     if size not in PAPER_SIZES:
         raise ConfigError(f"size: expected one of {sorted(PAPER_SIZES)}, got {size!r}")
     (el, eh, ed), (gl, gh, gd), (dl, dh, dd), k = PAPER_SIZES[size]

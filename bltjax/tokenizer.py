@@ -1,4 +1,4 @@
-"""Bytes <-> token ids, exactly as the BLT checkpoints expect them (spec §1).
+"""Bytes <-> token ids, exactly as the BLT checkpoints expect them (docs/architecture.md §1).
 
 BLT has no learned tokenizer: every UTF-8 byte ``b`` is token ``b + 4``, and the four ids below
 it are special. The vocabulary is therefore 260 for every embedding and output head.

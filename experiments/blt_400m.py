@@ -1,4 +1,4 @@
-r"""BLT-400M of the paper (spec §15.2), entropy patching, 16 KiB contexts, bf16 compute.
+r"""BLT-400M of the paper (docs/architecture.md §15.2), entropy patching, 16 KiB contexts, bf16 compute.
 
   python -m bltjax.describe --config experiments/blt_400m.py
 

@@ -1,4 +1,4 @@
-r"""BLT-4B of the paper (spec §15.2), entropy patching, 16 KiB contexts, bf16 compute.
+r"""BLT-4B of the paper (docs/architecture.md §15.2), entropy patching, 16 KiB contexts, bf16 compute.
 
   python -m bltjax.describe --config experiments/blt_4b.py
 

@@ -1,4 +1,4 @@
-r"""The official debug/test shape (spec §15.3): a small but complete BLT for smoke runs.
+r"""The official debug/test shape (docs/architecture.md §15.3): a small but complete BLT for smoke runs.
 
   python -m bltjax.describe --config experiments/blt_debug.py
 

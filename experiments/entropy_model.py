@@ -3,7 +3,7 @@ r"""The entropy model: a small causal byte LM whose next-byte entropy places pat
   python -m bltjax.describe --config experiments/entropy_model.py:released
 
 Variants:
-  released  the shape of facebook/blt-entropy (spec §2.2): 14 layers x 768, 12 heads,
+  released  the shape of facebook/blt-entropy (docs/architecture.md §2.2): 14 layers x 768, 12 heads,
             window 512, RoPE theta 10000, 8 KiB rows (the paper's text says width 512).
   tiny      a 2-layer, 64-wide model for tests and the CPU demo.
 """

@@ -6,7 +6,7 @@ r"""The README's main job: a tiny entropy model, then a tiny entropy-patched BLT
       --config.patching.threshold=THETA
 
 Variants (sized so that the whole job finishes in about 10 minutes on 2 CPU cores):
-  entropy  a 2-layer, 96-wide byte LM with a 128-byte window: the patcher (spec §2).
+  entropy  a 2-layer, 96-wide byte LM with a 128-byte window: the patcher (docs/architecture.md §2).
   blt      local width 96 (1 encoder / 2 decoder layers, window 128), global 192 x 3 layers,
            k = 2, hash n-grams 3..6, entropy patching at a mean of about 4.5 bytes.
 """

@@ -93,7 +93,7 @@ def test_prepare_entropy_pipeline_model_round_trip(tmp_path):
 
 
 def _document_starts(window: np.ndarray, n: int) -> np.ndarray:
-    """Start bits that per-document patching adds (spec §3.2): each BOS and the token after it."""
+    """Start bits that per-document patching adds (docs/architecture.md §3.2): each BOS and the token after it."""
     bits = np.zeros(n + 1, bool)
     bos = np.flatnonzero(window == 1)
     bits[bos] = True

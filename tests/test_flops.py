@@ -1,4 +1,4 @@
-"""FLOPs per byte (spec §14) and device peaks: the worked numbers of §14.3 and the matmul count."""
+"""FLOPs per byte (docs/architecture.md §14) and device peaks: the worked numbers of §14.3 and the matmul count."""
 
 from __future__ import annotations
 
@@ -257,7 +257,7 @@ def test_positive_inputs_required(blt_1b):
     assert math.isfinite(flops.blt_flops_per_byte(blt_1b, context_bytes=1, mean_patch_size=1).total_forward)
 
 
-# --- parameter counts (spec §14.4) ----------------------------------------------------------------
+# --- parameter counts (docs/architecture.md §14.4) ----------------------------------------------------------------
 
 
 def test_blt_1b_parameter_counts_match_spec(blt_1b):
@@ -346,7 +346,7 @@ def test_parameter_counts_equal_the_flax_shapes(make):
 def test_token_llama_per_byte_is_the_paper_bpe_formula():
     stack = TransformerConfig(dim=1280, n_layers=24, n_heads=10)
     token = flops.token_lm_flops_per_byte(stack, context_bytes=8192, bytes_per_token=3.7, vocab=32000)
-    assert token.total_forward == pytest.approx(3.14e8, rel=0.005)  # spec §14.3, Table 2's 3.1e8
+    assert token.total_forward == pytest.approx(3.14e8, rel=0.005)  # docs/architecture.md §14.3, Table 2's 3.1e8
     assert token.total_forward == flops.bpe_flops_per_byte(1280, 24, 32000, 8192, 3.7)
     longer = flops.token_lm_flops_per_byte(stack, context_bytes=8192, bytes_per_token=4.4, vocab=32000)
     assert longer.total_forward < token.total_forward  # fewer, longer tokens per byte
@@ -404,7 +404,7 @@ def test_analytic_forward_and_training_agree_with_xla_for_a_blt():
         xla_forward, rel=0.10
     )
     xla_train = flops.xla_flops_per_byte(config, train=True)
-    assert xla_train == pytest.approx(3 * xla_forward, rel=0.05)  # backward = 2 x forward (spec §14.1)
+    assert xla_train == pytest.approx(3 * xla_forward, rel=0.05)  # backward = 2 x forward (docs/architecture.md §14.1)
     assert analytic.train == pytest.approx(xla_train, rel=0.10)
 
 

@@ -1,4 +1,4 @@
-"""Hash n-gram ids: the test vectors of spec §4.3, bit-exact, in numpy and inside jit."""
+"""Hash n-gram ids: the test vectors of docs/architecture.md §4.3, bit-exact, in numpy and inside jit."""
 
 import dataclasses
 

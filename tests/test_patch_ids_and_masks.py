@@ -1,4 +1,4 @@
-"""Conformance for patch ids and masks: the worked examples of spec §5.4, §6.5 and §8.2."""
+"""Conformance for patch ids and masks: the worked examples of docs/architecture.md §5.4, §6.5 and §8.2."""
 
 import jax.numpy as jnp
 import numpy as np

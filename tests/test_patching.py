@@ -1,4 +1,4 @@
-"""Patching (spec §3): the spec's worked examples, the reference fixtures, properties, bad input,
+"""Patching (docs/architecture.md §3): the spec's worked examples, the reference fixtures, properties, bad input,
 the jnp twin and threshold calibration (§3.15)."""
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ THETA = 1.335442066192627  # released models' global threshold (§3.4)
 # Martin.</s>` (81 tokens) from the official fixture `fixtures/tokens_with_entropies.json` of
 # facebookresearch/blt (column "entropies"), read from the copy in the repository yas19sin/blt at
 # commit bcc039bb75aec70385fd5c148497d4ae86b526b5 (same path). They are outputs of the
-# released-style entropy model; spec §3.14 prints the first 20 (which agree).
+# released-style entropy model; docs/architecture.md §3.14 prints the first 20 (which agree).
 SENTENCE = "Daenerys Targaryen is in Game of Thrones, a fantasy epic by George R.R. Martin."
 SENTENCE_ENTROPIES = [
     3.3949158192, 2.1656451225, 2.3216569424, 2.8214058876, 1.5249242783, 0.0401624143,
@@ -134,7 +134,7 @@ def test_sentence_fixture_matches_spec_ids_and_first_entropies():
 
 
 FIRST_20 = {
-    # name: (kwargs, lengths with include_next_token=False, lengths with True)  (spec §3.14 table)
+    # name: (kwargs, lengths with include_next_token=False, lengths with True)  (docs/architecture.md §3.14 table)
     "global": ({"threshold": THETA}, [1, 1, 1, 1, 1, 15], [1, 1, 1, 1, 1, 15, 1]),
     "global_max4": (
         {"threshold": THETA, "max_patch_length": 4},
@@ -328,7 +328,7 @@ def test_hf_patcher_cases(shared_dir):
 
 
 def spec_starts(ids: list[int], entropies: list[float], kw: dict) -> list[int]:
-    """Start positions of one row, written position by position from spec §3 (slow, plain)."""
+    """Start positions of one row, written position by position from docs/architecture.md §3 (slow, plain)."""
     n = len(ids)
     total = n + kw.get("include_next_token", True)
     h = [np.float32(x) for x in entropies]

@@ -1,4 +1,4 @@
-"""Tokenizer conformance: spec §1 test vectors and round trips."""
+"""Tokenizer conformance: docs/architecture.md §1 test vectors and round trips."""
 
 import numpy as np
 import pytest

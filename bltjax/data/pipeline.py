@@ -13,7 +13,7 @@ Decisions
   target of the last one, so consecutive windows share one token and every token of the shard
   except the first is a target exactly once. Windows never cross shards; the tail of a shard
   that cannot fill N + 1 tokens (fewer than N tokens after the last full window) is dropped.
-  Windows do cross documents (EOS -> BOS is a real target, spec §10 item 6); the model's
+  Windows do cross documents (EOS -> BOS is a real target, docs/architecture.md §10 item 6); the model's
   document masks come from the EOS tokens inside the row.
 * Order. The index of every window of the split is permuted by grain's global index shuffle
   (`MapDataset.shuffle(seed)`, O(1) memory), and `.repeat()` draws a new permutation each epoch
@@ -24,7 +24,7 @@ Decisions
   and no host reads the rows of another. `global_batch` places them with
   `jax.make_array_from_process_local_data`, after checking that the mesh gives this process
   exactly that row range.
-* Patch lengths use the training convention (row sum N + 1, first patch exactly 1: spec §3.2,
+* Patch lengths use the training convention (row sum N + 1, first patch exactly 1: docs/architecture.md §3.2,
   §3.3, §10 item 3). static/space/byte are computed on the window's N input tokens with
   `patch_lengths(..., include_next_token=True)`. entropy reads the N + 1 start bits of the window
   from `{shard}.starts.{tag}.bits` (computed per document, so patches never straddle documents),
@@ -143,7 +143,7 @@ def _check_sidecar_rule(rule: PatchingRule) -> None:
         )
     if rule.kind != "global" and rule.mode == "entropy":
         raise DataError(
-            "config.patching: the start-bit sidecars hold the global threshold rule (spec §3.4) only; "
+            "config.patching: the start-bit sidecars hold the global threshold rule (docs/architecture.md §3.4) only; "
             f"threshold_add={rule.threshold_add!r} and monotonicity={rule.monotonicity!r} must be None / False"
         )
 

@@ -1,4 +1,4 @@
-"""The Byte Latent Transformer, end to end (spec §9).
+"""The Byte Latent Transformer, end to end (docs/architecture.md §9).
 
     tokens [B, N], patch_lengths [B, P]
       -> hash ids, patch ids, document segments           (all derived inside jit)
@@ -73,7 +73,7 @@ class BLT(nn.Module):
         patch_positions = positions_like(lengths)
         patch_segments = None
         if cfg.document_mask:
-            # A patch ends a document if it holds an EOS (spec §7).
+            # A patch ends a document if it holds an EOS (docs/architecture.md §7).
             patch_has_eos = jnp.zeros((b, p), bool).at[jnp.arange(b)[:, None], pid].max(is_eos)
             patch_segments = eos_segment_ids(patch_has_eos)
         global_out = LatentTransformer(cfg, name="latent")(patch_vectors, patch_positions, patch_segments)

@@ -12,7 +12,7 @@ import math
 
 from bltjax.tokenizer import VOCAB_SIZE
 
-# Primes of the rolling-polynomial n-gram hash, indexed by hash function f (spec §4.1).
+# Primes of the rolling-polynomial n-gram hash, indexed by hash function f (docs/architecture.md §4.1).
 HASH_PRIMES = (
     1000000007,
     5915587277,
@@ -45,14 +45,14 @@ def round_up(value: int, multiple: int) -> int:
 
 
 def swiglu_hidden_dim(dim: int, multiple_of: int = 256, ffn_dim_multiplier: float = 1.0) -> int:
-    """The Llama SwiGLU width rule of spec §5.5 (768 -> 2048, 1024 -> 2816, 2048 -> 5632)."""
+    """The Llama SwiGLU width rule of docs/architecture.md §5.5 (768 -> 2048, 1024 -> 2816, 2048 -> 5632)."""
     hidden = int(ffn_dim_multiplier * int(2 * (4 * dim) / 3))
     return multiple_of * math.ceil(hidden / multiple_of)
 
 
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
-    """One stack of pre-norm Llama-style blocks (spec §5)."""
+    """One stack of pre-norm Llama-style blocks (docs/architecture.md §5)."""
 
     dim: int
     n_layers: int
@@ -79,10 +79,10 @@ class TransformerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class BLTConfig:
-    """The whole Byte Latent Transformer (spec §6-§9).
+    """The whole Byte Latent Transformer (docs/architecture.md §6-§9).
 
     Defaults follow the official code and the released checkpoints; fields marked "paper"
-    switch to the paper's description where the two disagree (spec §18).
+    switch to the paper's description where the two disagree (docs/architecture.md §18).
     """
 
     encoder: TransformerConfig
@@ -100,7 +100,7 @@ class BLTConfig:
     pooling: str = "max"
     patch_query_init: str = "hidden"  # code: pool encoder states; "embedding": paper
     # Hugging Face re-pools byte states at every encoder cross-attention layer, dropping the
-    # previous result; the official code refines the same patch states (spec §18).
+    # previous result; the official code refines the same patch states (docs/architecture.md §18).
     repool_every_cross_attn_layer: bool = False
     hash_sizes: tuple[int, ...] = (3, 4, 5, 6, 7, 8)
     hash_functions: int = 1
@@ -128,7 +128,7 @@ class BLTConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ByteLMConfig:
-    """A plain causal byte transformer: the entropy model (spec §2) and the byte baseline."""
+    """A plain causal byte transformer: the entropy model (docs/architecture.md §2) and the byte baseline."""
 
     stack: TransformerConfig
     vocab_size: int = VOCAB_SIZE

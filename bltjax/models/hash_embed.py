@@ -1,4 +1,4 @@
-"""Hash n-gram embeddings (spec §4): bit-exact ids and the tables they index.
+"""Hash n-gram embeddings (docs/architecture.md §4): bit-exact ids and the tables they index.
 
 The reference hashes each window of n offset ids with a rolling polynomial in *wrapping
 signed 64-bit* arithmetic, then takes a floor modulo. JAX runs with 64-bit integers disabled,
@@ -144,7 +144,7 @@ _lookup_sum_typed.defvjp(_lookup_sum_fwd, _lookup_sum_bwd)
 
 
 class HashNgramEmbedding(nn.Module):
-    """Sum of one row per hash table: E[t, hash_id_t(i)] over the tables t (spec §4.2).
+    """Sum of one row per hash table: E[t, hash_id_t(i)] over the tables t (docs/architecture.md §4.2).
 
     Tables are stored as one [tables, rows, width] parameter so that their rows can be sharded
     together; they are free in FLOPs but dominate the parameter count at scale. ``rows`` is

@@ -1,4 +1,4 @@
-"""Per-byte patch ids from patch lengths, inside jit (spec §3.1, §8.2).
+"""Per-byte patch ids from patch lengths, inside jit (docs/architecture.md §3.1, §8.2).
 
 Everything downstream of patching sees patches only through these ids: which patch pools a
 byte (encoder), which global output a byte may read (decoder), and which patches end a
@@ -13,7 +13,7 @@ import numpy as np
 
 
 def with_next_token(patch_lengths_BP: jax.Array, n_tokens: int) -> jax.Array:
-    """Brings rows to the training convention: lengths add up to N + 1 (spec §3.3).
+    """Brings rows to the training convention: lengths add up to N + 1 (docs/architecture.md §3.3).
 
     A row that adds up to N (the Hugging Face convention) gets the virtual next token as in
     `transformers`: in the first zero-length column after its last patch when there is one
@@ -41,7 +41,7 @@ def patch_ids(patch_lengths_BP: jax.Array, n_tokens: int) -> jax.Array:
 
 
 def decoder_patch_ids(patch_lengths_BP: jax.Array, n_tokens: int) -> jax.Array:
-    """dpid(i) = pid computed from lengths[:, 1:] = pid(i + 1) - 1 (spec §8.2).
+    """dpid(i) = pid computed from lengths[:, 1:] = pid(i + 1) - 1 (docs/architecture.md §8.2).
 
     Token i predicts token i + 1 and may only read the global output of the patch before the
     one that contains its target; this shift is what keeps BLT causal. It assumes the N + 1
@@ -69,7 +69,7 @@ def check_patch_lengths(patch_lengths, n_tokens: int, *, name: str = "patch_leng
         row = int(np.flatnonzero(lengths[:, 0] != 1)[0])
         raise ValueError(
             f"{name}: row {row} starts with a patch of length {lengths[row, 0]}; "
-            "the first patch must be exactly one token (the BOS), spec §3.2"
+            "the first patch must be exactly one token (the BOS), docs/architecture.md §3.2"
         )
     sums = lengths.sum(axis=-1)
     bad = np.flatnonzero((sums != n_tokens) & (sums != n_tokens + 1))

@@ -5,7 +5,7 @@ r"""Patch-size / FLOP sweeps: plan, run, resume, report (the paper's fixed-infer
     python -m bltjax.sweep run runs/sweep [--only NAME] [--print-commands --launcher xpk -- ARGS...]
     python -m bltjax.sweep report runs/sweep
 
-The question a sweep answers: at a fixed inference budget (forward FLOPs per byte, spec §14),
+The question a sweep answers: at a fixed inference budget (forward FLOPs per byte, docs/architecture.md §14),
 does a larger patch, which frees FLOPs for a larger latent model, buy better bits-per-byte?
 
 Modules, in the order the data flows:

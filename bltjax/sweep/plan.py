@@ -399,7 +399,8 @@ def format_plan(plan: Mapping[str, Any]) -> str:
     lines = [
         "# Sweep plan",
         "",
-        f"Inference budget: {budget['inference_flops_per_byte']:.4g} forward FLOPs per byte (spec §14; from "
+        f"Inference budget: {budget['inference_flops_per_byte']:.4g} forward FLOPs per byte "
+        f"(docs/architecture.md §14; from "
         f"{budget['source']}). Training budget per run: "
         + (f"{budget['train_flops']:.4g} FLOPs." if budget["train_flops"] else "none (the base config's steps)."),
         "",

@@ -8,7 +8,7 @@ Per run, read from ``runs/NAME/metrics.jsonl`` (the trainer's records) and ``lau
   the batches seen), averaged over steps;
 * training FLOPs spent: the sum over logged windows of steps x batch x seq_len x the window's
   ``flops_per_byte``, which the trainer computes at the window's realised patch size;
-* inference FLOPs per byte at the realised patch size (analytic forward, spec §14), next to the
+* inference FLOPs per byte at the realised patch size (analytic forward, docs/architecture.md §14), next to the
   planned ones: entropy and space patching make them data-dependent;
 * wall time: the sum of the runner's launches (start to end; a launch killed together with
   the runner counts until its log's last write).

@@ -1,7 +1,7 @@
 """The two budget rules of a sweep: model size for an inference budget, schedule for a training budget.
 
 **Fixed inference budget** (paper §"fixed-inference scaling", Table 2): every run spends the same
-forward FLOPs per byte (spec §14, analytic, at the run's expected mean patch size). A BLT's local
+forward FLOPs per byte (docs/architecture.md §14, analytic, at the run's expected mean patch size). A BLT's local
 modules cost the same per byte whatever the patch size, while the global model runs once per
 patch, so a larger patch leaves room for a larger latent model. `fit_stack` chooses that model:
 

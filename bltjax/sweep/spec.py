@@ -31,7 +31,7 @@ def default_sweep() -> ml_collections.ConfigDict:
     sweep.baseline = ""  # byte-LM experiment scaled to the same budget; "" = no byte baseline
     sweep.modes = ["static"]  # patching modes compared: entropy, space, static
     sweep.patch_sizes = [4.0, 6.0, 8.0]  # target mean patch sizes (space: ignored, the data decides)
-    # Forward FLOPs per byte every run spends at inference (spec §14); None = what the base
+    # Forward FLOPs per byte every run spends at inference (docs/architecture.md §14); None = what the base
     # config spends at its own config.patching.patch_size.
     sweep.budget_flops_per_byte = None
     # Training FLOPs of each run (steps x batch x seq_len x 3 x forward); None = the base's steps.

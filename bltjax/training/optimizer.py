@@ -1,4 +1,4 @@
-"""AdamW with warm-up and decay, global-norm clipping and an optional weight-decay mask (spec §13).
+"""AdamW with warm-up and decay, global-norm clipping and an optional weight-decay mask (docs/architecture.md §13).
 
 Everything is optax: `optax.warmup_cosine_decay_schedule` (or a linear / constant tail joined
 with `optax.join_schedules`), `optax.clip_by_global_norm` and `optax.adamw`. Clipping runs once
@@ -46,7 +46,7 @@ def weight_decay_mask(params: Any) -> Any:
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """The optax chain of `config.optimizer` (spec §13 defaults)."""
+    """The optax chain of `config.optimizer` (docs/architecture.md §13 defaults)."""
     opt = config.optimizer
     adamw = optax.adamw(
         learning_rate_schedule(config),

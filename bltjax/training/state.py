@@ -3,7 +3,7 @@
 Creation never materialises a full-size copy on the host: `jax.eval_shape` gives the abstract
 state (with the modules' logical axis names), `sharding.placements` turns those names into
 mesh shardings, and the initialiser runs under `jax.jit(..., out_shardings=...)` so each device
-computes only its own shard (spec §12 init, bit-identical for any mesh).
+computes only its own shard (docs/architecture.md §12 init, bit-identical for any mesh).
 """
 
 from __future__ import annotations

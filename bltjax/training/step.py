@@ -1,6 +1,6 @@
 """The pure training and evaluation steps: ``train_step(state, batch) -> (state, metrics)``.
 
-Loss (spec §11): per micro-batch, the mean next-byte NLL over its loss-mask targets, divided by
+Loss (docs/architecture.md §11): per micro-batch, the mean next-byte NLL over its loss-mask targets, divided by
 the number of micro-batches, so that the summed gradient is the mean of the micro-batch means
 (the official definition). Gradient accumulation runs inside the step with `jax.lax.scan`, so a
 step is one compiled program whatever the accumulation factor; gradients are accumulated in

@@ -7,7 +7,7 @@ different lengths are left-aligned in one batch; every row keeps its own positio
 patches on its own schedule. Prompt widths are rounded up to a multiple of `PROMPT_BUCKET`,
 so prompts of similar lengths share one compilation.
 
-`generate_full_recompute` is what the official code does (spec §16.2): for every new byte, run
+`generate_full_recompute` is what the official code does (docs/architecture.md §16.2): for every new byte, run
 the entropy model over the whole prefix, patch it with `bltjax.patching.rules`, run the full
 `BLT.apply` and keep the last position's logits. It is slow on purpose (quadratic); tests use
 it as the reference and the benchmark as the baseline. Both draw byte i of every row with
@@ -392,7 +392,7 @@ def teacher_forced(
     """Feeds given id sequences through the cached decoder (prefill of the first ids, then one step per id).
 
     The logits equal those of one training-mode forward over each whole sequence
-    (`BLT.apply` with include_next_token patching); this is the check of spec §16.3, run by the
+    (`BLT.apply` with include_next_token patching); this is the check of docs/architecture.md §16.3, run by the
     same compiled program as generation except for the logits it keeps.
     """
     rows = [np.asarray(seq, np.int32) for seq in sequences]
