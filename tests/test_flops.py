@@ -408,6 +408,7 @@ def test_analytic_forward_and_training_agree_with_xla_for_a_blt():
     assert analytic.train == pytest.approx(xla_train, rel=0.10)
 
 
+@pytest.mark.slow
 def test_xla_counts_padded_patch_columns():
     """Why the comparison needs tight max_patches: the latent runs over every column."""
     config = _paper_shaped_blt()

@@ -282,6 +282,7 @@ def test_generated_patches_equal_patching_of_the_final_text(fixture_b, greedy_b)
         assert sum(result.patch_lengths) == ids.size
 
 
+@pytest.mark.slow
 def test_batched_prompts_of_different_lengths_equal_one_at_a_time(fixture_b, greedy_b):
     model, params, entropy, rule = fixture_b
     batched = generate(model, params, rule, PROMPTS, entropy_model=entropy, max_bytes=MAX_BYTES)
@@ -349,6 +350,7 @@ def test_generate_rejects_bad_arguments(fixture_b):
         generate(model, params, None, ["x"], entropy_model=entropy)
 
 
+@pytest.mark.slow
 def test_imported_model_generates_the_same_greedy_bytes_as_transformers(fixture_b, fixtures_dir):
     """Live: `BltForCausalLM.generate` (full recomputation, its own patcher) vs the cached generator.
 
@@ -463,6 +465,7 @@ def test_generation_benchmark_prints_table(tmp_path):
     assert rows["bltjax cached"]["speedup_vs_recompute"] > 0
 
 
+@pytest.mark.slow
 def test_cli_generates_from_a_hugging_face_folder_with_its_own_patcher(fixture_b, greedy_b, fixtures_dir):
     """`--workdir HF_FOLDER`: imported on the fly, patched by the folder's own entropy model and threshold."""
     out = io.StringIO()

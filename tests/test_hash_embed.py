@@ -112,6 +112,7 @@ def test_hash_table_init_does_not_depend_on_the_row_multiple():
     )
 
 
+@pytest.mark.slow
 def test_padded_hash_tables_same_logits_and_export(tmp_path):
     """Tables padded to a row multiple (for the mesh) change no logit and export unpadded."""
     rng = np.random.default_rng(0)

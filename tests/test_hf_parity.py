@@ -65,6 +65,7 @@ def test_both_fixtures_have_cases(fixture_dir):
     assert len(_cases(fixture_dir)) >= 3
 
 
+@pytest.mark.slow
 def test_logits_and_intermediates_match(fixture_dir):
     _, params, forward = _loaded(fixture_dir)
     inputs = np.load(fixture_dir / "inputs.npz", allow_pickle=False)

@@ -88,6 +88,7 @@ def test_documents_are_isolated_only_with_document_masks(document_mask):
     assert same == document_mask
 
 
+@pytest.mark.slow
 def test_padding_gives_finite_values_and_gradients(blt_tiny):
     model, params, _, tokens, lengths = blt_tiny
     batch_tokens = np.concatenate([tokens, tokens])

@@ -142,6 +142,7 @@ def test_block_remat_replays_the_recorded_attention():
         _assert_same_loss_and_grads(*(loss(remat)(params) for remat in ("block", "none")))
 
 
+@pytest.mark.slow
 def test_byte_lm_remat_and_blockwise_path():
     tokens, _ = _batch()
     stack = TransformerConfig(32, 1, 4, n_kv_heads=2, window=8)
