@@ -263,7 +263,7 @@ def test_cli_prints_the_table_and_writes_json(run_dir, data_dir, eval_all_device
     assert "Traceback" not in failed.stderr
     failed = _eval_cli("--workdir", str(workdir), "--data", str(data_dir), "--patching.threshold", "1.3")
     assert failed.returncode == 1 and "Traceback" not in failed.stderr
-    assert "config.patching.threshold: expected None with mode='space'" in failed.stderr
+    assert "config.patching.threshold: expected None when patching.mode='space'" in failed.stderr
 
 
 @pytest.mark.slow
