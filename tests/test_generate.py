@@ -1,4 +1,4 @@
-"""Cached generation with incremental patching (bltjax.inference.generation, spec §16).
+"""Cached generation with incremental patching (bltjax.inference.generation, docs/architecture.md §16).
 
 The main model is the committed Hugging Face fixture set B (tests/fixtures/hf_blt_tiny_b),
 imported with `bltjax.convert.hf` (no torch needed): a tiny random BLT with GQA, k = 3, a global
@@ -31,9 +31,11 @@ import pytest
 
 from bltjax import generate as generate_cli
 from bltjax import patching, tokenizer
+from bltjax.checkpoints import save_model
 from bltjax.config import load_config
 from bltjax.convert import hf
-from bltjax.data.entropy import SIDECARS_FILE, config_from_byte_lm, load_entropy_model
+from bltjax.data.entropy import config_from_byte_lm, load_entropy_model
+from bltjax.data.sidecars import SIDECARS_FILE
 from bltjax.inference.generation import (
     PatchRule,
     full_forward,
@@ -42,13 +44,13 @@ from bltjax.inference.generation import (
     split_utf8,
     teacher_forced,
 )
-from bltjax.inference.generation import cache as kv_cache
 from bltjax.inference.restore import RestoreError
+from bltjax.kernels import kv_cache
 from bltjax.models.blt import BLT
 from bltjax.models.byte_lm import next_byte_entropy
 from bltjax.models.configs import BLTConfig, TransformerConfig
 from bltjax.models.factory import build_model, example_inputs
-from bltjax.training.checkpoints import save_model
+from bltjax.models.layers import Transformer, empty_kv_caches
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MAX_BYTES = 48  # = the teacher-forced step count below, so both share one compiled program
@@ -161,6 +163,53 @@ def test_chunked_prefix_attention_equals_dense_attention():
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5)
 
 
+@pytest.mark.parametrize("window, deferred", [(5, False), (None, True)], ids=["ring-step", "full-deferred-chunked"])
+def test_stack_prefill_then_cached_steps_equal_the_training_forward(window, deferred):
+    """One `Transformer` module: prefill of each row's first positions, then one position per row
+    through its KV cache (`step`, or `step_deferred` + the write the caller does), equals the
+    training forward (`apply` without a cache) at every position, to 1e-5. Rows have different
+    prompt lengths and document segments; with a window of 5 the ring of 5 slots wraps around."""
+    cfg = TransformerConfig(32, 2, 4, n_kv_heads=2, window=window)
+    stack = Transformer(cfg)
+    b, n = 2, 12
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((b, n, cfg.dim)).astype(np.float32)
+    segments = np.array([[0] * 3 + [1] * 6 + [2] * 3, [0] * 8 + [1] * 4], np.int32)  # documents end mid-row
+    positions = np.broadcast_to(np.arange(n, dtype=np.int32), (b, n))
+    params = _random_params(stack, x, positions, segments)
+    expected = stack.apply({"params": params}, x, positions, segments)
+
+    lengths = np.array([4, 7], np.int32)  # prompt lengths: the prefill covers the widest, padding masked
+    width = int(lengths.max())
+    valid = positions[:, :width] < lengths[:, None]
+    caches = empty_kv_caches(cfg, b, n, jnp.float32)
+    prefilled, caches = stack.apply(
+        {"params": params}, x[:, :width], positions[:, :width], segments[:, :width], caches, valid,
+        method=Transformer.prefill,
+    )  # fmt: skip
+    got = np.zeros_like(np.asarray(expected))
+    got[:, :width] = np.where(valid[..., None], prefilled, 0)
+    rows = np.arange(b)
+    for s in range(n - lengths.min()):
+        pos = np.minimum(lengths + s, n - 1)
+        active = lengths + s < n
+        x_now, seg_now = x[rows, pos], segments[rows, pos]
+        if deferred:
+            out, new_kv = stack.apply(
+                {"params": params}, x_now, pos, seg_now, caches, 4, method=Transformer.step_deferred
+            )
+            caches = tuple(
+                kv_cache.write_step(cache, k, v, jnp.asarray(pos), jnp.asarray(seg_now), jnp.asarray(active))
+                for cache, (k, v) in zip(caches, new_kv, strict=True)
+            )
+        else:
+            out, caches = stack.apply(
+                {"params": params}, x_now, pos, seg_now, caches, jnp.asarray(active), method=Transformer.step
+            )
+        got[rows[active], pos[active]] = np.asarray(out)[active]
+    np.testing.assert_allclose(got, np.asarray(expected), atol=1e-5, rtol=0)
+
+
 def test_topk_entropy_patching_is_refused():
     with pytest.raises(ValueError, match="top-k"):
         PatchRule(mode="entropy", patch_size=4.5)
@@ -172,7 +221,7 @@ def test_teacher_forced_logits_equal_training_forward_entropy_mode(fixture_b):
     model, params, entropy, rule = fixture_b
     sequence = tokenizer.encode(TEXT, eos=False).tolist()
     # A threshold in the widest gap between the middle entropies: no entropy lies within float
-    # rounding of it (the cached and the full entropy passes round differently, spec §2.1).
+    # rounding of it (the cached and the full entropy passes round differently, docs/architecture.md §2.1).
     h = np.sort(_entropies(entropy, np.asarray(sequence, np.int32)))
     middle = slice(len(h) // 4, 3 * len(h) // 4)
     gap = int(np.argmax(np.diff(h[middle]))) + middle.start

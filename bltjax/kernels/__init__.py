@@ -11,6 +11,11 @@ The model's modules compute projections and RoPE and call only `self_attention` 
 
 All give the same values and gradients. A new kernel (e.g. a TPU or GPU one) is a function of
 the same signature added to `_SELF_ATTENTION` (and `_CROSS_STRUCTURED` if it has a cross path).
+
+Decoding reads heads-major KV caches (`kv_cache`: layout, masked writes) through two more entry
+points: `cached_self_attention` (one query per row at its own position) and
+`cached_cross_attention` (queries over cached cross-attention keys). They have one XLA
+implementation for every backend.
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
-from bltjax.kernels import blockwise, cross, dense, masks
+from bltjax.kernels import blockwise, cross, dense, kv_cache, masks
 
 # Keep in step with `bltjax.models.configs.ATTENTION_IMPLEMENTATIONS` (jax-free, for validation).
 ATTENTION_IMPLEMENTATIONS = ("auto", "dense", "xla_blockwise")
@@ -114,3 +120,63 @@ def cross_attention(
     if gather_index is not None:
         return cross.attend_gathered(q_BTHD, k_BSKD, v_BSKD, gather_index)
     return cross.attend_own_patch(q_BTHD, k_BSKD, v_BSKD, key_patch, slots_per_patch)
+
+
+def cached_self_attention(
+    q_BHD: jax.Array,
+    cache: kv_cache.KVCache,
+    positions_B: jax.Array,
+    segment_ids_B: jax.Array | None,
+    window: int | None,
+    *,
+    new_kv: tuple[jax.Array, jax.Array] | None = None,
+    prefix_chunk: int | None = None,
+) -> jax.Array:
+    """One decoding step of `self_attention`: each row's query at its own position over its cache.
+
+    Without ``new_kv`` the cache already holds the query's own key (`kv_cache.write_step`). With
+    ``new_kv`` = (k [B, K, D], v) the own key is not written yet (the caller writes it later,
+    e.g. outside a `lax.cond`); then a full (unwindowed) cache whose size ``prefix_chunk``
+    divides is read only up to the largest query position, ``prefix_chunk`` slots at a time.
+    Returns [B, H, D].
+    """
+    if new_kv is None:
+        return kv_cache.attend_cached(q_BHD, cache, positions_B, segment_ids_B, window)
+    k_BKD, v_BKD = new_kv
+    slots = cache.keys.shape[2]
+    if prefix_chunk is not None and window is None and slots % prefix_chunk == 0:
+
+        def allowed(slot):
+            slot_positions = jnp.take(cache.positions, slot, axis=1)
+            mask = (slot_positions >= 0) & (slot_positions < positions_B[:, None])
+            if segment_ids_B is not None:
+                mask &= jnp.take(cache.segments, slot, axis=1) == segment_ids_B[:, None]
+            return mask
+
+        used = jnp.max(positions_B)
+        return kv_cache.attend_used_prefix(q_BHD, cache.keys, cache.values, allowed, used, prefix_chunk, new_kv)
+    return kv_cache.attend_cached_and_new(q_BHD, cache, k_BKD, v_BKD, positions_B, segment_ids_B, window)
+
+
+def cached_cross_attention(
+    q_BTHD: jax.Array,
+    k_BKSD: jax.Array,
+    v_BKSD: jax.Array,
+    *,
+    mask: jax.Array | None = None,
+    allowed: Callable[[jax.Array], jax.Array] | None = None,
+    used: jax.Array | None = None,
+    chunk: int | None = None,
+) -> jax.Array:
+    """`cross_attention` over heads-major cached keys and values [B, K, S, D]: [B, T, H, D].
+
+    Either ``mask`` [B, T, S] (dense), or for one query per row (T = 1) ``allowed(slots [C]) ->
+    [B, C]`` over the first ``used`` slots only, read ``chunk`` at a time
+    (`kv_cache.attend_used_prefix`), so the cost follows what has been written. A query
+    without keys gets 0.
+    """
+    if (mask is None) == (allowed is None):
+        raise ValueError("cached_cross_attention: expected exactly one of mask, allowed")
+    if mask is not None:
+        return kv_cache.attend(q_BTHD, k_BKSD, v_BKSD, mask)
+    return kv_cache.attend_used_prefix(q_BTHD[:, 0], k_BKSD, v_BKSD, allowed, used, chunk)[:, None]

@@ -1,4 +1,4 @@
-"""A plain causal byte transformer: BLT's entropy model (spec §2) and the byte-level baseline.
+"""A plain causal byte transformer: BLT's entropy model (docs/architecture.md §2) and the byte-level baseline.
 
 Same blocks as every BLT stack; embedding and head are untied, and a final RMSNorm precedes
 the head. `next_byte_entropy` turns its logits into the H_t that entropy patching thresholds.
@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bltjax.kernels.kv_cache import KVCache
 from bltjax.models.configs import ByteLMConfig
 from bltjax.models.layers import (
     Linear,
@@ -24,35 +25,71 @@ from bltjax.tokenizer import EOS_ID
 
 
 class ByteLM(nn.Module):
-    """``apply({'params': p}, tokens[B, N]) -> float32 logits [B, N, 260]`` for token i + 1."""
+    """``apply({'params': p}, tokens[B, N]) -> float32 logits [B, N, 260]`` for token i + 1.
+
+    Decoding with a KV cache per layer (`bltjax.models.layers.empty_kv_caches`) runs the same
+    layers: ``apply(..., method=ByteLM.prefill)`` over prompts, then ``method=ByteLM.step`` per byte.
+    """
 
     config: ByteLMConfig
 
-    @nn.compact
-    def __call__(self, tokens: jax.Array) -> jax.Array:
+    def setup(self) -> None:
         cfg = self.config
         stack = cfg.stack
         kw = dict(dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype))
-        table = self.param(
+        self.embedding = self.param(
             "embedding",
             nn.with_logical_partitioning(truncated_normal_init(stack.dim**-0.5), ("vocab", "embed")),
             (cfg.vocab_size, stack.dim),
             kw["param_dtype"],
         )
+        self.transformer = Transformer(stack, cfg.init_std_factor, remat=cfg.remat, attention=cfg.attention, **kw)
+        self.final_norm = RMSNorm(stack.norm_eps, **kw)
+        self.output = Linear((stack.dim,), (cfg.vocab_size,), ("embed", "vocab"), stack.dim**-0.5, **kw)
+
+    def _embed(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding, jnp.asarray(tokens, jnp.int32), axis=0).astype(dtype_of(self.config.dtype))
+
+    def _logits(self, x: jax.Array) -> jax.Array:
+        return self.output(self.final_norm(x)).astype(jnp.float32)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
         tokens = jnp.asarray(tokens, jnp.int32)
-        x = jnp.take(table, tokens, axis=0).astype(kw["dtype"])
-        positions = positions_like(tokens)
-        segments = eos_segment_ids(tokens == EOS_ID) if cfg.document_mask else None
-        transformer = Transformer(
-            stack, cfg.init_std_factor, remat=cfg.remat, attention=cfg.attention, name="transformer", **kw
+        segments = eos_segment_ids(tokens == EOS_ID) if self.config.document_mask else None
+        return self._logits(self.transformer(self._embed(tokens), positions_like(tokens), segments))
+
+    def prefill(
+        self, tokens_BT: jax.Array, valid_BT: jax.Array, caches: tuple[KVCache, ...]
+    ) -> tuple[jax.Array, tuple[KVCache, ...]]:
+        """The training call over left-aligned prompts that also fills ``caches`` with the ``valid_BT`` keys.
+
+        Padding after a row's prompt cannot affect its real positions (causal attention).
+        Returns (logits [B, T, V], caches).
+        """
+        is_eos = (tokens_BT == EOS_ID) & valid_BT
+        segments = eos_segment_ids(is_eos) if self.config.document_mask else None
+        x, caches = self.transformer.prefill(
+            self._embed(tokens_BT), positions_like(tokens_BT), segments, caches, valid_BT
         )
-        x = transformer(x, positions, segments)
-        x = RMSNorm(stack.norm_eps, name="final_norm", **kw)(x)
-        logits = Linear((stack.dim,), (cfg.vocab_size,), ("embed", "vocab"), stack.dim**-0.5, name="output", **kw)(x)
-        return logits.astype(jnp.float32)
+        return self._logits(x), caches
+
+    def step(
+        self,
+        token_B: jax.Array,
+        positions_B: jax.Array,
+        segment_ids_B: jax.Array | None,
+        caches: tuple[KVCache, ...],
+        write_B: jax.Array,
+    ) -> tuple[jax.Array, tuple[KVCache, ...]]:
+        """One byte per row at its own position (``segment_ids_B``: its document, or None).
+
+        Rows with ``write_B`` False keep their caches. Returns (logits [B, V], caches).
+        """
+        x, caches = self.transformer.step(self._embed(token_B), positions_B, segment_ids_B, caches, write_B)
+        return self._logits(x), caches
 
 
 def next_byte_entropy(logits: jax.Array) -> jax.Array:
-    """H_t = -sum_v p_t(v) ln p_t(v) over all 260 ids, in nats and float32 (spec §2.1)."""
+    """H_t = -sum_v p_t(v) ln p_t(v) over all 260 ids, in nats and float32 (docs/architecture.md §2.1)."""
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)

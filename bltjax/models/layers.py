@@ -2,7 +2,12 @@
 CrossAttention, SwiGLU, TransformerBlock, Transformer (docs/architecture.md §5, §6.3).
 
 Attention itself is computed by `bltjax.kernels` (chosen by ``model.attention``); how much the
-backward pass recomputes by `bltjax.models.remat` (``model.remat``). Shape suffixes in names
+backward pass recomputes by `bltjax.models.remat` (``model.remat``). The same modules decode:
+`SelfAttention`, `TransformerBlock` and `Transformer` have ``prefill`` / ``step`` /
+``step_deferred`` methods over explicit KV caches (`bltjax.kernels.kv_cache`, `empty_kv_caches`),
+and `CrossAttention` computes its keys once (``keys_values``) and attends to cached ones
+(``attend_cached``). Caches are arguments and results rather than a mutable Flax collection
+because BLT's stacks advance at different rates (docs/design.md, "One model for decoding"). Shape suffixes in names
 follow nanodo: B batch, T queries, S keys, H heads, K kv heads, D head dim, E model width.
 """
 
@@ -15,7 +20,9 @@ import jax
 import jax.numpy as jnp
 
 from bltjax import kernels
+from bltjax.kernels import kv_cache
 from bltjax.kernels.contract import contract
+from bltjax.kernels.kv_cache import KVCache
 from bltjax.models.configs import TransformerConfig
 from bltjax.models.remat import ATTENTION_RECORD, rematerialise
 
@@ -83,7 +90,10 @@ class SelfAttention(nn.Module):
     """Multi-head (or grouped-query) causal self-attention with RoPE on q and k.
 
     The mask follows from absolute positions, optional document segment ids and the stack's
-    window (docs/architecture.md §5.4); `kernels.self_attention` computes it.
+    window (docs/architecture.md §5.4); `kernels.self_attention` computes it. Besides the
+    training call, three decoding methods run the same projections against a KV cache
+    (`bltjax.kernels.kv_cache`): `prefill` (positions 0..T-1, fills the cache), `step` (one
+    position per row, written then attended) and `step_deferred` (one position, not written).
     """
 
     config: TransformerConfig
@@ -92,37 +102,106 @@ class SelfAttention(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     attention: str = "auto"  # the `bltjax.kernels` implementation
 
-    @nn.compact
-    def __call__(self, x_BTE: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array | None = None) -> jax.Array:
+    def setup(self) -> None:
         cfg = self.config
         e, h, k, d = cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.resolved_head_dim
         dense = dict(std=self.std, dtype=self.dtype, param_dtype=self.param_dtype)
-        q = Linear((e,), (h, d), ("embed", "heads", "head_dim"), name="query", **dense)(x_BTE)
-        key = Linear((e,), (k, d), ("embed", "kv_heads", "head_dim"), name="key", **dense)(x_BTE)
-        value = Linear((e,), (k, d), ("embed", "kv_heads", "head_dim"), name="value", **dense)(x_BTE)
-        q = apply_rope(q, positions_BT, cfg.rope_theta)
-        key = apply_rope(key, positions_BT, cfg.rope_theta)
+        self.query = Linear((e,), (h, d), ("embed", "heads", "head_dim"), **dense)
+        self.key = Linear((e,), (k, d), ("embed", "kv_heads", "head_dim"), **dense)
+        self.value = Linear((e,), (k, d), ("embed", "kv_heads", "head_dim"), **dense)
+        self.out = Linear((h, d), (e,), ("heads", "head_dim", "embed"), **dense)
+
+    def _project(self, x_BTE: jax.Array, positions_BT: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """q [B, T, H, D] and k [B, T, K, D] with RoPE at ``positions_BT``, and v [B, T, K, D]."""
+        theta = self.config.rope_theta
+        q = apply_rope(self.query(x_BTE), positions_BT, theta)
+        return q, apply_rope(self.key(x_BTE), positions_BT, theta), self.value(x_BTE)
+
+    def __call__(self, x_BTE: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array | None = None) -> jax.Array:
+        q, key, value = self._project(x_BTE, positions_BT)
         # Under "block" remat the first run records what the kernel can replay and the
         # recomputation in the backward pass replays it (`bltjax.models.remat`).
         replay = self.get_variable(ATTENTION_RECORD, "out_lse")
         out, record = kernels.self_attention(
-            q, key, value, positions_BT, segment_ids_BT, cfg.window, implementation=self.attention, replay=replay
+            q,
+            key,
+            value,
+            positions_BT,
+            segment_ids_BT,
+            self.config.window,
+            implementation=self.attention,
+            replay=replay,
         )
         if record is not None and replay is None and self.is_mutable_collection(ATTENTION_RECORD):
             if not self.is_initializing():
                 self.put_variable(ATTENTION_RECORD, "out_lse", record)
-        return Linear((h, d), (e,), ("heads", "head_dim", "embed"), name="out", **dense)(out)
+        return self.out(out)
+
+    def prefill(
+        self,
+        x_BTE: jax.Array,
+        positions_BT: jax.Array,
+        segment_ids_BT: jax.Array | None,
+        cache: KVCache,
+        valid_BT: jax.Array,
+    ) -> tuple[jax.Array, KVCache]:
+        """The training call over positions 0..T-1 that also stores the ``valid_BT`` keys in ``cache``."""
+        q, key, value = self._project(x_BTE, positions_BT)
+        out, _ = kernels.self_attention(
+            q, key, value, positions_BT, segment_ids_BT, self.config.window, implementation=self.attention
+        )
+        return self.out(out), kv_cache.fill(cache, key, value, segment_ids_BT, valid_BT)
+
+    def _project_one(self, x_BE: jax.Array, positions_B: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """`_project` of one position per row: q [B, H, D], k and v [B, K, D]."""
+        q, key, value = self._project(x_BE[:, None], positions_B[:, None])
+        return q[:, 0], key[:, 0], value[:, 0]
+
+    def step(
+        self,
+        x_BE: jax.Array,
+        positions_B: jax.Array,
+        segment_ids_B: jax.Array | None,
+        cache: KVCache,
+        write_B: jax.Array,
+    ) -> tuple[jax.Array, KVCache]:
+        """One position per row: writes its key (rows with ``write_B`` False keep their cache), attends."""
+        q, key, value = self._project_one(x_BE, positions_B)
+        cache = kv_cache.write_step(cache, key, value, positions_B, segment_ids_B, write_B)
+        out = kernels.cached_self_attention(q, cache, positions_B, segment_ids_B, self.config.window)
+        return self.out(out), cache
+
+    def step_deferred(
+        self,
+        x_BE: jax.Array,
+        positions_B: jax.Array,
+        segment_ids_B: jax.Array | None,
+        cache: KVCache,
+        prefix_chunk: int | None = None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """`step` that leaves ``cache`` alone: (output [B, E], (key [B, K, D], value)) to write later.
+
+        ``prefix_chunk``: see `kernels.cached_self_attention`.
+        """
+        q, key, value = self._project_one(x_BE, positions_B)
+        out = kernels.cached_self_attention(
+            q, cache, positions_B, segment_ids_B, self.config.window, new_kv=(key, value), prefix_chunk=prefix_chunk
+        )
+        return self.out(out), (key, value)
 
 
 class CrossAttention(nn.Module):
     """CA(Q, KV) = Q + Wo MHA(Wq norm_q(Q), Wk norm_kv(KV), Wv norm_kv(KV)); no RoPE (§6.3).
 
-    The caller adds Q once more when `double_cross_attn_residual` is on (the checkpoints' 2Q + o).
+    With ``double_residual`` it returns 2Q + o (the released checkpoints' residual).
     Which keys a query sees is given by exactly one of:
       * ``gather_index_BTR``: the R keys each query names (the decoder's k slots of one patch, §8.3);
       * ``key_patch_BS``: queries come in groups of ``slots_per_patch`` per patch and each group
         sees the keys of its own patch (the encoder's own-patch window, §6.3);
       * ``mask_BTS``: a dense mask over all S keys (wider cross-attention windows).
+
+    Decoding computes the keys once (`keys_values`), caches them heads-major, and attends to
+    them with `attend_cached`; the training call is `attend(queries, *keys_values(keys))`.
     """
 
     dim: int
@@ -134,8 +213,19 @@ class CrossAttention(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     attention: str = "auto"  # the `bltjax.kernels` implementation
     slots_per_patch: int = 1  # queries per patch, with ``key_patch_BS``
+    double_residual: bool = False
 
-    @nn.compact
+    def setup(self) -> None:
+        e, h, kv_heads = self.dim, self.n_heads, self.n_kv_heads or self.n_heads
+        d = e // h
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.query_norm = RMSNorm(self.norm_eps, **kw)
+        self.kv_norm = RMSNorm(self.norm_eps, **kw)
+        self.query = Linear((e,), (h, d), ("embed", "heads", "head_dim"), self.std, **kw)
+        self.key = Linear((e,), (kv_heads, d), ("embed", "kv_heads", "head_dim"), self.std, **kw)
+        self.value = Linear((e,), (kv_heads, d), ("embed", "kv_heads", "head_dim"), self.std, **kw)
+        self.out = Linear((h, d), (e,), ("heads", "head_dim", "embed"), self.std, **kw)
+
     def __call__(
         self,
         queries_BTE: jax.Array,
@@ -144,26 +234,55 @@ class CrossAttention(nn.Module):
         gather_index_BTR: jax.Array | None = None,
         key_patch_BS: jax.Array | None = None,
     ) -> jax.Array:
-        e, h, kv_heads = self.dim, self.n_heads, self.n_kv_heads or self.n_heads
-        d = e // h
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        q = RMSNorm(self.norm_eps, name="query_norm", **kw)(queries_BTE)
-        kv = RMSNorm(self.norm_eps, name="kv_norm", **kw)(keys_BSE)
-        q = Linear((e,), (h, d), ("embed", "heads", "head_dim"), self.std, name="query", **kw)(q)
-        k = Linear((e,), (kv_heads, d), ("embed", "kv_heads", "head_dim"), self.std, name="key", **kw)(kv)
-        v = Linear((e,), (kv_heads, d), ("embed", "kv_heads", "head_dim"), self.std, name="value", **kw)(kv)
+        k, v = self.keys_values(keys_BSE)
+        return self.attend(queries_BTE, k, v, mask_BTS, gather_index_BTR, key_patch_BS)
+
+    def keys_values(self, keys_SE: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Keys and values [..., S, K, D] of the key side: norm_kv, then Wk and Wv."""
+        kv = self.kv_norm(keys_SE)
+        return self.key(kv), self.value(kv)
+
+    def attend(
+        self,
+        queries_BTE: jax.Array,
+        k_BSKD: jax.Array,
+        v_BSKD: jax.Array,
+        mask_BTS: jax.Array | None = None,
+        gather_index_BTR: jax.Array | None = None,
+        key_patch_BS: jax.Array | None = None,
+    ) -> jax.Array:
+        """The cross-attention of ``queries_BTE`` over keys / values from `keys_values`."""
         out = kernels.cross_attention(
-            q,
-            k,
-            v,
+            self.query(self.query_norm(queries_BTE)),
+            k_BSKD,
+            v_BSKD,
             gather_index=gather_index_BTR,
             key_patch=key_patch_BS,
             slots_per_patch=self.slots_per_patch,
             mask=mask_BTS,
             implementation=self.attention,
         )
-        o = Linear((h, d), (e,), ("heads", "head_dim", "embed"), self.std, name="out", **kw)(out)
-        return queries_BTE + o
+        return self._residual(queries_BTE, self.out(out))
+
+    def attend_cached(
+        self,
+        queries_BTE: jax.Array,
+        k_BKSD: jax.Array,
+        v_BKSD: jax.Array,
+        mask_BTS: jax.Array | None = None,
+        **prefix,
+    ) -> jax.Array:
+        """`attend` over heads-major cached keys / values [B, K, S, D] (`kernels.cached_cross_attention`).
+
+        ``mask_BTS`` or, for one query per row, ``allowed=, used=, chunk=`` (the written prefix).
+        """
+        q = self.query(self.query_norm(queries_BTE))
+        out = kernels.cached_cross_attention(q, k_BKSD, v_BKSD, mask=mask_BTS, **prefix)
+        return self._residual(queries_BTE, self.out(out))
+
+    def _residual(self, queries: jax.Array, attended: jax.Array) -> jax.Array:
+        out = queries + attended
+        return queries + out if self.double_residual else out
 
 
 class SwiGLU(nn.Module):
@@ -187,30 +306,59 @@ class SwiGLU(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm block: h = x + Attn(norm(x)); out = h + FFN(norm(h)) (docs/architecture.md §5.1)."""
+    """Pre-norm block: h = x + Attn(norm(x)); out = h + FFN(norm(h)) (docs/architecture.md §5.1).
+
+    `prefill`, `step` and `step_deferred` are the same block around the decoding methods of
+    `SelfAttention`; ``implementation`` names the `bltjax.kernels` attention implementation.
+    """
 
     config: TransformerConfig
     layer_index: int = 0
     init_std_factor: str = "disabled"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
-    attention: str = "auto"
+    implementation: str = "auto"
 
-    @nn.compact
-    def __call__(self, x_BTE: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array | None = None) -> jax.Array:
+    def setup(self) -> None:
         cfg = self.config
         f = depth_factor(self.init_std_factor, self.layer_index, cfg.n_layers, cfg.dim)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        attention = SelfAttention(cfg, cfg.dim**-0.5 / f, attention=self.attention, name="attention", **kw)
-        h = x_BTE + attention(RMSNorm(cfg.norm_eps, name="attention_norm", **kw)(x_BTE), positions_BT, segment_ids_BT)
-        ffn = SwiGLU(cfg.dim, cfg.hidden_dim, cfg.dim**-0.5 / f, cfg.hidden_dim**-0.5 / f, name="ffn", **kw)
-        return h + ffn(RMSNorm(cfg.norm_eps, name="ffn_norm", **kw)(h))
+        self.attention_norm = RMSNorm(cfg.norm_eps, **kw)
+        self.attention = SelfAttention(cfg, cfg.dim**-0.5 / f, attention=self.implementation, **kw)
+        self.ffn_norm = RMSNorm(cfg.norm_eps, **kw)
+        self.ffn = SwiGLU(cfg.dim, cfg.hidden_dim, cfg.dim**-0.5 / f, cfg.hidden_dim**-0.5 / f, **kw)
+
+    def _feed_forward(self, h: jax.Array) -> jax.Array:
+        return h + self.ffn(self.ffn_norm(h))
+
+    def __call__(self, x_BTE: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array | None = None) -> jax.Array:
+        return self._feed_forward(x_BTE + self.attention(self.attention_norm(x_BTE), positions_BT, segment_ids_BT))
+
+    def prefill(self, x_BTE, positions_BT, segment_ids_BT, cache: KVCache, valid_BT) -> tuple[jax.Array, KVCache]:
+        """See `SelfAttention.prefill`."""
+        attended, cache = self.attention.prefill(
+            self.attention_norm(x_BTE), positions_BT, segment_ids_BT, cache, valid_BT
+        )
+        return self._feed_forward(x_BTE + attended), cache
+
+    def step(self, x_BE, positions_B, segment_ids_B, cache: KVCache, write_B) -> tuple[jax.Array, KVCache]:
+        """See `SelfAttention.step`."""
+        attended, cache = self.attention.step(self.attention_norm(x_BE), positions_B, segment_ids_B, cache, write_B)
+        return self._feed_forward(x_BE + attended), cache
+
+    def step_deferred(self, x_BE, positions_B, segment_ids_B, cache: KVCache, prefix_chunk: int | None = None):
+        """See `SelfAttention.step_deferred`: (output [B, E], (key, value))."""
+        normed = self.attention_norm(x_BE)
+        attended, new_kv = self.attention.step_deferred(normed, positions_B, segment_ids_B, cache, prefix_chunk)
+        return self._feed_forward(x_BE + attended), new_kv
 
 
 class Transformer(nn.Module):
     """A stack of `config.n_layers` blocks sharing one mask rule (no final norm).
 
     ``remat`` names the rematerialisation policy the blocks run under (`bltjax.models.remat`).
+    Decoding: `prefill`, `step`, `step_deferred` take and return one KV cache per layer
+    (`empty_kv_caches`).
     """
 
     config: TransformerConfig
@@ -220,20 +368,48 @@ class Transformer(nn.Module):
     remat: str = "none"
     attention: str = "auto"
 
-    @nn.compact
-    def __call__(self, x_BTE: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array | None = None) -> jax.Array:
+    def setup(self) -> None:
         block = rematerialise(TransformerBlock, self.remat)
-        for i in range(self.config.n_layers):
-            x_BTE = block(
-                self.config,
-                i,
-                self.init_std_factor,
-                self.dtype,
-                self.param_dtype,
-                attention=self.attention,
-                name=f"layers_{i}",
-            )(x_BTE, positions_BT, segment_ids_BT)
+        self.layers = [
+            block(self.config, i, self.init_std_factor, self.dtype, self.param_dtype, implementation=self.attention)
+            for i in range(self.config.n_layers)
+        ]
+
+    def __call__(self, x_BTE: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array | None = None) -> jax.Array:
+        for layer in self.layers:
+            x_BTE = layer(x_BTE, positions_BT, segment_ids_BT)
         return x_BTE
+
+    def prefill(self, x_BTE, positions_BT, segment_ids_BT, caches: tuple[KVCache, ...], valid_BT):
+        """Positions 0..T-1 of every row; the ``valid_BT`` keys fill ``caches``: (x, caches)."""
+        filled = []
+        for layer, cache in zip(self.layers, caches, strict=True):
+            x_BTE, cache = layer.prefill(x_BTE, positions_BT, segment_ids_BT, cache, valid_BT)
+            filled.append(cache)
+        return x_BTE, tuple(filled)
+
+    def step(self, x_BE, positions_B, segment_ids_B, caches: tuple[KVCache, ...], write_B):
+        """One position per row through every layer's cache: (x [B, E], caches)."""
+        updated = []
+        for layer, cache in zip(self.layers, caches, strict=True):
+            x_BE, cache = layer.step(x_BE, positions_B, segment_ids_B, cache, write_B)
+            updated.append(cache)
+        return x_BE, tuple(updated)
+
+    def step_deferred(self, x_BE, positions_B, segment_ids_B, caches: tuple[KVCache, ...], prefix_chunk=None):
+        """`step` without writing: (x [B, E], per layer (key [B, K, D], value)) for `kv_cache.write_step`."""
+        new_kv = []
+        for layer, cache in zip(self.layers, caches, strict=True):
+            x_BE, kv = layer.step_deferred(x_BE, positions_B, segment_ids_B, cache, prefix_chunk)
+            new_kv.append(kv)
+        return x_BE, tuple(new_kv)
+
+
+def empty_kv_caches(config: TransformerConfig, batch: int, max_positions: int, dtype: jnp.dtype) -> tuple[KVCache, ...]:
+    """One empty cache per layer of a `Transformer` of ``config``: a ring of its window, or full."""
+    slots = kv_cache.cache_slots(config.window, max_positions)
+    shape = (batch, slots, config.kv_heads, config.resolved_head_dim)
+    return tuple(kv_cache.empty_cache(*shape, dtype) for _ in range(config.n_layers))
 
 
 # --- small helpers the stacks share ----------------------------------------------------------

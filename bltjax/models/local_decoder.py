@@ -1,4 +1,4 @@
-"""Local decoder: byte states + global outputs -> next-byte logits (spec §8).
+"""Local decoder: byte states + global outputs -> next-byte logits (docs/architecture.md §8).
 
 Every byte reads the k key/value slots of the global output dpid(i) (the patch *before* the
 one holding its target), then runs a light sliding-window byte transformer. With the default
@@ -16,12 +16,59 @@ from bltjax.models.layers import CrossAttention, Linear, RMSNorm, TransformerBlo
 from bltjax.models.remat import rematerialise
 
 
+def decoder_cross_layers(config: BLTConfig) -> tuple[int, ...]:
+    """Decoder layers preceded by a cross-attention: every layer, or only the first one."""
+    return tuple(i for i in range(config.decoder.n_layers) if config.cross_attn_all_layers_decoder or i == 0)
+
+
 class LocalDecoder(nn.Module):
-    """Returns float32 logits [B, N, vocab]."""
+    """Returns float32 logits [B, N, vocab].
+
+    Decoding drives its parts: `patch_slots`, ``cross_attention[i]`` (`CrossAttention`, for i
+    in `decoder_cross_layers`), ``layers[i]`` (`TransformerBlock`) and `logits`.
+    """
 
     config: BLTConfig
 
-    @nn.compact
+    def setup(self) -> None:
+        cfg = self.config
+        stack = cfg.decoder
+        e, k, g = stack.dim, cfg.cross_attn_k, cfg.latent.dim
+        kw = dict(dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype))
+        self.patch_projection = Linear((g,), (k * e,), ("embed", "patch_slots"), g**-0.5, **kw)
+        heads, kv_heads = (cfg.cross_attn_heads, None) if cfg.cross_attn_heads else (stack.n_heads, stack.kv_heads)
+        # The cross-attentions are rematerialised like the blocks.
+        block, cross_attention = (rematerialise(c, cfg.remat) for c in (TransformerBlock, CrossAttention))
+        self.cross_attention = {
+            i: cross_attention(
+                e,
+                heads,
+                e**-0.5 / depth_factor(cfg.init_std_factor, i, stack.n_layers, e),
+                stack.norm_eps,
+                kv_heads,
+                attention=cfg.attention,
+                double_residual=cfg.double_cross_attn_residual,
+                **kw,
+            )
+            for i in decoder_cross_layers(cfg)
+        }
+        self.layers = [
+            block(stack, i, cfg.init_std_factor, implementation=cfg.attention, **kw) for i in range(stack.n_layers)
+        ]
+        self.final_norm = RMSNorm(stack.norm_eps, **kw)
+        self.output = Linear((e,), (cfg.vocab_size,), ("embed", "vocab"), e**-0.5, **kw)
+
+    def patch_slots(self, global_PG: jax.Array) -> jax.Array:
+        """D_C · O: the k key/value slots of each global output, [..., G] -> [..., k, E]."""
+        slots = self.patch_projection(global_PG)
+        return slots.reshape(slots.shape[:-1] + (self.config.cross_attn_k, self.config.decoder.dim))
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """Final norm and output projection: float32 logits."""
+        x = self.final_norm(x)
+        self.sow("intermediates", "decoder_output", x)
+        return self.output(x).astype(jnp.float32)
+
     def __call__(
         self,
         byte_states_BNE: jax.Array,
@@ -31,12 +78,9 @@ class LocalDecoder(nn.Module):
         dpid_BN: jax.Array,
     ) -> jax.Array:
         cfg = self.config
-        stack = cfg.decoder
-        e, k = stack.dim, cfg.cross_attn_k
-        b, p, g = global_BPG.shape
-        kw = dict(dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype))
-        slots = Linear((g,), (k * e,), ("embed", "patch_slots"), g**-0.5, name="patch_projection", **kw)(global_BPG)
-        slots = slots.reshape(b, p * k, e)
+        k = cfg.cross_attn_k
+        b, p, _ = global_BPG.shape
+        slots = self.patch_slots(global_BPG).reshape(b, p * k, cfg.decoder.dim)
 
         window = cfg.cross_attn_window_decoder
         if window == 1:
@@ -47,19 +91,9 @@ class LocalDecoder(nn.Module):
             dpid = dpid_BN[:, :, None]
             cross = dict(mask_BTS=(slot_patch <= dpid) & (dpid < slot_patch + window))
 
-        heads, kv_heads = (cfg.cross_attn_heads, None) if cfg.cross_attn_heads else (stack.n_heads, stack.kv_heads)
-        # The cross-attentions are rematerialised like the blocks.
-        block, cross_attention = (rematerialise(c, cfg.remat) for c in (TransformerBlock, CrossAttention))
         x = byte_states_BNE
-        for i in range(stack.n_layers):
-            if cfg.cross_attn_all_layers_decoder or i == 0:
-                f = depth_factor(cfg.init_std_factor, i, stack.n_layers, e)
-                kind = dict(attention=cfg.attention, name=f"cross_attention_{i}", **kw)
-                updated = cross_attention(e, heads, e**-0.5 / f, stack.norm_eps, kv_heads, **kind)(x, slots, **cross)
-                x = x + updated if cfg.double_cross_attn_residual else updated
-            layer = block(stack, i, cfg.init_std_factor, attention=cfg.attention, name=f"layers_{i}", **kw)
+        for i, layer in enumerate(self.layers):
+            if i in self.cross_attention:
+                x = self.cross_attention[i](x, slots, **cross)
             x = layer(x, positions_BN, segment_ids_BN)
-        x = RMSNorm(stack.norm_eps, name="final_norm", **kw)(x)
-        self.sow("intermediates", "decoder_output", x)
-        logits = Linear((e,), (cfg.vocab_size,), ("embed", "vocab"), e**-0.5, name="output", **kw)(x)
-        return logits.astype(jnp.float32)
+        return self.logits(x)

@@ -1,4 +1,4 @@
-"""Local encoder: bytes -> byte states and k patch vectors per patch (spec §6).
+"""Local encoder: bytes -> byte states and k patch vectors per patch (docs/architecture.md §6).
 
 A light byte transformer (sliding-window attention) whose states are pooled per patch into
 queries that then cross-attend to the bytes of their own patch. The pooled-query init, the
@@ -52,12 +52,79 @@ def encoder_cross_attn_mask(pid_BN: jax.Array, n_patches: int, k: int, window: i
     return (pid <= own) & (own < pid + window)
 
 
+def encoder_cross_layers(config: BLTConfig) -> tuple[int, ...]:
+    """Encoder layers followed by a cross-attention: every layer, or only the last one."""
+    n = config.encoder.n_layers
+    return tuple(i for i in range(n) if config.cross_attn_all_layers_encoder or i == n - 1)
+
+
+def encoder_pooling_layers(config: BLTConfig) -> tuple[int, ...]:
+    """Cross-attention layers at which the patch queries are (re-)initialised by pooling."""
+    layers = encoder_cross_layers(config)
+    return layers if config.repool_every_cross_attn_layer else layers[:1]
+
+
 class LocalEncoder(nn.Module):
-    """Returns (byte states h_enc [B, N, E], patch slots Z [B, P*k, E])."""
+    """Returns (byte states h_enc [B, N, E], patch slots Z [B, P*k, E]).
+
+    Decoding drives its parts: `embed`, ``layers[i]`` (`TransformerBlock`),
+    ``cross_attention[i]`` (`CrossAttention`, for i in `encoder_cross_layers`) and `patch_queries`.
+    """
 
     config: BLTConfig
 
-    @nn.compact
+    def setup(self) -> None:
+        cfg = self.config
+        stack = cfg.encoder
+        e, k = stack.dim, cfg.cross_attn_k
+        kw = dict(dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype))
+        self.byte_embedding = self.param(
+            "byte_embedding",
+            nn.with_logical_partitioning(truncated_normal_init(e**-0.5), ("vocab", "embed")),
+            (cfg.vocab_size, e),
+            kw["param_dtype"],
+        )
+        if cfg.num_hash_tables:
+            self.hash_embedding = HashNgramEmbedding(
+                cfg.num_hash_tables, cfg.hash_vocab, e, kw["param_dtype"], cfg.hash_rows_multiple
+            )
+        # The cross-attentions are rematerialised like the blocks.
+        block, cross_attention = (rematerialise(c, cfg.remat) for c in (TransformerBlock, CrossAttention))
+        self.layers = [
+            block(stack, i, cfg.init_std_factor, implementation=cfg.attention, **kw) for i in range(stack.n_layers)
+        ]
+        heads, kv_heads = (cfg.cross_attn_heads, None) if cfg.cross_attn_heads else (stack.n_heads, stack.kv_heads)
+        self.cross_attention = {
+            i: cross_attention(
+                e,
+                heads,
+                e**-0.5 / depth_factor(cfg.init_std_factor, i, stack.n_layers, e),
+                stack.norm_eps,
+                kv_heads,
+                attention=cfg.attention,
+                slots_per_patch=k,
+                double_residual=cfg.double_cross_attn_residual,
+                **kw,
+            )
+            for i in encoder_cross_layers(cfg)
+        }
+        self.patch_projection = Linear((e,), (k * e,), ("embed", "patch_slots"), e**-0.5, **kw)
+
+    def embed(self, tokens: jax.Array, hash_ids: jax.Array) -> jax.Array:
+        """Byte embedding plus hash n-gram embeddings (§4.2); ``hash_ids`` is [tables, *tokens.shape]."""
+        cfg = self.config
+        x = jnp.take(self.byte_embedding, tokens, axis=0)
+        if cfg.num_hash_tables:
+            x = x + self.hash_embedding(hash_ids)
+            if cfg.hash_normalize:
+                x = x / (len(cfg.hash_sizes) + 1)
+        return x.astype(dtype_of(cfg.dtype))
+
+    def patch_queries(self, pooled_BPE: jax.Array) -> jax.Array:
+        """The k query slots of each pooled patch: [B, P, E] -> [B, P*k, E]."""
+        b, p, e = pooled_BPE.shape
+        return self.patch_projection(pooled_BPE).reshape(b, p * self.config.cross_attn_k, e)
+
     def __call__(
         self,
         tokens_BN: jax.Array,
@@ -68,46 +135,23 @@ class LocalEncoder(nn.Module):
         n_patches: int,
     ) -> tuple[jax.Array, jax.Array]:
         cfg = self.config
-        stack = cfg.encoder
-        e, k = stack.dim, cfg.cross_attn_k
-        kw = dict(dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype))
-        byte_table = self.param(
-            "byte_embedding",
-            nn.with_logical_partitioning(truncated_normal_init(e**-0.5), ("vocab", "embed")),
-            (cfg.vocab_size, e),
-            kw["param_dtype"],
-        )
-        x = jnp.take(byte_table, tokens_BN, axis=0)
-        if cfg.num_hash_tables:
-            x = x + HashNgramEmbedding(
-                cfg.num_hash_tables, cfg.hash_vocab, e, kw["param_dtype"], cfg.hash_rows_multiple, name="hash_embedding"
-            )(hash_ids_TBN)
-            if cfg.hash_normalize:
-                x = x / (len(cfg.hash_sizes) + 1)
-        x = x.astype(kw["dtype"])
+        x = self.embed(tokens_BN, hash_ids_TBN)
         self.sow("intermediates", "encoder_input_embeds", x)
         embeddings = x
 
         if cfg.cross_attn_window_encoder == 1:
             cross = dict(key_patch_BS=pid_BN)
         else:
-            cross = dict(mask_BTS=encoder_cross_attn_mask(pid_BN, n_patches, k, cfg.cross_attn_window_encoder))
-        # The cross-attentions are rematerialised like the blocks.
-        block, cross_attention = (rematerialise(c, cfg.remat) for c in (TransformerBlock, CrossAttention))
-        project_patches = Linear((e,), (k * e,), ("embed", "patch_slots"), e**-0.5, name="patch_projection", **kw)
-        heads, kv_heads = (cfg.cross_attn_heads, None) if cfg.cross_attn_heads else (stack.n_heads, stack.kv_heads)
+            cross = dict(
+                mask_BTS=encoder_cross_attn_mask(pid_BN, n_patches, cfg.cross_attn_k, cfg.cross_attn_window_encoder)
+            )
         slots = None
-        for i in range(stack.n_layers):
-            layer = block(stack, i, cfg.init_std_factor, attention=cfg.attention, name=f"layers_{i}", **kw)
+        for i, layer in enumerate(self.layers):
             x = layer(x, positions_BN, segment_ids_BN)
-            if not (cfg.cross_attn_all_layers_encoder or i == stack.n_layers - 1):
+            if i not in self.cross_attention:
                 continue
             if slots is None or cfg.repool_every_cross_attn_layer:
                 source = embeddings if cfg.patch_query_init == "embedding" else x
-                pooled = pool_patches(source, pid_BN, n_patches, cfg.pooling)
-                slots = project_patches(pooled).reshape(x.shape[0], n_patches * k, e)
-            f = depth_factor(cfg.init_std_factor, i, stack.n_layers, e)
-            kind = dict(attention=cfg.attention, slots_per_patch=k, name=f"cross_attention_{i}", **kw)
-            updated = cross_attention(e, heads, e**-0.5 / f, stack.norm_eps, kv_heads, **kind)(slots, x, **cross)
-            slots = slots + updated if cfg.double_cross_attn_residual else updated
+                slots = self.patch_queries(pool_patches(source, pid_BN, n_patches, cfg.pooling))
+            slots = self.cross_attention[i](slots, x, **cross)
         return x, slots

@@ -1,4 +1,4 @@
-"""Fast generation from BLT and byte-level models: KV caches and incremental patching (spec §16).
+"""Fast generation from BLT and byte-level models: KV caches and incremental patching (docs/architecture.md §16).
 
     from bltjax.inference.generation import generate
     results = generate(model, params, config, ["Once upon a time"], entropy_model=(lm, lm_params))
@@ -6,8 +6,10 @@
 
 * `generate`: cached generation; the global model runs once per closed patch (`decode`).
 * `generate_full_recompute`: the official code's method (re-run everything per byte), the reference.
-* `CachedBLT` / `CachedByteLM`: pure prefill / step functions over the models' own parameter
-  trees, for callers that drive decoding themselves (`blt`, `byte_lm`, `cache`, `stacks`).
+* `CachedBLT` / `CachedByteLM`: pure prefill / step functions for callers that drive decoding
+  themselves (`blt`, `byte_lm`). They run the models' own Linen modules (`bltjax.models`) over
+  their own parameter trees, through the modules' KV-cache methods (`prefill`, `step`) and the
+  cache layout of `bltjax.kernels.kv_cache`.
 * `PatchRule`: the training patching rule, one boundary decision at a time (`rule`).
 """
 

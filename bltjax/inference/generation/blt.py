@@ -1,4 +1,4 @@
-"""Cached incremental BLT decoding with incremental patching (spec §16.3).
+"""Cached incremental BLT decoding with incremental patching (docs/architecture.md §16.3).
 
 State per row (all fixed-size buffers, so a step compiles once):
 
@@ -23,8 +23,14 @@ close nothing; in a batch, rows that close nothing are masked out of the writes,
 outside the conditional so that no cache is copied). Then the decoder
 step reads the slots of dpid(t) = (closed patches) - 1, the patch before the one holding t + 1.
 
-`CachedBLT.prefill` does the same for a whole prompt at once with the training arithmetic (dense
-masks over the prompt) and include_next_token patching, and fills every buffer.
+`CachedBLT.prefill` does the same for a whole prompt at once with the training arithmetic and
+include_next_token patching, and fills every buffer.
+
+Every layer is the model's own: the stacks (`LocalEncoder`, `LatentTransformer`,
+`LocalDecoder`) are bound to their parameter sub-trees and driven through their blocks'
+KV-cache methods (`TransformerBlock.prefill` / `step` / `step_deferred`) and their
+cross-attentions' `keys_values` / `attend_cached`; this module only keeps the state and
+decides when each stack advances.
 """
 
 from __future__ import annotations
@@ -35,14 +41,15 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from bltjax.inference.generation import stacks
 from bltjax.inference.generation.byte_lm import ByteLMState, CachedByteLM
-from bltjax.inference.generation.cache import KVCache, fill, heads_major, put_heads_major, put_rows, write_step
+from bltjax.kernels.kv_cache import KVCache, heads_major, put_heads_major, put_rows, write_step
 from bltjax.models.byte_lm import next_byte_entropy
 from bltjax.models.configs import BLTConfig, ByteLMConfig
 from bltjax.models.hash_embed import all_hash_ids
-from bltjax.models.layers import dtype_of, eos_segment_ids
-from bltjax.models.local_encoder import pool_patches
+from bltjax.models.latent import LatentTransformer
+from bltjax.models.layers import dtype_of, empty_kv_caches, eos_segment_ids
+from bltjax.models.local_decoder import LocalDecoder, decoder_cross_layers
+from bltjax.models.local_encoder import LocalEncoder, encoder_cross_layers, encoder_pooling_layers, pool_patches
 from bltjax.patching.incremental import IncrementalRule as PatchRule
 from bltjax.tokenizer import EOS_ID
 
@@ -106,7 +113,7 @@ class CachedBLT:
                 "config.patching.mode is 'entropy': generation needs the entropy model (entropy_model=...)"
             )
         if self.config.decoder.dim != self.config.encoder.dim:
-            raise ValueError("config.model.decoder.dim must equal config.model.encoder.dim (spec §8.1)")
+            raise ValueError("config.model.decoder.dim must equal config.model.encoder.dim (docs/architecture.md §8.1)")
 
     # --- static structure -------------------------------------------------------------------
 
@@ -116,19 +123,16 @@ class CachedBLT:
 
     @property
     def encoder_cross_layers(self) -> tuple[int, ...]:
-        n = self.config.encoder.n_layers
-        return tuple(i for i in range(n) if self.config.cross_attn_all_layers_encoder or i == n - 1)
+        return encoder_cross_layers(self.config)
 
     @property
     def pooling_layers(self) -> tuple[int, ...]:
         """Encoder cross-attention layers at which patch queries are (re-)initialised by pooling."""
-        layers = self.encoder_cross_layers
-        return layers if self.config.repool_every_cross_attn_layer else layers[:1]
+        return encoder_pooling_layers(self.config)
 
     @property
     def decoder_cross_layers(self) -> tuple[int, ...]:
-        n = self.config.decoder.n_layers
-        return tuple(i for i in range(n) if self.config.cross_attn_all_layers_decoder or i == 0)
+        return decoder_cross_layers(self.config)
 
     @property
     def slot_chunk(self) -> int:
@@ -141,18 +145,22 @@ class CachedBLT:
             return None
         return CachedByteLM(self.entropy_config, self.max_positions)
 
-    # --- shared pieces ----------------------------------------------------------------------
+    def _stacks(self, params: Params) -> tuple[LocalEncoder, LatentTransformer, LocalDecoder]:
+        """The BLT's three stacks bound to their parameter sub-trees, as inside `BLT.apply`.
 
-    def _embed(self, p_enc: Params, tokens: jax.Array, hash_ids: jax.Array) -> jax.Array:
-        """Byte embedding plus hash n-gram embeddings (spec §4.2); ``hash_ids`` is [tables, *tokens.shape]."""
-        cfg = self.config
-        x = jnp.take(p_enc["byte_embedding"], tokens, axis=0)
-        if cfg.num_hash_tables:
-            tables = p_enc["hash_embedding"]["tables"]
-            x = x + jax.vmap(lambda table, ids: jnp.take(table, ids, axis=0))(tables, hash_ids).sum(axis=0)
-            if cfg.hash_normalize:
-                x = x / (len(cfg.hash_sizes) + 1)
-        return x.astype(self.dtype)
+        Decoding runs these modules' own layers (blocks through their KV-cache methods,
+        cross-attentions over cached keys); nothing is differentiated, so remat is off. Bind
+        anew in every traced function (a `lax.cond` branch is one): a bound module belongs to
+        the trace that bound it.
+        """
+        cfg = dataclasses.replace(self.config, remat="none")
+        return (
+            LocalEncoder(cfg).bind({"params": params["local_encoder"]}),
+            LatentTransformer(cfg).bind({"params": params["latent"]}),
+            LocalDecoder(cfg).bind({"params": params["local_decoder"]}),
+        )
+
+    # --- pooling of the open patch ----------------------------------------------------------
 
     def _pool_open(self, source_BTE: jax.Array, in_open_BT: jax.Array) -> jax.Array:
         """The running pool of the open patch from a prefill: max / min / sum over its bytes."""
@@ -178,22 +186,6 @@ class CachedBLT:
         if self.config.pooling == "avg":
             return running_BE / jnp.maximum(count_B, 1)[:, None].astype(running_BE.dtype)
         return running_BE
-
-    def _output(self, p_dec: Params, x: jax.Array) -> jax.Array:
-        stack = self.config.decoder
-        x = stacks.rms_norm(x, p_dec["final_norm"]["scale"], stack.norm_eps, self.dtype)
-        return stacks.linear(x, p_dec["output"]["kernel"], self.dtype).astype(jnp.float32)
-
-    def _latent_input(self, p_lat: Params, vectors: jax.Array) -> jax.Array:
-        if "input_projection" in p_lat:  # W_in exists only when k * h_E != h_G (spec §7)
-            return stacks.linear(vectors, p_lat["input_projection"]["kernel"], self.dtype)
-        return vectors.astype(self.dtype)
-
-    def _decoder_slots(self, p_dec: Params, global_out: jax.Array) -> jax.Array:
-        """D_C · O reshaped to k slots per patch: [..., k, E_D]."""
-        k, e = self.config.cross_attn_k, self.config.decoder.dim
-        slots = stacks.linear(global_out, p_dec["patch_projection"]["kernel"], self.dtype)
-        return slots.reshape(slots.shape[:-1] + (k, e))
 
     # --- prefill ----------------------------------------------------------------------------
 
@@ -255,13 +247,13 @@ class CachedBLT:
         in_open = (pid == open_index[:, None]) & valid & (open_length > 0)[:, None]
 
         # Local encoder: byte states, cross-attention keys, the slots of every prompt patch.
-        p_enc, stack = params["local_encoder"], cfg.encoder
+        encoder, latent, decoder = self._stacks(params)
+        stack = cfg.encoder
         token_segments = eos_segment_ids(is_eos) if cfg.document_mask else None
-        segments = jnp.zeros((b, t), jnp.int32) if token_segments is None else token_segments
-        embeddings = self._embed(
-            p_enc, tokens_BT, all_hash_ids(tokens_BT, cfg.hash_sizes, cfg.hash_functions, cfg.hash_vocab)
+        token_positions = jnp.broadcast_to(positions, (b, t))
+        embeddings = encoder.embed(
+            tokens_BT, all_hash_ids(tokens_BT, cfg.hash_sizes, cfg.hash_functions, cfg.hash_vocab)
         )
-        self_mask = stacks.causal_mask(t, token_segments, stack.window, b)
         slot_patch = jnp.arange(columns * k, dtype=jnp.int32) // k
         window = cfg.cross_attn_window_encoder
         cross_mask = (
@@ -269,59 +261,55 @@ class CachedBLT:
             & (slot_patch[None, :, None] < pid[:, None, :] + window)
             & valid[:, None, :]
         )
-        encoder_caches = stacks.empty_stack_caches(p_enc, stack, b, n, dtype)
+        encoder_caches = empty_kv_caches(stack, b, n, dtype)
         x, slots, filled, cross_keys, cross_values, pooled = embeddings, None, [], [], [], []
-        for i in range(stack.n_layers):
-            x, keys, values = stacks.block_prefill(p_enc[f"layers_{i}"], stack, x, self_mask, dtype)
-            filled.append(fill(encoder_caches[i], keys, values, segments, valid))
+        for i, layer in enumerate(encoder.layers):
+            x, cache = layer.prefill(x, token_positions, token_segments, encoder_caches[i], valid)
+            filled.append(cache)
             if i not in self.encoder_cross_layers:
                 continue
-            p_cross = p_enc[f"cross_attention_{i}"]
+            cross = encoder.cross_attention[i]
             if i in self.pooling_layers:
                 source = embeddings if cfg.patch_query_init == "embedding" else x
                 pooled.append(self._pool_open(source, in_open))
-                per_patch = pool_patches(source, pid, columns, cfg.pooling)
-                slots = stacks.linear(per_patch, p_enc["patch_projection"]["kernel"], dtype).reshape(b, columns * k, -1)
-            keys, values = (heads_major(a) for a in stacks.cross_kv(p_cross, x, stack.norm_eps, dtype))
+                slots = encoder.patch_queries(pool_patches(source, pid, columns, cfg.pooling))
+            keys, values = (heads_major(a) for a in cross.keys_values(x))
             cross_keys.append(_into(n, keys, valid))
             cross_values.append(_into(n, values, valid))
-            updated = stacks.cross_attend(p_cross, slots, keys, values, cross_mask, stack.norm_eps, dtype)
-            slots = slots + updated if cfg.double_cross_attn_residual else updated
+            slots = cross.attend_cached(slots, keys, values, cross_mask)
         byte_states = x
 
         # Global model over the closed patches (the open one runs when it closes).
-        p_lat = params["latent"]
         patch_valid = jnp.arange(columns)[None, :] < closed[:, None]
         patch_has_eos = jnp.zeros((b, columns), bool).at[rows[:, None], pid].max(is_eos)
         patch_segments = eos_segment_ids(patch_has_eos) if cfg.document_mask else None
-        vectors = self._latent_input(p_lat, slots.reshape(b, columns, k * stack.dim))
-        global_caches = stacks.empty_stack_caches(p_lat["transformer"], cfg.latent, b, n_patches, dtype)
-        global_out, global_caches = stacks.stack_prefill(
-            p_lat["transformer"], cfg.latent, vectors, patch_segments, patch_valid, global_caches, dtype
+        patch_positions = jnp.broadcast_to(jnp.arange(columns, dtype=jnp.int32), (b, columns))
+        vectors = latent.project_in(slots.reshape(b, columns, k * stack.dim))
+        global_caches = empty_kv_caches(cfg.latent, b, n_patches, dtype)
+        global_out, global_caches = latent.transformer.prefill(
+            vectors, patch_positions, patch_segments, global_caches, patch_valid
         )
 
         # Local decoder: slots of the closed patches, then the bytes.
-        p_dec, dec = params["local_decoder"], cfg.decoder
-        decoder_slots = self._decoder_slots(p_dec, global_out).reshape(b, columns * k, dec.dim)
+        dec = cfg.decoder
+        decoder_slots = decoder.patch_slots(global_out).reshape(b, columns * k, dec.dim)
         slot_valid = jnp.repeat(patch_valid, k, axis=1)
         window = cfg.cross_attn_window_decoder
         read_mask = (slot_patch[None, None, :] <= dpid[:, :, None]) & (
             dpid[:, :, None] < slot_patch[None, None, :] + window
         )
-        self_mask = stacks.causal_mask(t, token_segments, dec.window, b)
-        decoder_caches = stacks.empty_stack_caches(p_dec, dec, b, n, dtype)
+        decoder_caches = empty_kv_caches(dec, b, n, dtype)
         x, slot_keys, slot_values, filled_dec = byte_states, [], [], []
-        for i in range(dec.n_layers):
+        for i, layer in enumerate(decoder.layers):
             if i in self.decoder_cross_layers:
-                p_cross = p_dec[f"cross_attention_{i}"]
-                keys, values = (heads_major(a) for a in stacks.cross_kv(p_cross, decoder_slots, dec.norm_eps, dtype))
+                cross = decoder.cross_attention[i]
+                keys, values = (heads_major(a) for a in cross.keys_values(decoder_slots))
                 slot_keys.append(_into(n_patches * k, keys, slot_valid))
                 slot_values.append(_into(n_patches * k, values, slot_valid))
-                updated = stacks.cross_attend(p_cross, x, keys, values, read_mask, dec.norm_eps, dtype)
-                x = x + updated if cfg.double_cross_attn_residual else updated
-            x, keys, values = stacks.block_prefill(p_dec[f"layers_{i}"], dec, x, self_mask, dtype)
-            filled_dec.append(fill(decoder_caches[i], keys, values, segments, valid))
-        logits = self._output(p_dec, x)
+                x = cross.attend_cached(x, keys, values, read_mask)
+            x, cache = layer.prefill(x, token_positions, token_segments, decoder_caches[i], valid)
+            filled_dec.append(cache)
+        logits = decoder.logits(x)
 
         tokens = jnp.zeros((b, n), jnp.int32).at[:, :t].set(jnp.where(valid, tokens_BT, 0))
         state = BLTState(
@@ -362,7 +350,7 @@ class CachedBLT:
 
         Rows with ``active_B`` False keep their state unchanged (finished rows of a batch).
         """
-        cfg, rule, dtype = self.config, self.rule, self.dtype
+        cfg, rule = self.config, self.rule
         b = token_B.shape[0]
         rows = jnp.arange(b)
         t = state.position
@@ -377,24 +365,22 @@ class CachedBLT:
             entropy = next_byte_entropy(entropy_logits)
 
         # Local encoder at position t.
-        p_enc, stack = params["local_encoder"], cfg.encoder
+        encoder, _, decoder = self._stacks(params)
         history = max(cfg.hash_sizes) if cfg.num_hash_tables else 1
         window_index = t[:, None] - (history - 1) + jnp.arange(history)
         window_ids = jnp.where(window_index >= 0, tokens[rows[:, None], jnp.maximum(window_index, 0)], 0)
         hash_ids = all_hash_ids(window_ids, cfg.hash_sizes, cfg.hash_functions, cfg.hash_vocab)[:, :, -1]
-        embedding = self._embed(p_enc, token_B, hash_ids)
+        embedding = encoder.embed(token_B, hash_ids)
         first_byte = state.open_length == 0
         x = embedding
         encoder_caches, cross_keys, cross_values, pooled = [], list(state.cross_keys), list(state.cross_values), []
-        for i in range(stack.n_layers):
-            x, layer_cache = stacks.block_step(
-                p_enc[f"layers_{i}"], stack, x, t, segment, state.encoder_caches[i], active_B, dtype
-            )
+        for i, layer in enumerate(encoder.layers):
+            x, layer_cache = layer.step(x, t, segment, state.encoder_caches[i], active_B)
             encoder_caches.append(layer_cache)
             if i not in self.encoder_cross_layers:
                 continue
             c = self.encoder_cross_layers.index(i)
-            keys, values = stacks.cross_kv(p_enc[f"cross_attention_{i}"], x, stack.norm_eps, dtype)
+            keys, values = encoder.cross_attention[i].keys_values(x)
             cross_keys[c] = put_heads_major(cross_keys[c], t, keys, active_B)
             cross_values[c] = put_heads_major(cross_values[c], t, values, active_B)
             if i in self.pooling_layers:
@@ -424,23 +410,21 @@ class CachedBLT:
         state = self._close_patch(params, state, close)
 
         # Local decoder at position t: reads the slots of dpid(t) = closed - 1.
-        p_dec, dec = params["local_decoder"], cfg.decoder
         k = cfg.cross_attn_k
         read_patch = state.closed - 1
         window = cfg.cross_attn_window_decoder
         x = byte_states
         decoder_caches = []
-        for i in range(dec.n_layers):
+        for i, layer in enumerate(decoder.layers):
             if i in self.decoder_cross_layers:
                 c = self.decoder_cross_layers.index(i)
                 keys, values = state.slot_keys[c], state.slot_values[c]
+                cross = decoder.cross_attention[i]
                 if window == 1:
                     index = read_patch[:, None] * k + jnp.arange(k)
                     keys = jnp.take_along_axis(keys, index[:, None, :, None], axis=2)
                     values = jnp.take_along_axis(values, index[:, None, :, None], axis=2)
-                    mask = jnp.ones((b, 1, k), bool)
-                    p_cross = p_dec[f"cross_attention_{i}"]
-                    updated = stacks.cross_attend(p_cross, x[:, None], keys, values, mask, dec.norm_eps, dtype)[:, 0]
+                    x = cross.attend_cached(x[:, None], keys, values, jnp.ones((b, 1, k), bool))[:, 0]
                 else:
                     # W patches back: only the closed patches' slots can be visible, so only the
                     # written prefix of the buffer is scanned (its size, not P * k, sets the cost).
@@ -448,17 +432,12 @@ class CachedBLT:
                         slot_patch = slot[None, :] // k
                         return (slot_patch <= read_patch[:, None]) & (read_patch[:, None] < slot_patch + window)
 
-                    p_cross = p_dec[f"cross_attention_{i}"]
                     used = jnp.max(state.closed) * k
-                    updated = stacks.cross_attend_prefix(
-                        p_cross, x, keys, values, allowed, used, self.slot_chunk, dec.norm_eps, dtype
-                    )
-                x = x + updated if cfg.double_cross_attn_residual else updated
-            x, layer_cache = stacks.block_step(
-                p_dec[f"layers_{i}"], dec, x, t, segment, state.decoder_caches[i], active_B, dtype
-            )
+                    x = cross.attend_cached(x[:, None], keys, values, allowed=allowed, used=used, chunk=self.slot_chunk)
+                    x = x[:, 0]
+            x, layer_cache = layer.step(x, t, segment, state.decoder_caches[i], active_B)
             decoder_caches.append(layer_cache)
-        logits = self._output(p_dec, x)
+        logits = decoder.logits(x)
 
         advance = active_B.astype(jnp.int32)
         state = state._replace(
@@ -506,45 +485,34 @@ class CachedBLT:
     def _new_patch_entries(self, params: Params, state: BLTState) -> tuple:
         """For the open patch of every row (as if it closed now): the global model's new key/value per
         layer, and the decoder cross-attention keys / values of its k slots per cross-attention layer."""
-        cfg, dtype = self.config, self.dtype
+        cfg = self.config
         b = state.closed.shape[0]
-        k, e = cfg.cross_attn_k, cfg.encoder.dim
+        k = cfg.cross_attn_k
+        encoder, latent, decoder = self._stacks(params)
         patch = state.closed  # index of the patch that closes
-        p_enc = params["local_encoder"]
         window = cfg.cross_attn_window_encoder
         byte_patch = state.byte_patch
         sees = (byte_patch >= 0) & (byte_patch <= patch[:, None]) & (patch[:, None] < byte_patch + window)
+        mask = jnp.broadcast_to(sees[:, None, :], (b, k, sees.shape[1]))
         slots, pooled_index = None, 0
         for c, i in enumerate(self.encoder_cross_layers):
             if i in self.pooling_layers:
                 pooled = self._pool_result(state.pooled[pooled_index], state.open_length + 1)
                 pooled_index += 1
-                slots = stacks.linear(pooled, p_enc["patch_projection"]["kernel"], dtype).reshape(b, k, e)
-            mask = jnp.broadcast_to(sees[:, None, :], (b, k, sees.shape[1]))
-            p_cross = p_enc[f"cross_attention_{i}"]
-            keys, values = state.cross_keys[c], state.cross_values[c]
-            updated = stacks.cross_attend(p_cross, slots, keys, values, mask, cfg.encoder.norm_eps, dtype)
-            slots = slots + updated if cfg.double_cross_attn_residual else updated
+                slots = encoder.patch_queries(pooled[:, None])  # [B, k, E]
+            slots = encoder.cross_attention[i].attend_cached(slots, state.cross_keys[c], state.cross_values[c], mask)
 
-        p_lat = params["latent"]
-        x = self._latent_input(p_lat, slots.reshape(b, k * e))
+        x = latent.project_in(slots.reshape(b, k * cfg.encoder.dim))
         segment = state.eos_patches if cfg.document_mask else None
-        global_kv = []
-        for i in range(cfg.latent.n_layers):
-            p_layer = p_lat["transformer"][f"layers_{i}"]
-            x, keys, values = stacks.block_step_deferred(
-                p_layer, cfg.latent, x, patch, segment, state.global_caches[i], dtype, SLOT_CHUNK_PATCHES
-            )
-            global_kv.append((keys, values))
+        x, global_kv = latent.transformer.step_deferred(x, patch, segment, state.global_caches, SLOT_CHUNK_PATCHES)
 
-        p_dec = params["local_decoder"]
-        decoder_slots = self._decoder_slots(p_dec, x)  # [B, k, E]
+        decoder_slots = decoder.patch_slots(x)  # [B, k, E]
         slot_keys, slot_values = [], []
         for i in self.decoder_cross_layers:
-            keys, values = stacks.cross_kv(p_dec[f"cross_attention_{i}"], decoder_slots, cfg.decoder.norm_eps, dtype)
+            keys, values = decoder.cross_attention[i].keys_values(decoder_slots)
             slot_keys.append(keys)
             slot_values.append(values)
-        return tuple(global_kv), tuple(slot_keys), tuple(slot_values)
+        return global_kv, tuple(slot_keys), tuple(slot_values)
 
 
 def _into(slots: int, values_BKTD: jax.Array, valid_BT: jax.Array) -> jax.Array:

@@ -2,8 +2,9 @@
 
 `prefill` runs the prompts (left-aligned, padded, lengths per row) in one pass and fills a
 KV cache per layer (a ring of the window, or full); `step` feeds one byte per row at that
-row's own position. Both read the `ByteLM` parameter tree unchanged. The logits are those of
-`ByteLM.apply` on the whole sequence; `tests/test_generate.py` checks it.
+row's own position. Both are `ByteLM.apply` with ``method=ByteLM.prefill`` / ``ByteLM.step``:
+the model's own layers over its own parameter tree, so the logits are those of `ByteLM.apply`
+on the whole sequence (`tests/test_generate.py` checks it).
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from bltjax.inference.generation import stacks
-from bltjax.inference.generation.cache import KVCache
+from bltjax.kernels.kv_cache import KVCache
+from bltjax.models.byte_lm import ByteLM
 from bltjax.models.configs import ByteLMConfig
-from bltjax.models.layers import dtype_of, eos_segment_ids
+from bltjax.models.layers import dtype_of, empty_kv_caches
 from bltjax.tokenizer import EOS_ID
 
 
@@ -31,26 +32,23 @@ class ByteLMState(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class CachedByteLM:
-    """Prefill / step functions of one `ByteLMConfig` for ``max_positions`` positions per row."""
+    """Prefill / step functions of one `ByteLMConfig` for ``max_positions`` positions per row.
+
+    Hashable (frozen, all fields hashable), so it can be a static argument of `jax.jit`.
+    """
 
     config: ByteLMConfig
     max_positions: int
 
     @property
-    def dtype(self) -> jnp.dtype:
-        return dtype_of(self.config.dtype)
+    def model(self) -> ByteLM:
+        """The model decoding runs: the same one, without remat (nothing is differentiated)."""
+        return ByteLM(dataclasses.replace(self.config, remat="none"))
 
-    def init_state(self, params: dict[str, Any], batch: int) -> ByteLMState:
-        caches = stacks.empty_stack_caches(
-            params["transformer"], self.config.stack, batch, self.max_positions, self.dtype
-        )
+    def init_state(self, batch: int) -> ByteLMState:
+        caches = empty_kv_caches(self.config.stack, batch, self.max_positions, dtype_of(self.config.dtype))
         zeros = jnp.zeros((batch,), jnp.int32)
         return ByteLMState(zeros, zeros, caches)
-
-    def _logits(self, params: dict[str, Any], x: jax.Array) -> jax.Array:
-        stack = self.config.stack
-        x = stacks.rms_norm(x, params["final_norm"]["scale"], stack.norm_eps, self.dtype)
-        return stacks.linear(x, params["output"]["kernel"], self.dtype).astype(jnp.float32)
 
     def prefill(
         self, params: dict[str, Any], tokens_BT: jax.Array, lengths_B: jax.Array
@@ -62,25 +60,19 @@ class CachedByteLM:
         """
         b, t = tokens_BT.shape
         valid = jnp.arange(t)[None, :] < lengths_B[:, None]
-        is_eos = (tokens_BT == EOS_ID) & valid
-        segments = eos_segment_ids(is_eos) if self.config.document_mask else None
-        x = jnp.take(params["embedding"], tokens_BT, axis=0).astype(self.dtype)
-        state = self.init_state(params, b)
-        x, caches = stacks.stack_prefill(
-            params["transformer"], self.config.stack, x, segments, valid, state.caches, self.dtype
-        )
-        eos_before = jnp.sum(is_eos, axis=1, dtype=jnp.int32)
-        return ByteLMState(lengths_B.astype(jnp.int32), eos_before, caches), self._logits(params, x)
+        caches = self.init_state(b).caches
+        logits, caches = self.model.apply({"params": params}, tokens_BT, valid, caches, method=ByteLM.prefill)
+        eos_before = jnp.sum((tokens_BT == EOS_ID) & valid, axis=1, dtype=jnp.int32)
+        return ByteLMState(lengths_B.astype(jnp.int32), eos_before, caches), logits
 
     def step(
         self, params: dict[str, Any], state: ByteLMState, token_B: jax.Array, active_B: jax.Array
     ) -> tuple[ByteLMState, jax.Array]:
         """Feeds one byte per row; inactive rows keep their state. Returns (state, logits [B, V])."""
-        x = jnp.take(params["embedding"], token_B, axis=0).astype(self.dtype)
         segment = state.eos_before if self.config.document_mask else None
-        x, caches = stacks.stack_step(
-            params["transformer"], self.config.stack, x, state.position, segment, state.caches, active_B, self.dtype
+        logits, caches = self.model.apply(
+            {"params": params}, token_B, state.position, segment, state.caches, active_B, method=ByteLM.step
         )
         advance = active_B.astype(jnp.int32)
         eos = ((token_B == EOS_ID) & active_B).astype(jnp.int32)
-        return ByteLMState(state.position + advance, state.eos_before + eos, caches), self._logits(params, x)
+        return ByteLMState(state.position + advance, state.eos_before + eos, caches), logits

@@ -1,4 +1,4 @@
-"""Fixed-size key/value caches for incremental decoding (spec §16.3), as pure pytrees.
+"""KV caches for incremental decoding and the attention that reads them (the decode kernel).
 
 A cache holds the keys and values of one attention layer for every row of a batch in a
 buffer of S slots, heads-major ([B, K, S, D]: the layout of the batched dot products that
@@ -12,7 +12,8 @@ advance independently (each has its own position), which is what batched prompts
 different lengths need.
 
 Everything here has static shapes: writes are masked scatters, never Python branches on
-data, so a decoding step compiles once.
+data, so a decoding step compiles once. The model's attention modules reach the attention
+functions through `bltjax.kernels.cached_self_attention` / `cached_cross_attention`.
 """
 
 from __future__ import annotations
@@ -23,11 +24,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from bltjax.kernels.masks import MASK_VALUE
+
 # Position of a slot that holds nothing (it fails every mask: no query position is negative).
 EMPTY = -1
-# A finite "minus infinity" for masked scores: a query with no visible key gets a uniform
-# softmax that is then zeroed, never NaN.
-MASK_VALUE = -1e30
 
 
 class KVCache(NamedTuple):
@@ -51,7 +51,7 @@ def empty_cache(batch: int, slots: int, kv_heads: int, head_dim: int, dtype: jnp
 
 
 def write_step(
-    cache: KVCache, k_BKD: jax.Array, v_BKD: jax.Array, pos_B: jax.Array, seg_B: jax.Array, write_B: jax.Array
+    cache: KVCache, k_BKD: jax.Array, v_BKD: jax.Array, pos_B: jax.Array, seg_B: jax.Array | None, write_B: jax.Array
 ) -> KVCache:
     """Stores one key/value per row at slot ``pos % S``; rows with ``write_B`` False keep their cache."""
     slot = pos_B % cache.keys.shape[2]
@@ -59,7 +59,7 @@ def write_step(
         put_heads_major(cache.keys, slot, k_BKD, write_B),
         put_heads_major(cache.values, slot, v_BKD, write_B),
         put_rows(cache.positions, slot, pos_B, write_B),
-        put_rows(cache.segments, slot, seg_B, write_B),
+        put_rows(cache.segments, slot, jnp.zeros_like(pos_B) if seg_B is None else seg_B, write_B),
     )
 
 
@@ -77,11 +77,14 @@ def put_heads_major(buffer_BKSD: jax.Array, index_B: jax.Array, new_BKD: jax.Arr
     return buffer_BKSD.at[rows, :, index_B].set(jnp.where(mask_B[:, None, None], new_BKD.astype(old.dtype), old))
 
 
-def fill(cache: KVCache, k_BKTD: jax.Array, v_BKTD: jax.Array, seg_BT: jax.Array, valid_BT: jax.Array) -> KVCache:
+def fill(
+    cache: KVCache, k_BTKD: jax.Array, v_BTKD: jax.Array, seg_BT: jax.Array | None, valid_BT: jax.Array
+) -> KVCache:
     """Stores the keys of positions 0..T-1 (a prefill) where ``valid_BT``; the latest position of a slot wins.
 
-    With a ring smaller than T several positions share a slot; a scatter-max picks, per slot,
-    the largest valid position, so the ring ends up holding exactly the last S valid keys.
+    Keys come as the projections give them ([B, T, K, D]). With a ring smaller than T several
+    positions share a slot; a scatter-max picks, per slot, the largest valid position, so the
+    ring ends up holding exactly the last S valid keys.
     """
     b, t = valid_BT.shape
     slots = cache.keys.shape[2]
@@ -93,24 +96,24 @@ def fill(cache: KVCache, k_BKTD: jax.Array, v_BKTD: jax.Array, seg_BT: jax.Array
     found = winner >= 0
     source = jnp.maximum(winner, 0)
 
-    def take(new, old):
-        picked = jnp.take_along_axis(new, source[:, None, :, None], axis=2)
+    def take(new_BTKD, old):
+        picked = jnp.take_along_axis(heads_major(new_BTKD), source[:, None, :, None], axis=2)
         return jnp.where(found[:, None, :, None], picked.astype(old.dtype), old)
 
+    segments = jnp.zeros((b, t), jnp.int32) if seg_BT is None else seg_BT
     return KVCache(
-        take(k_BKTD, cache.keys),
-        take(v_BKTD, cache.values),
+        take(k_BTKD, cache.keys),
+        take(v_BTKD, cache.values),
         jnp.where(found, winner, cache.positions),
-        jnp.where(found, jnp.take_along_axis(seg_BT, source, axis=1), cache.segments),
+        jnp.where(found, jnp.take_along_axis(segments, source, axis=1), cache.segments),
     )
 
 
 def attend(q_BTHD: jax.Array, k_BKSD: jax.Array, v_BKSD: jax.Array, mask_BTS: jax.Array) -> jax.Array:
     """Softmax attention in float32 with grouped KV heads, scale 1/sqrt(D); a query with no key gives 0.
 
-    Keys and values are heads-major [B, K, S, D]. The same arithmetic as the training path's
-    attention (`bltjax.models.layers.attend`), kept here so that generation does not depend on
-    how the training kernels are organised.
+    Keys and values are heads-major [B, K, S, D] (cached buffers); the same arithmetic as
+    `bltjax.kernels.dense.attend`, which takes the projections' [B, S, K, D] layout.
     """
     b, t, h, d = q_BTHD.shape
     kv_heads = k_BKSD.shape[1]
@@ -130,7 +133,7 @@ def heads_major(x_BSKD: jax.Array) -> jax.Array:
 
 
 def visible(cache: KVCache, pos_B: jax.Array, seg_B: jax.Array | None, window: int | None) -> jax.Array:
-    """[B, S]: which slots the query at ``pos_B`` may read (spec §5.4 mask on the cached positions)."""
+    """[B, S]: which slots the query at ``pos_B`` may read (the mask of docs/architecture.md §5.4)."""
     kpos = cache.positions
     query = pos_B[:, None]
     mask = (kpos >= 0) & (kpos <= query)
