@@ -20,7 +20,7 @@ import time
 import jax
 import numpy as np
 import pytest
-import test_train
+import test_trainer
 
 from bltjax.config import load_config
 from bltjax.inference.evaluate import evaluate_and_write
@@ -35,8 +35,8 @@ TINY = str(REPO / "experiments" / "blt_tiny.py")
 LOCAL = str(REPO / "launch" / "local.sh")
 # The smallest useful run: 4 steps, a validation at the end, a checkpoint at the end; the state
 # sharded over all 4 devices (fsdp), so both processes hold, and save, shards of it.
-# tests/test_compile.py compiles the same program: the persistent cache serves both.
-OVERRIDES = {**test_train.OVERRIDES, "mesh.data": 1, "mesh.fsdp": 4, "train.steps": 4}
+# tests/test_aot.py compiles the same program: the persistent cache serves both.
+OVERRIDES = {**test_trainer.OVERRIDES, "mesh.data": 1, "mesh.fsdp": 4, "train.steps": 4}
 
 
 @pytest.fixture(scope="module")

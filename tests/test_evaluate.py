@@ -1,6 +1,6 @@
 """Evaluation: restore onto any devices, every byte counted once, the CLI, and bad input.
 
-One real training run on a (2, 2, 2) mesh (the program of test_train's sharded test, so the
+One real training run on a (2, 2, 2) mesh (the program of test_trainer's sharded test, so the
 persistent compilation cache serves both) provides the BLT checkpoint; a randomly initialised
 byte LM exported with `checkpoints.save_model` provides the model folder, and is small
 enough to score by hand with a full forward pass.
@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-import test_train
+import test_trainer
 
 from bltjax import checkpoints
 from bltjax.config import ConfigError, load_config
@@ -33,8 +33,8 @@ from bltjax.training import sharding
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BYTE_LM = str(REPO / "experiments" / "byte_lm.py")
-data_dir = test_train.data_dir  # the training tests' module fixture: two real corpus files, prepared
-tiny_config = test_train.tiny_config
+data_dir = test_trainer.data_dir  # the training tests' module fixture: two real corpus files, prepared
+tiny_config = test_trainer.tiny_config
 
 
 def split_counts(data: pathlib.Path, split: str) -> tuple[int, int]:
@@ -54,9 +54,9 @@ def split_counts(data: pathlib.Path, split: str) -> tuple[int, int]:
 def run_dir(data_dir, trained_run):
     """A BLT trained for 6 steps on the (data, fsdp, tensor) = (2, 2, 2) mesh; checkpoint at step 6.
 
-    test_train's sharded run: conftest's `trained_run` trains it once for both files.
+    test_trainer's sharded run: conftest's `trained_run` trains it once for both files.
     """
-    run = trained_run(test_train.cube_config(data_dir))
+    run = trained_run(test_trainer.cube_config(data_dir))
     return run.workdir, jax.device_get(run.result.state.params)
 
 
@@ -234,7 +234,7 @@ def test_entropy_patching_reads_the_sidecar_bits_of_each_window(run_dir, byte_lm
 
 def _eval_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "bltjax.eval", *args], env=test_train._env(), capture_output=True, text=True
+        [sys.executable, "-m", "bltjax.eval", *args], env=test_trainer._env(), capture_output=True, text=True
     )
 
 

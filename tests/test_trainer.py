@@ -95,7 +95,7 @@ def test_loss_decreases_and_workdir_is_complete(data_dir, trained_run):
 
 
 def cube_config(data: pathlib.Path):
-    """6 steps on the (data, fsdp, tensor) = (2, 2, 2) mesh: test_eval evaluates the same run."""
+    """6 steps on the (data, fsdp, tensor) = (2, 2, 2) mesh: test_evaluate evaluates the same run."""
     config = tiny_config(data, **{"train.steps": 6})
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
     return config
