@@ -7,15 +7,9 @@ compilation cache key too) and change nothing else in the process.
 CPU: dots through XLA's own (Eigen) kernels, not YNNPACK
 ---------------------------------------------------------
 jax 0.10's XLA:CPU hands every dot to YNNPACK (``xla_cpu_experimental_ynn_fusion_type``
-defaults to ``INDIVIDUAL_DOT``). For the small batched matmuls inside blockwise attention (one
-query block: [B x H] x [128, 64] x [64, 640] and back) YNNPACK ran at 13-21 GFLOP/s on two
-cores, and mostly on one of them; XLA's own dot emitter runs them about twice as fast. Measured
-on the 2-core CPU host, float32, best of several runs:
-
-* one reference decoder layer's attention (4 x 4096 bytes, 4 heads, window 512): forward
-  473 -> 254 ms, forward + backward 1283 -> 838 ms;
-* the whole BLT train step at the reference shape: 24.1 -> 19.3 s (batch 2: 13.3 -> 9.3 s);
-* large projection matmuls: the same within the run-to-run noise (80-117 GFLOP/s either way).
+defaults to ``INDIVIDUAL_DOT``), which runs the small batched matmuls inside blockwise attention
+far below XLA's own dot emitter; large projections run the same either way. The measurements
+are in docs/design.md ("XLA:CPU dots").
 
 Where a later XLA no longer knows the option, compiling with it fails; `compiler_options` then
 returns no options (checked once per process with a trivial program).
