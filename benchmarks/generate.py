@@ -106,7 +106,7 @@ def build_models(name: str, entropy_size: str, sample: list[bytes]):
     import numpy as np
 
     from bltjax.config import load_config, model_config
-    from bltjax.inference.generation import PatchRule, full_forward
+    from bltjax.inference.generation import IncrementalRule, full_forward
     from bltjax.models.blt import BLT
     from bltjax.models.byte_lm import ByteLM, next_byte_entropy
     from bltjax.tokenizer import encode
@@ -135,7 +135,7 @@ def build_models(name: str, entropy_size: str, sample: list[bytes]):
     logits = full_forward(entropy_model, entropy_params, None, calibration).logits
     entropies = np.asarray(next_byte_entropy(logits))[:, : len(calibration[0])]
     threshold = float(np.quantile(entropies[:, 1:], 1 - 1 / MEAN_PATCH))
-    return record, model, params, (entropy_model, entropy_params), PatchRule(mode="entropy", threshold=threshold)
+    return record, model, params, (entropy_model, entropy_params), IncrementalRule(mode="entropy", threshold=threshold)
 
 
 def gap_threshold(sorted_entropies, quantile: float) -> float:

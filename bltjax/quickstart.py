@@ -30,11 +30,11 @@ import jax
 import ml_collections
 from absl import app, flags, logging
 
-from bltjax import generate as generate_cli
 from bltjax.checkpoints import save_model
 from bltjax.config import ConfigError, load_config
 from bltjax.data import entropy, prepare
 from bltjax.data import shards as shard_format
+from bltjax.inference.generation.folders import generate_from_folder
 from bltjax.runtime import compile_cache
 from bltjax.training.trainer import train
 
@@ -142,7 +142,7 @@ def run(
         # The same path as `python -m bltjax.generate --workdir WORKDIR/blt`: the entropy model is
         # found next to the run and accepted because the sidecars name its fingerprint.
         print(f"   greedy samples ({sample_bytes} bytes each):")
-        generate_cli.run(workdir=workdir / "blt", prompts=list(SAMPLE_PROMPTS), max_bytes=sample_bytes)
+        generate_from_folder(workdir=workdir / "blt", prompts=list(SAMPLE_PROMPTS), max_bytes=sample_bytes)
     print(f"   total {time.time() - began:.0f} s")
     return {"entropy_model_bpb": entropy_run.validation_bpb, "blt_bpb": blt_run.validation_bpb}
 

@@ -29,7 +29,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bltjax import generate as generate_cli
 from bltjax import patching, tokenizer
 from bltjax.checkpoints import save_model
 from bltjax.config import load_config
@@ -37,13 +36,14 @@ from bltjax.convert import hf
 from bltjax.data.entropy import config_from_byte_lm, load_entropy_model
 from bltjax.data.sidecars import SIDECARS_FILE
 from bltjax.inference.generation import (
-    PatchRule,
+    IncrementalRule,
     full_forward,
     generate,
     generate_full_recompute,
     split_utf8,
     teacher_forced,
 )
+from bltjax.inference.generation import folders as generate_cli
 from bltjax.inference.restore import RestoreError
 from bltjax.kernels import kv_cache
 from bltjax.models.blt import BLT
@@ -66,7 +66,7 @@ def fixture_b(fixtures_dir):
     model, params = hf.load_hf_blt(path)
     entropy_model, entropy_params, threshold = hf.load_hf_entropy_model(path)
     max_patch_length = json.loads((path / "config.json").read_text())["max_patch_length"]
-    rule = PatchRule(mode="entropy", threshold=threshold, max_patch_length=max_patch_length)
+    rule = IncrementalRule(mode="entropy", threshold=threshold, max_patch_length=max_patch_length)
     return model, params, (entropy_model, entropy_params), rule
 
 
@@ -86,7 +86,7 @@ def _entropies(entropy, ids: np.ndarray) -> np.ndarray:
 
 
 def _assert_teacher_forced_matches(model, params, rule, sequence, prefill_lengths, entropy=None) -> tuple[int, ...]:
-    """Cached logits (prefill + one step per id) == one training forward; the patches equal bltjax.patching.rules's."""
+    """Cached logits (prefill + one step per id) == one training forward; the patches equal bltjax.patching's."""
     reference = full_forward(model, params, rule, [sequence], entropy_model=entropy)
     n = len(sequence)
     for prefill_length in prefill_lengths:
@@ -107,15 +107,15 @@ def test_patch_rule_decides_like_the_patcher_one_position_at_a_time():
     n = tokens.shape[1]
     entropies = rng.uniform(0.0, 4.0, size=(1, n)).astype(np.float32)
     rules = [
-        PatchRule(mode="byte"),
-        PatchRule(mode="static", patch_size=3),
-        PatchRule(mode="space"),
-        PatchRule(mode="space", max_patch_length=2),
-        PatchRule(mode="entropy", threshold=2.0),
-        PatchRule(mode="entropy", threshold=2.0, max_patch_length=3),
-        PatchRule(mode="entropy", threshold=0.5, monotonicity=True),
-        PatchRule(mode="entropy", threshold=1.5, threshold_add=0.2),
-        PatchRule(mode="entropy", threshold=1.5, threshold_add=0.2, reference_quirks=True),
+        IncrementalRule(mode="byte"),
+        IncrementalRule(mode="static", patch_size=3),
+        IncrementalRule(mode="space"),
+        IncrementalRule(mode="space", max_patch_length=2),
+        IncrementalRule(mode="entropy", threshold=2.0),
+        IncrementalRule(mode="entropy", threshold=2.0, max_patch_length=3),
+        IncrementalRule(mode="entropy", threshold=0.5, monotonicity=True),
+        IncrementalRule(mode="entropy", threshold=1.5, threshold_add=0.2),
+        IncrementalRule(mode="entropy", threshold=1.5, threshold_add=0.2, reference_quirks=True),
     ]
     for rule in rules:
         kwargs = rule.patching_kwargs()
@@ -212,7 +212,7 @@ def test_stack_prefill_then_cached_steps_equal_the_training_forward(window, defe
 
 def test_topk_entropy_patching_is_refused():
     with pytest.raises(ValueError, match="top-k"):
-        PatchRule(mode="entropy", patch_size=4.5)
+        IncrementalRule(mode="entropy", patch_size=4.5)
 
 
 @pytest.mark.slow
@@ -227,10 +227,10 @@ def test_teacher_forced_logits_equal_training_forward_entropy_mode(fixture_b):
     gap = int(np.argmax(np.diff(h[middle]))) + middle.start
     median = float((h[gap] + h[gap + 1]) / 2)
     cases = [
-        (PatchRule(mode="entropy", threshold=-1.0), "single"),  # H > -1 always: every patch has one byte
-        (PatchRule(mode="entropy", threshold=100.0), "one"),  # never above: BOS, then one long patch
-        (PatchRule(mode="entropy", threshold=100.0, max_patch_length=4), "split"),
-        (PatchRule(mode="entropy", threshold=median), "mixed"),
+        (IncrementalRule(mode="entropy", threshold=-1.0), "single"),  # H > -1 always: every patch has one byte
+        (IncrementalRule(mode="entropy", threshold=100.0), "one"),  # never above: BOS, then one long patch
+        (IncrementalRule(mode="entropy", threshold=100.0, max_patch_length=4), "split"),
+        (IncrementalRule(mode="entropy", threshold=median), "mixed"),
         (rule, "fixture"),  # the checkpoint's own threshold with max_patch_length 5
     ]
     for case_rule, kind in cases:
@@ -294,13 +294,13 @@ def test_teacher_forced_windowed_cross_attention_space_mode(windowed_blt):
         tokenizer.encode("first doc.", eos=True).tolist()
         + tokenizer.encode("Second one: a row,  spaced!", eos=False).tolist()
     )
-    lengths = _assert_teacher_forced_matches(model, params, PatchRule(mode="space"), sequence, (1, 7))
+    lengths = _assert_teacher_forced_matches(model, params, IncrementalRule(mode="space"), sequence, (1, 7))
     assert len(lengths) > 5 and max(lengths) > 2
 
 
 def test_greedy_cached_equals_full_recompute_space_mode(windowed_blt):
     model, params = windowed_blt
-    rule = PatchRule(mode="space")
+    rule = IncrementalRule(mode="space")
     cached = generate(model, params, rule, PROMPTS[:1], max_bytes=MAX_BYTES, return_logits=True)
     full = generate_full_recompute(model, params, rule, PROMPTS[:1], max_bytes=MAX_BYTES)
     assert cached[0].token_ids == full[0].token_ids
@@ -320,7 +320,7 @@ def test_greedy_cached_equals_full_recompute_entropy_mode(fixture_b, greedy_b):
 
 
 def test_generated_patches_equal_patching_of_the_final_text(fixture_b, greedy_b):
-    """The patches formed byte by byte are those `bltjax.patching.rules` gives the whole final sequence."""
+    """The patches formed byte by byte are those `bltjax.patching` gives the whole final sequence."""
     _, _, entropy, rule = fixture_b
     for prompt, result in zip(PROMPTS, greedy_b, strict=True):
         ids = np.concatenate([tokenizer.encode(prompt, eos=False), np.asarray(result.token_ids)]).astype(np.int32)
@@ -404,7 +404,7 @@ def test_imported_model_generates_the_same_greedy_bytes_as_transformers(fixture_
     """Live: `BltForCausalLM.generate` (full recomputation, its own patcher) vs the cached generator.
 
     Both without `max_patch_length`: with it, transformers drops the empty patch that the
-    virtual next token opens after a high-entropy last byte (see `bltjax.patching.rules`), so its
+    virtual next token opens after a high-entropy last byte (see `bltjax.patching`), so its
     last position reads a different patch than the include_next_token rule of training.
     """
     torch = pytest.importorskip("torch", reason="the hf extra (torch, transformers) is not installed")
@@ -414,7 +414,7 @@ def test_imported_model_generates_the_same_greedy_bytes_as_transformers(fixture_
     ).eval()
     reference.config.max_patch_length = None
     model, params, entropy, rule = fixture_b
-    rule = PatchRule(mode="entropy", threshold=rule.threshold)
+    rule = IncrementalRule(mode="entropy", threshold=rule.threshold)
     results = generate(model, params, rule, PROMPTS, entropy_model=entropy, max_bytes=MAX_BYTES, stop_at_eos=False)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # torch's thread pool spin-waits on a busy 2-core machine: 30x slower
@@ -441,7 +441,7 @@ def test_cli_generates_from_a_saved_model(fixture_b, tmp_path):
     """`run` loads with `load_for_inference` and prints what `generate` returns (same compiled program)."""
     folder = _saved_entropy_model(fixture_b, tmp_path / "lm")
     out = io.StringIO()
-    results = generate_cli.run(workdir=folder, prompts=PROMPTS[:2], max_bytes=MAX_BYTES, out=out)
+    results = generate_cli.generate_from_folder(workdir=folder, prompts=PROMPTS[:2], max_bytes=MAX_BYTES, out=out)
     entropy_model, entropy_params = fixture_b[2]
     expected = generate(entropy_model, entropy_params, None, PROMPTS[:2], max_bytes=MAX_BYTES)
     assert [r.token_ids for r in results] == [r.token_ids for r in expected]
@@ -453,20 +453,20 @@ def test_cli_generates_from_a_saved_model(fixture_b, tmp_path):
 @pytest.mark.slow
 def test_cli_rejects_bad_input(fixture_b, tmp_path):
     with pytest.raises(generate_cli.GenerateError, match="prompt 2 is empty"):
-        generate_cli.run(workdir=tmp_path, prompts=["ok", ""])
+        generate_cli.generate_from_folder(workdir=tmp_path, prompts=["ok", ""])
     with pytest.raises(generate_cli.GenerateError, match="--max-bytes"):
-        generate_cli.run(workdir=tmp_path, prompts=["ok"], max_bytes=0)
+        generate_cli.generate_from_folder(workdir=tmp_path, prompts=["ok"], max_bytes=0)
     with pytest.raises(RestoreError, match="neither a training workdir"):
-        generate_cli.run(workdir=tmp_path, prompts=["ok"])  # an empty folder: no checkpoint
+        generate_cli.generate_from_folder(workdir=tmp_path, prompts=["ok"])  # an empty folder: no checkpoint
     # An entropy-patched BLT without its entropy model.
     config = load_config(str(REPO / "experiments" / "blt_tiny.py"))
     config.patching.mode, config.patching.threshold = "entropy", 1.0
     model = build_model(config)
     save_model(tmp_path / "blt", config, _random_params(model, *example_inputs(config)))
     with pytest.raises(generate_cli.GenerateError, match="--entropy-model"):
-        generate_cli.run(workdir=tmp_path / "blt", prompts=["ok"])
+        generate_cli.generate_from_folder(workdir=tmp_path / "blt", prompts=["ok"])
     with pytest.raises(generate_cli.GenerateError, match="--entropy-model: .*no such folder"):
-        generate_cli.run(workdir=tmp_path / "blt", prompts=["ok"], entropy_model=tmp_path / "missing")
+        generate_cli.generate_from_folder(workdir=tmp_path / "blt", prompts=["ok"], entropy_model=tmp_path / "missing")
     # As a program: the message on stderr and exit status 1.
     proc = subprocess.run(
         [sys.executable, "-m", "bltjax.generate", "--workdir", str(tmp_path), "--prompt", "", "--max-bytes", "4"],
@@ -518,7 +518,7 @@ def test_generation_benchmark_prints_table(tmp_path):
 def test_cli_generates_from_a_hugging_face_folder_with_its_own_patcher(fixture_b, greedy_b, fixtures_dir):
     """`--workdir HF_FOLDER`: imported on the fly, patched by the folder's own entropy model and threshold."""
     out = io.StringIO()
-    results = generate_cli.run(
+    results = generate_cli.generate_from_folder(
         workdir=fixtures_dir / "hf_blt_tiny_b", prompts=PROMPTS[:1], max_bytes=MAX_BYTES, out=out
     )
     assert results[0].token_ids == greedy_b[0].token_ids

@@ -10,7 +10,7 @@
   themselves (`blt`, `byte_lm`). They run the models' own Linen modules (`bltjax.models`) over
   their own parameter trees, through the modules' KV-cache methods (`prefill`, `step`) and the
   cache layout of `bltjax.kernels.kv_cache`.
-* `PatchRule`: the training patching rule, one boundary decision at a time (`rule`).
+* `IncrementalRule`: the training patching rule, one boundary decision at a time (`rule`).
 """
 
 from bltjax.inference.generation.blt import BLTState, CachedBLT
@@ -28,7 +28,7 @@ from bltjax.inference.generation.decode import (
     teacher_forced,
 )
 from bltjax.inference.generation.sampling import choose_next, nucleus_logits
-from bltjax.patching.incremental import IncrementalRule as PatchRule
+from bltjax.patching.incremental import IncrementalRule
 
 __all__ = [
     "BLTState",
@@ -37,7 +37,7 @@ __all__ = [
     "CachedBLT",
     "CachedByteLM",
     "GenerationResult",
-    "PatchRule",
+    "IncrementalRule",
     "cached_decoder",
     "full_forward",
     "choose_next",

@@ -16,7 +16,7 @@ State per row (all fixed-size buffers, so a step compiles once):
   patch-start bits decided so far.
 
 Per byte u_t (`CachedBLT.step`): hash ids and encoder step; entropy step; boundary decision for
-t + 1 with the training rule (`PatchRule`); if t + 1 starts a patch, the open patch closes:
+t + 1 with the training rule (`IncrementalRule`); if t + 1 starts a patch, the open patch closes:
 cross-attention of its k pooled slots over its bytes, **one** global step at patch position j,
 and its k decoder slots are cached (under `lax.cond`, so no global work happens on bytes that
 close nothing; in a batch, rows that close nothing are masked out of the writes, which happen
@@ -50,7 +50,7 @@ from bltjax.models.latent import LatentTransformer
 from bltjax.models.layers import dtype_of, empty_kv_caches, eos_segment_ids
 from bltjax.models.local_decoder import LocalDecoder, decoder_cross_layers
 from bltjax.models.local_encoder import LocalEncoder, encoder_cross_layers, encoder_pooling_layers, pool_patches
-from bltjax.patching.incremental import IncrementalRule as PatchRule
+from bltjax.patching.incremental import IncrementalRule
 from bltjax.tokenizer import EOS_ID
 
 Params = dict[str, Any]
@@ -63,7 +63,7 @@ class BLTState(NamedTuple):
     """Per-row incremental state of a BLT (shapes: B rows, N positions, P patches)."""
 
     position: jax.Array  # [B] int32: the position the next byte takes (= bytes processed)
-    rule_values: jax.Array  # [4] float32: the patching rule's numbers (`PatchRule.values`)
+    rule_values: jax.Array  # [4] float32: the patching rule's numbers (`IncrementalRule.values`)
     tokens: jax.Array  # [B, N] int32 processed ids
     starts: jax.Array  # [B, N + 1] bool: does position p start a patch (decided up to position + 1)
     eos_before: jax.Array  # [B] int32 EOS ids processed (document segment of the next byte)
@@ -99,7 +99,7 @@ class CachedBLT:
     """
 
     config: BLTConfig
-    rule: PatchRule
+    rule: IncrementalRule
     entropy_config: ByteLMConfig | None
     max_positions: int  # N: bytes per row (prompt with BOS + generated)
     max_patches: int  # P: patch slots of the global / decoder caches (>= N + 1 is always enough);
@@ -199,8 +199,8 @@ class CachedBLT:
     ) -> tuple[BLTState, jax.Array]:
         """Runs the prompts (left-aligned, ``lengths_B`` real ids each, BOS first) in one pass.
 
-        ``rule_values`` are the numbers of the patching rule (`PatchRule.values`); ``self.rule``
-        only fixes its structure (`PatchRule.static_part`).
+        ``rule_values`` are the numbers of the patching rule (`IncrementalRule.values`); ``self.rule``
+        only fixes its structure (`IncrementalRule.static_part`).
 
         Returns the state after the last prompt byte and the logits [B, T, V] of every prompt
         position (those at or after a row's length are padding). Patching is that of training
