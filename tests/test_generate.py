@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_patching import _incremental_mask
 
 from bltjax import patching, tokenizer
 from bltjax.checkpoints import save_model
@@ -122,23 +123,7 @@ def test_patch_rule_decides_like_the_patcher_one_position_at_a_time():
         if rule.needs_entropy:
             kwargs["entropies"] = entropies
         expected = patching.patch_start_mask(tokens, include_next_token=True, **kwargs)[0]
-        values = rule.values()
-        got, open_length = [True], 0  # position 0 always starts
-        for t in range(n):
-            start = bool(
-                rule.natural_starts(
-                    values,
-                    np.int32(t + 1),
-                    entropies[0, t],
-                    entropies[0, t - 1] if t else np.float32(0),
-                    tokens[0, t],
-                    tokens[0, t - 1] if t else np.int32(0),
-                )
-            )
-            start |= bool(rule.split_long(values, np.int32(open_length + 1)))
-            got.append(start)
-            open_length = 0 if start else open_length + 1
-        np.testing.assert_array_equal(np.array(got), expected, err_msg=str(rule))
+        np.testing.assert_array_equal(_incremental_mask(rule, tokens, entropies), expected, err_msg=str(rule))
 
 
 def test_chunked_prefix_attention_equals_dense_attention():
