@@ -6,11 +6,18 @@ The model's modules compute projections and RoPE and call only `self_attention` 
 * ``"dense"``: masked softmax over all keys (`dense.attend`); the reference.
 * ``"xla_blockwise"``: self-attention one query block at a time (`blockwise`); cross-attention
   over gathered keys (`cross`). Plain XLA, so it runs on every backend.
-* ``"auto"``: ``xla_blockwise`` for rows longer than one query block, ``dense`` otherwise (the
-  same work there), on every backend for now.
+* ``"splash"``: Pallas splash attention (`splash`), the TPU kernel, for self- and
+  cross-attention; on other backends it runs in Pallas interpret mode (tests only: slow).
+* ``"cudnn"``: cuDNN flash attention through `jax.nn.dot_product_attention` (`cudnn`) for the
+  self-attentions it can express; XLA (``xla_blockwise``) for the rest and for cross-attention.
+* ``"auto"``: by the platform the step is compiled for (`target_platform`): on TPU splash
+  self-attention for rows of at least 128, on GPU cudnn; on CPU ``xla_blockwise`` for rows
+  longer than one query block and ``dense`` otherwise (the same work there). Cross-attention
+  keeps the gather forms of ``xla_blockwise`` on every platform (docs/design.md, "Attention
+  kernels per backend": splash's full mask computes every [T, S] block).
 
-All give the same values and gradients. A new kernel (e.g. a TPU or GPU one) is a function of
-the same signature added to `_SELF_ATTENTION` (and `_CROSS_STRUCTURED` if it has a cross path).
+All give the same values and gradients. A new kernel is a function of the same signature added
+to `_SELF_ATTENTION` (and `_CROSS_STRUCTURED` if it has a cross path).
 
 Decoding reads heads-major KV caches (`kv_cache`: layout, masked writes) through two more entry
 points: `cached_self_attention` (one query per row at its own position) and
@@ -20,20 +27,64 @@ implementation for every backend.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from bltjax.kernels import blockwise, cross, dense, kv_cache, masks
+from bltjax.kernels import blockwise, cross, cudnn, dense, kv_cache, masks, splash
+from bltjax.kernels.sharding import partitioned
+
+__all__ = [
+    "ATTENTION_IMPLEMENTATIONS",
+    "cached_cross_attention",
+    "cached_self_attention",
+    "compiling_for",
+    "cross_attention",
+    "cross_attention_implementation",
+    "partitioned",
+    "self_attention",
+    "self_attention_implementation",
+    "target_platform",
+]
 
 # Keep in step with `bltjax.models.configs.ATTENTION_IMPLEMENTATIONS` (jax-free, for validation).
-ATTENTION_IMPLEMENTATIONS = ("auto", "dense", "xla_blockwise")
+ATTENTION_IMPLEMENTATIONS = ("auto", "dense", "xla_blockwise", "splash", "cudnn")
 
 # What a self-attention kernel returns besides its output: something it can replay in a
 # rematerialised second run of the same inputs (see `bltjax.models.remat`), or None.
 Record = Any
+
+# The platform a step is being traced for, when it differs from the host's (ahead-of-time
+# compilation for a TPU slice from a CPU machine); None: `jax.default_backend()`.
+_TARGET_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("bltjax_target_platform", default=None)
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str) -> Iterator[None]:
+    """While tracing inside this context, ``auto`` and the kernels act as on ``platform`` ("tpu", "gpu", "cpu").
+
+    `bltjax.runtime.aot` traces the train step for a TPU topology on a CPU host: wrapping its
+    ``lower`` call in ``compiling_for(devices[0].platform)`` makes ``auto`` pick splash there.
+    """
+    token = _TARGET_PLATFORM.set(_platform_name(platform))
+    try:
+        yield
+    finally:
+        _TARGET_PLATFORM.reset(token)
+
+
+def _platform_name(platform: str) -> str:
+    platform = platform.lower()
+    return "gpu" if platform in ("cuda", "rocm") else platform
+
+
+def target_platform() -> str:
+    """The platform being traced for: the `compiling_for` context, else `jax.default_backend()`."""
+    return _TARGET_PLATFORM.get() or _platform_name(jax.default_backend())
 
 
 def _dense_self_attention(q, k, v, positions, segment_ids, window, replay):
@@ -44,9 +95,22 @@ def _blockwise_self_attention(q, k, v, positions, segment_ids, window, replay):
     return blockwise.attend_blockwise(q, k, v, positions, segment_ids, window, replay=replay)
 
 
+def _splash_self_attention(q, k, v, positions, segment_ids, window, replay):
+    # Splash masks by place along the row: positions are 0..T-1 in every caller (`splash`).
+    interpret = target_platform() != "tpu"
+    return splash.self_attention(q, k, v, segment_ids, window, interpret=interpret), None
+
+
+def _cudnn_self_attention(q, k, v, positions, segment_ids, window, replay):
+    # cuDNN masks by place along the row too; `self_attention_implementation` checked the rest.
+    return cudnn.self_attention(q, k, v, segment_ids, window), None
+
+
 _SELF_ATTENTION: dict[str, Callable[..., tuple[jax.Array, Record]]] = {
     "dense": _dense_self_attention,
     "xla_blockwise": _blockwise_self_attention,
+    "splash": _splash_self_attention,
+    "cudnn": _cudnn_self_attention,
 }
 
 
@@ -54,13 +118,48 @@ def _unknown(implementation: str) -> ValueError:
     return ValueError(f"model.attention: expected one of {ATTENTION_IMPLEMENTATIONS}, got {implementation!r}")
 
 
-def self_attention_implementation(t: int, window: int | None, implementation: str = "auto") -> str:
-    """The implementation `self_attention` runs for a row of ``t`` queries (resolves ``"auto"``)."""
-    if implementation == "auto":
-        return "xla_blockwise" if blockwise.blockwise_pays(t, window) else "dense"
-    if implementation not in _SELF_ATTENTION:
+def _xla_choice(t: int, window: int | None) -> str:
+    return "xla_blockwise" if blockwise.blockwise_pays(t, window) else "dense"
+
+
+def self_attention_implementation(
+    t: int,
+    window: int | None,
+    implementation: str = "auto",
+    *,
+    platform: str | None = None,
+    head_dim: int = 128,
+    dtype: Any = jnp.bfloat16,
+    segmented: bool = False,
+) -> str:
+    """The implementation `self_attention` runs for a row of ``t`` queries (resolves ``"auto"``).
+
+    ``platform`` defaults to `target_platform`. ``cudnn`` (asked for, or ``auto`` on GPU) runs
+    ``xla_blockwise`` / ``dense`` where cuDNN cannot express the row (`cudnn.fallback_reason`
+    for ``head_dim``, ``dtype`` and whether the row has document ``segmented`` ids).
+    """
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise _unknown(implementation)
+    platform = _platform_name(platform) if platform else target_platform()
+    if implementation == "auto":
+        if platform == "tpu" and t >= splash.LANES:
+            return "splash"
+        implementation = "cudnn" if platform == "gpu" else _xla_choice(t, window)
+    if implementation == "cudnn" and (
+        platform != "gpu" or cudnn.fallback_reason(t, head_dim, dtype, segmented) is not None
+    ):
+        return _xla_choice(t, window)
     return implementation
+
+
+def cudnn_fallback_reason(
+    t: int, head_dim: int, dtype: Any, segmented: bool, platform: str | None = None
+) -> str | None:
+    """Why ``cudnn`` runs XLA for this row (None: it runs cuDNN); for logs and docs."""
+    platform = _platform_name(platform) if platform else target_platform()
+    if platform != "gpu":
+        return f"cuDNN runs on GPUs only; compiling for {platform}"
+    return cudnn.fallback_reason(t, head_dim, dtype, segmented)
 
 
 def self_attention(
@@ -77,12 +176,28 @@ def self_attention(
     """Causal self-attention (docs/architecture.md §5.4): key j is visible to query i iff
     j <= i, both lie in the same segment (when ``segment_ids_BT`` is given) and i - j < window
     (when ``window`` is given). Positions are absolute (one per element); K may divide H (GQA).
+    The kernels (splash, cudnn) mask by place along the row, which is the same rule because
+    every caller passes positions 0..T-1 (`bltjax.models.layers.positions_like`, ``prefill``).
 
     Returns (out [B, T, H, D], record): ``record`` is None or what the implementation can
     replay when the same inputs run again under rematerialisation (pass it as ``replay``).
     """
-    name = self_attention_implementation(q_BTHD.shape[1], window, implementation)
+    t, d = q_BTHD.shape[1], q_BTHD.shape[3]
+    name = self_attention_implementation(
+        t, window, implementation, head_dim=d, dtype=q_BTHD.dtype, segmented=segment_ids_BT is not None
+    )
     return _SELF_ATTENTION[name](q_BTHD, k_BTKD, v_BTKD, positions_BT, segment_ids_BT, window, replay)
+
+
+def cross_attention_implementation(implementation: str = "auto") -> str:
+    """The implementation `cross_attention` runs for its structured (gathered / own-patch) forms.
+
+    Only ``dense`` and ``splash`` have their own; ``auto``, ``xla_blockwise`` and ``cudnn`` run
+    the gather forms of `cross` (docs/design.md, "Attention kernels per backend").
+    """
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise _unknown(implementation)
+    return implementation if implementation in ("dense", "splash") else "xla_blockwise"
 
 
 def cross_attention(
@@ -103,20 +218,25 @@ def cross_attention(
       * ``key_patch`` [B, S]: query t belongs to patch t // ``slots_per_patch`` and sees the
         keys whose patch is its own (the encoder's own-patch window);
       * ``mask`` [B, T, S]: any dense mask (wider cross-attention windows).
-    ``"dense"`` turns the first two into masks; the other implementations gather the keys.
-    A query without keys gets 0.
+    ``"dense"`` turns the first two into masks; ``"splash"`` into segment ids (the decoder's
+    ``gather_index`` must then name the R consecutive slots of one patch, the form it builds);
+    the others gather the keys. A query without keys gets 0.
     """
     if sum(x is not None for x in (gather_index, key_patch, mask)) != 1:
         raise ValueError("cross_attention: expected exactly one of gather_index, key_patch, mask")
-    if implementation not in ATTENTION_IMPLEMENTATIONS:
-        raise _unknown(implementation)
-    if mask is None and implementation == "dense":
+    name = cross_attention_implementation(implementation)
+    if mask is None and name == "dense":
         if gather_index is not None:
             mask = masks.gathered_mask(gather_index, k_BSKD.shape[1])
         else:
             mask = masks.own_patch_mask(key_patch, q_BTHD.shape[1], slots_per_patch)
     if mask is not None:
         return dense.attend(q_BTHD, k_BSKD, v_BSKD, mask)
+    if name == "splash":
+        interpret = target_platform() != "tpu"
+        if gather_index is not None:
+            return splash.cross_gathered(q_BTHD, k_BSKD, v_BSKD, gather_index, interpret=interpret)
+        return splash.cross_own_patch(q_BTHD, k_BSKD, v_BSKD, key_patch, slots_per_patch, interpret=interpret)
     if gather_index is not None:
         return cross.attend_gathered(q_BTHD, k_BSKD, v_BSKD, gather_index)
     return cross.attend_own_patch(q_BTHD, k_BSKD, v_BSKD, key_patch, slots_per_patch)

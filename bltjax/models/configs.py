@@ -36,7 +36,7 @@ PATCH_QUERY_INITS = ("hidden", "embedding")
 REMAT_POLICIES = ("none", "block", "full", "save_dots")
 # Attention implementations of `bltjax.kernels` (its ATTENTION_IMPLEMENTATIONS; this copy keeps
 # config validation free of jax).
-ATTENTION_IMPLEMENTATIONS = ("auto", "dense", "xla_blockwise")
+ATTENTION_IMPLEMENTATIONS = ("auto", "dense", "xla_blockwise", "splash", "cudnn")
 
 
 def round_up(value: int, multiple: int) -> int:
