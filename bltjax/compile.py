@@ -4,7 +4,9 @@ r"""Ahead-of-time compilation of the train step for a target topology: does it s
   python -m bltjax.compile --config experiments/blt_tiny.py --devices 8 --hbm-gib 16
 
 Compiles the exact train step `python -m bltjax.train` would run for the target's devices and
-prints its per-device memory; nothing runs and nothing is allocated. Exit status 1 with a clear
+prints its per-device memory, what is live at the memory peak (largest buffers with the jax
+op that made them, totals per layer kind) and a roofline estimate of the step time and MFU on
+the target; nothing runs and nothing is allocated. Exit status 1 with a clear
 message when the mesh does not fit the devices or the batch, when compilation fails, or when
 the peak estimate exceeds the device's HBM times --hbm-fraction. The target table (v4-N,
 v5p-N, v5e-N, v6e-N, h100-N, ... or a TPU layout such as v5p:4x4x8), the two compilers
@@ -36,6 +38,9 @@ def define_flags() -> None:
     flags.DEFINE_float("hbm_fraction", DEFAULT_HBM_FRACTION, "Fraction of the memory the step may use.")
     flags.DEFINE_enum("backend", "auto", ["auto", "tpu", "cpu"], "tpu: libtpu's compiler; cpu: fake CPU devices.")
     flags.DEFINE_string("out", None, "Also write the report as JSON here.")
+    flags.DEFINE_bool(
+        "explain", True, "List what is live at the memory peak (compiles afresh); --noexplain: a cache lookup."
+    )
 
 
 def main(argv: list[str]) -> None:
@@ -56,6 +61,7 @@ def main(argv: list[str]) -> None:
             hbm_fraction=FLAGS.hbm_fraction,
             backend=FLAGS.backend,
             out=FLAGS.out,
+            explain=FLAGS.explain,
         )
     except (CompileError, ConfigError, sharding.MeshError) as err:
         print(f"error: {err}", file=sys.stderr)

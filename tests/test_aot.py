@@ -97,6 +97,15 @@ def test_compiled_step_reports_per_device_memory_and_refuses_what_does_not_fit()
     assert report.temp_bytes > 0
     assert report.fits and report.limit_bytes == int(16 * GIB * aot.DEFAULT_HBM_FRACTION)
     assert "peak estimate" in report.table() and "fits:" in report.table()
+    # What is live at the peak, by the jax op that made it, and a roofline without peak figures for cpu.
+    breakdown = report.breakdown
+    assert breakdown is not None and breakdown.peak_live_bytes > report.state_bytes
+    assert {"train state", "latent transformer", "local encoder", "local decoder"} <= set(breakdown.by_kind())
+    assert all(b.op_name.startswith("jit(train_step)") for b in breakdown.temporaries()[:10])
+    assert "largest 10 temporaries at the peak:" in report.table()
+    assert report.roofline.flops_per_device > 0 and report.roofline.bytes_per_device > 0
+    assert "no peak figures for this target (cpu)" in report.table()
+    assert report.to_json()["breakdown"]["top_temporaries"][0]["bytes"] == breakdown.temporaries()[0].bytes
 
     tight = dataclasses.replace(report, limit_bytes=report.peak_bytes - 1)
     with pytest.raises(aot.OutOfMemoryError, match=r"4 devices \(4 devices, mesh .*\): the compiled train step needs "
@@ -154,6 +163,10 @@ def test_cli_compiles_for_a_topology_on_fake_cpu_devices(tmp_path):
     report = json.loads(out.read_text())
     assert report["fits"] and report["devices"] == 4 and report["limit_bytes"] == int(95 * GIB * 0.9)
     assert report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert report["breakdown"]["top_temporaries"] and "largest 10 temporaries at the peak" in result.stdout
+    roof = report["roofline"]
+    assert roof["chip"]["bf16_flops"] == 459e12 and roof["step_seconds"] > 0 and 0 < roof["mfu"] < 1
+    assert "estimated MFU" in result.stdout and "on TPU v5p (459 TFLOP/s bf16" in result.stdout
 
 
 @pytest.mark.slow

@@ -40,6 +40,7 @@ device (megacore). ``num_slices`` multiplies the devices (multi-slice, over DCN)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -48,8 +49,9 @@ import os
 import pathlib
 import re
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, TextIO
 
 import jax
@@ -58,7 +60,9 @@ import ml_collections
 
 from bltjax.config import validate
 from bltjax.models.factory import build_model
+from bltjax.runtime import memory_report
 from bltjax.runtime.atomic import write_atomic
+from bltjax.runtime.roofline import Roofline, chip_peaks, estimate, model_flops_per_step
 from bltjax.training import sharding
 from bltjax.training.optimizer import learning_rate_schedule, make_optimizer
 from bltjax.training.state import abstract_state, restore_target, state_placements
@@ -113,6 +117,7 @@ class Target:
     tpu_layout: str | None = None  # e.g. "v5p:4x4x4", for jax.experimental.topologies
     chip_config: str | None = None
     num_slices: int = 1
+    accelerator: str | None = None  # an ACCELERATORS key, for the roofline's peak figures
 
 
 def _known() -> str:
@@ -155,7 +160,7 @@ def parse_topology(text: str, num_slices: int = 1) -> Target:
                     f"{sorted(table)}); give it explicitly, e.g. {accel.name}:{next(iter(table.values()))}"
                 )
             layout = f"{accel.name}:{table[chips]}"
-    return Target(text, accel.platform, chips * num_slices, hbm, layout, accel.chip_config, num_slices)
+    return Target(text, accel.platform, chips * num_slices, hbm, layout, accel.chip_config, num_slices, accel.name)
 
 
 def device_count_target(devices: int, hbm_gib: float | None) -> Target:
@@ -243,6 +248,9 @@ class CompileReport:
     code_bytes: int
     limit_bytes: int  # 0: no limit
     compile_seconds: float
+    breakdown: memory_report.MemoryBreakdown | None = None  # what is live at the peak, by source
+    breakdown_note: str = ""  # why there is no breakdown
+    roofline: Roofline | None = None
 
     @property
     def peak_bytes(self) -> int:
@@ -253,7 +261,12 @@ class CompileReport:
         return self.limit_bytes == 0 or self.peak_bytes <= self.limit_bytes
 
     def to_json(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "peak_bytes": self.peak_bytes, "fits": self.fits}
+        plain = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        plain.update(
+            breakdown=self.breakdown.to_json() if self.breakdown else None,
+            roofline=self.roofline.to_json() if self.roofline else None,
+        )
+        return {**plain, "peak_bytes": self.peak_bytes, "fits": self.fits}
 
     def table(self) -> str:
         rows = [
@@ -275,7 +288,14 @@ class CompileReport:
         verdict = "no memory limit given" if not self.limit_bytes else (
             f"fits: {100 * self.peak_bytes / self.limit_bytes:.1f} % of the limit"
             if self.fits else "DOES NOT FIT")  # fmt: skip
-        return "\n".join([head, *lines, verdict])
+        parts = [head, *lines, verdict]
+        if self.breakdown is not None:
+            parts.append(self.breakdown.table(top=10, format_bytes=format_bytes))
+        elif self.breakdown_note:
+            parts.append(f"no per-buffer breakdown: {self.breakdown_note}")
+        if self.roofline is not None:
+            parts += ["roofline:", *self.roofline.lines()]
+        return "\n".join(parts)
 
 
 def format_bytes(value: int) -> str:
@@ -301,6 +321,25 @@ def _shard_bytes(tree: Any) -> int:
         math.prod(leaf.sharding.shard_shape(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
         for leaf in jax.tree.leaves(tree)
     )
+
+
+@contextlib.contextmanager
+def _without_persistent_cache() -> Iterator[None]:
+    """No persistent-cache lookup inside: the compiler writes its buffer dump only when it compiles.
+
+    jax leaves the dump options out of the cache key, so a cached program would come back
+    without the files `memory_report` reads.
+    """
+    from jax.experimental.compilation_cache import compilation_cache
+
+    previous = jax.config.jax_enable_compilation_cache
+    compilation_cache.reset_cache()  # jax decides once per process whether the cache is used
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", previous)
+        compilation_cache.reset_cache()
 
 
 def _advice(config: ml_collections.ConfigDict) -> str:
@@ -349,11 +388,16 @@ def compile_train_step(
     backend: str,
     hbm_bytes: int = 0,
     hbm_fraction: float = DEFAULT_HBM_FRACTION,
+    accelerator: str | None = None,
+    explain: bool = True,
 ) -> CompileReport:
     """Compiles `python -m bltjax.train`'s step for `devices`; raises CompileError / OutOfMemoryError early.
 
     Order: config and mesh checks (instant), then the train state's per-device size against the
-    limit (instant), then the compilation (seconds to minutes), then the compiled peak.
+    limit (instant), then the compilation (seconds to minutes), then the compiled peak. With
+    ``explain`` the compiler also dumps its buffer assignment, which `memory_report` reads into
+    the report's per-buffer breakdown; ``accelerator`` (an `ACCELERATORS` key) selects the
+    peak figures of the roofline estimate (none for a bare CPU device count).
     """
     if not 0 < hbm_fraction <= 1:
         raise CompileError(f"--hbm-fraction: expected a number in (0, 1], got {hbm_fraction}")
@@ -378,18 +422,31 @@ def compile_train_step(
         batch_sharding=batch_sharding,
     )
     start = time.perf_counter()
-    try:
-        lowered = jit_train_step(step, plan.shardings, batch_sharding).lower(
-            plan.state, _abstract_batch(config, batch_sharding)
-        )
-        compiled = lowered.compile()
-    except Exception as err:  # XLA reports sharding and resource errors as runtime errors
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        text = str(err)
-        kind = OutOfMemoryError if "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower() else CompileError
-        raise kind(f"{where}: compiling the train step failed: {message}") from err
-    seconds = time.perf_counter() - start
+    with tempfile.TemporaryDirectory(prefix="bltjax_compile_") as dump_dir:
+        try:
+            lowered = jit_train_step(step, plan.shardings, batch_sharding).lower(
+                plan.state, _abstract_batch(config, batch_sharding)
+            )
+            if explain:
+                with _without_persistent_cache():
+                    compiled = lowered.compile(memory_report.dump_options(dump_dir))
+            else:
+                compiled = lowered.compile()
+        except Exception as err:  # XLA reports sharding and resource errors as runtime errors
+            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            text = str(err)
+            kind = OutOfMemoryError if "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower() else CompileError
+            raise kind(f"{where}: compiling the train step failed: {message}") from err
+        seconds = time.perf_counter() - start
+        breakdown = memory_report.read_dump(dump_dir, "train_step") if explain else None
+    note = "not asked for (--noexplain)" if not explain else "" if breakdown else "the compiler wrote no buffer dump"
     stats = compiled.memory_analysis()
+    roof = estimate(
+        compiled.cost_analysis(),
+        devices=len(devices),
+        chip=chip_peaks(accelerator),
+        model_flops=model_flops_per_step(config),
+    )
     report = CompileReport(
         target=target,
         backend=backend,
@@ -404,6 +461,9 @@ def compile_train_step(
         code_bytes=int(getattr(stats, "generated_code_size_in_bytes", 0)),
         limit_bytes=limit,
         compile_seconds=seconds,
+        breakdown=breakdown,
+        breakdown_note=note,
+        roofline=roof,
     )
     return report
 
@@ -431,6 +491,7 @@ def compile_for_target(
     backend: str = "auto",
     out: str | pathlib.Path | None = None,
     console: TextIO = sys.stdout,
+    explain: bool = True,
 ) -> CompileReport:
     """Compiles the train step for a `topology` name or a bare `devices` count (exactly one).
 
@@ -455,7 +516,14 @@ def compile_for_target(
     print(f"compiling the train step for {target.name}: {target.devices} devices, {limit} memory limit per device x "
           f"{hbm_fraction:g}, {backend} compiler{estimate}", file=console, flush=True)  # fmt: skip
     report = compile_train_step(
-        config, compile_devices, target=target.name, backend=backend, hbm_bytes=hbm, hbm_fraction=hbm_fraction
+        config,
+        compile_devices,
+        target=target.name,
+        backend=backend,
+        hbm_bytes=hbm,
+        hbm_fraction=hbm_fraction,
+        accelerator=target.accelerator,
+        explain=explain,
     )
     print(report.table(), file=console, flush=True)
     if out:
