@@ -115,6 +115,14 @@ def attend(
     """
     b, t, h, d = q_BTHD.shape
     s, kv_heads = k_BSKD.shape[1:3]
+    precision = str(jax.config.jax_default_matmul_precision)
+    if not interpret and q_BTHD.dtype != jnp.float32 and precision in ("highest", "float32"):
+        # The kernel's dots take the global precision when the step is lowered; Mosaic has no
+        # float32-precision matmul of bfloat16 operands (it accumulates in float32 anyway).
+        raise ValueError(
+            f"splash attention: jax_default_matmul_precision={precision!r} cannot compile for "
+            f"{q_BTHD.dtype} inputs on a TPU; leave it at its default or use model.attention='xla_blockwise'"
+        )
     if h % kv_heads:
         raise ValueError(f"splash attention: {kv_heads} key/value heads do not divide {h} query heads")
     if causal and t != s:
