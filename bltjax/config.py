@@ -78,7 +78,11 @@ def _common() -> ml_collections.ConfigDict:
         )
     )
     # Device mesh (bltjax/training/sharding.py): -1 on one axis = all remaining devices.
-    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # sequence: None, or the mesh axis over which long byte rows are split along their length
+    # (activation sharding, bltjax/training/sharding.py); the batch then uses the other batch axes.
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, sequence=None))
+    # The slice this config is sized for (a pod variant sets it; `bltjax.compile` defaults --topology to it).
+    config.topology = ""
     # AdamW of docs/architecture.md §13; the official code decays every parameter (decay_all=True).
     config.optimizer = ml_collections.ConfigDict(
         dict(
@@ -168,8 +172,47 @@ PAPER_SIZES = {
 }
 
 
-def paper_blt_config(size: str) -> ml_collections.ConfigDict:
-    """A BLT of the paper's sizes with entropy patching and 16 KiB contexts (docs/architecture.md §13, §15)."""
+# Pod variants: the TPU slice each paper size is sized for (`experiments/blt_1b.py:v5p-128`). The
+# paper's step of 1024 rows x 16 KiB (about 16M bytes) is kept; at most 4 micro-batches keep the
+# per-step overhead of accumulation small, and FSDP over every chip divides the state by the slice.
+POD_VARIANTS = {
+    "400m": ("v5p-64",),
+    "1b": ("v5p-128",),
+    "2b": ("v5p-256",),
+    "4b": ("v5p-256",),
+    "8b": ("v5p-512",),
+}
+POD_GRAD_ACCUM = 4
+POD_REMAT = "block"
+
+
+def pod_variant(config: ml_collections.ConfigDict, size: str, variant: str) -> ml_collections.ConfigDict:
+    """Sets the mesh, remat, accumulation and slice of the paper config ``size`` for ``variant``."""
+    known = POD_VARIANTS[size]
+    if variant not in known:
+        raise ConfigError(
+            f"experiments/blt_{size}.py:{variant}: unknown pod variant; expected one of {list(known)} "
+            f"(or no variant for the single-host defaults)"
+        )
+    config.topology = variant
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
+    config.model.remat = POD_REMAT
+    config.train.grad_accum = POD_GRAD_ACCUM
+    if "scan_layers" in config.model:  # identical blocks under nn.scan: compile time independent of depth
+        config.model.scan_layers = True
+    return config
+
+
+def recorded_topology(config: ml_collections.ConfigDict) -> str | None:
+    """The slice a config records (``config.topology``), or None: `bltjax.compile`'s default --topology."""
+    return config.get("topology") or None
+
+
+def paper_blt_config(size: str, variant: str | None = None) -> ml_collections.ConfigDict:
+    """A BLT of the paper's sizes with entropy patching and 16 KiB contexts (docs/architecture.md §13, §15).
+
+    ``variant`` names a TPU slice of `POD_VARIANTS` (``"v5p-128"``) and applies `pod_variant`.
+    """
     if size not in PAPER_SIZES:
         raise ConfigError(f"size: expected one of {sorted(PAPER_SIZES)}, got {size!r}")
     (el, eh, ed), (gl, gh, gd), (dl, dh, dd), k = PAPER_SIZES[size]
@@ -182,7 +225,7 @@ def paper_blt_config(size: str) -> ml_collections.ConfigDict:
     config.data.seq_len = 16384
     config.data.max_patches = 4096
     config.data.batch_size = 1024
-    return config
+    return pod_variant(config, size, variant) if variant else config
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
@@ -405,6 +448,12 @@ def _validate_training(config: ml_collections.ConfigDict) -> None:
         _require(value == -1 or _positive_int(value), f"config.mesh.{axis}", "a positive integer or -1 (fill)", value)
     _require(
         sum(mesh[a] == -1 for a in ("data", "fsdp", "tensor")) <= 1, "config.mesh", "at most one axis set to -1", mesh
+    )
+    _require(
+        mesh.get("sequence") in (None, "data", "fsdp", "tensor"),
+        "config.mesh.sequence",
+        "None or one of the mesh axes 'data', 'fsdp', 'tensor'",
+        mesh.get("sequence"),
     )
     opt = config.optimizer
     w = "config.optimizer"

@@ -26,6 +26,7 @@ from bltjax.models.latent import LatentTransformer
 from bltjax.models.layers import eos_segment_ids, positions_like
 from bltjax.models.local_decoder import LocalDecoder
 from bltjax.models.local_encoder import LocalEncoder
+from bltjax.models.partitioning import constrain
 from bltjax.models.patch_ids import check_patch_lengths, decoder_patch_ids, patch_ids, with_next_token
 from bltjax.tokenizer import EOS_ID
 
@@ -53,13 +54,14 @@ class BLT(nn.Module):
             check_patch_lengths(patch_lengths, n)
         tokens = jnp.asarray(tokens, jnp.int32)
         lengths = with_next_token(jnp.asarray(patch_lengths), n)
-        pid = patch_ids(lengths, n)
-        dpid = decoder_patch_ids(lengths, n)
+        pid = constrain(patch_ids(lengths, n), ("batch", "length"))
+        dpid = constrain(decoder_patch_ids(lengths, n), ("batch", "length"))
 
         is_eos = tokens == EOS_ID
         positions = positions_like(tokens)
         token_segments = eos_segment_ids(is_eos) if cfg.document_mask else None
         hash_ids = all_hash_ids(tokens, cfg.hash_sizes, cfg.hash_functions, cfg.hash_vocab)
+        hash_ids = constrain(hash_ids, (None, "batch", "length"))
         self.sow("intermediates", "hash_ids", hash_ids)
         self.sow("intermediates", "encoder_patch_ids", pid)
         self.sow("intermediates", "decoder_patch_ids", dpid)
@@ -67,7 +69,10 @@ class BLT(nn.Module):
         encoder = LocalEncoder(cfg, name="local_encoder")
         byte_states, slots = encoder(tokens, hash_ids, positions, token_segments, pid, p)
         self.sow("intermediates", "encoder_hidden", byte_states)
-        patch_vectors = slots.reshape(b, p, cfg.cross_attn_k * cfg.encoder.dim)
+        byte_states = constrain(byte_states, ("batch", "length", "act_embed"))
+        patch_vectors = constrain(
+            slots.reshape(b, p, cfg.cross_attn_k * cfg.encoder.dim), ("batch", "patches", "act_embed")
+        )
         self.sow("intermediates", "encoder_patch_embeds", patch_vectors)
 
         patch_positions = positions_like(lengths)
@@ -75,8 +80,10 @@ class BLT(nn.Module):
         if cfg.document_mask:
             # A patch ends a document if it holds an EOS (docs/architecture.md §7).
             patch_has_eos = jnp.zeros((b, p), bool).at[jnp.arange(b)[:, None], pid].max(is_eos)
-            patch_segments = eos_segment_ids(patch_has_eos)
+            patch_segments = constrain(eos_segment_ids(patch_has_eos), ("batch", "patches"))
         global_out = LatentTransformer(cfg, name="latent")(patch_vectors, patch_positions, patch_segments)
+        global_out = constrain(global_out, ("batch", "patches", "act_embed"))
         self.sow("intermediates", "global_output", global_out)
 
-        return LocalDecoder(cfg, name="local_decoder")(byte_states, global_out, positions, token_segments, dpid)
+        logits = LocalDecoder(cfg, name="local_decoder")(byte_states, global_out, positions, token_segments, dpid)
+        return constrain(logits, ("batch", "length", "act_vocab"))

@@ -21,6 +21,7 @@ from bltjax.models.layers import (
     positions_like,
     truncated_normal_init,
 )
+from bltjax.models.partitioning import constrain
 from bltjax.tokenizer import EOS_ID
 
 
@@ -56,7 +57,9 @@ class ByteLM(nn.Module):
     def __call__(self, tokens: jax.Array) -> jax.Array:
         tokens = jnp.asarray(tokens, jnp.int32)
         segments = eos_segment_ids(tokens == EOS_ID) if self.config.document_mask else None
-        return self._logits(self.transformer(self._embed(tokens), positions_like(tokens), segments))
+        x = constrain(self._embed(tokens), ("batch", "length", "act_embed"))
+        x = constrain(self.transformer(x, positions_like(tokens), segments), ("batch", "length", "act_embed"))
+        return constrain(self._logits(x), ("batch", "length", "act_vocab"))
 
     def prefill(
         self, tokens_BT: jax.Array, valid_BT: jax.Array, caches: tuple[KVCache, ...]

@@ -19,6 +19,7 @@ import numpy as np
 
 from bltjax.models.configs import HASH_PRIMES, round_up
 from bltjax.models.layers import truncated_normal_init
+from bltjax.models.partitioning import constrain
 
 _MASK64 = (1 << 64) - 1
 
@@ -166,7 +167,8 @@ class HashNgramEmbedding(nn.Module):
             (self.num_tables, round_up(self.vocab, self.rows_multiple), self.dim),
             self.param_dtype,
         )
-        return _lookup_sum(tables, hash_ids_TBN)
+        summed = _lookup_sum(tables, hash_ids_TBN)
+        return constrain(summed, ("batch", "length", "act_embed")) if summed.ndim == 3 else summed
 
     def _init(self, key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
         """Draws the [tables, vocab, dim] weights, then zero-pads the rows: the same start on any mesh."""

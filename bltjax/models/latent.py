@@ -11,6 +11,7 @@ import jax
 
 from bltjax.models.configs import BLTConfig
 from bltjax.models.layers import Linear, Transformer, dtype_of
+from bltjax.models.partitioning import constrain
 
 
 class LatentTransformer(nn.Module):
@@ -38,4 +39,6 @@ class LatentTransformer(nn.Module):
         return patches_PX.astype(dtype_of(self.config.dtype))
 
     def __call__(self, patches_BPX: jax.Array, positions_BP: jax.Array, segment_ids_BP: jax.Array | None) -> jax.Array:
-        return self.transformer(self.project_in(patches_BPX), positions_BP, segment_ids_BP)
+        # The stack's boundaries are named so the scanned / unrolled layers inherit the batch split.
+        x = constrain(self.project_in(patches_BPX), ("batch", "patches", "act_embed"))
+        return constrain(self.transformer(x, positions_BP, segment_ids_BP), ("batch", "patches", "act_embed"))

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from bltjax.models.configs import BLTConfig
 from bltjax.models.layers import CrossAttention, Linear, RMSNorm, TransformerBlock, depth_factor, dtype_of
+from bltjax.models.partitioning import constrain
 from bltjax.models.remat import rematerialise
 
 
@@ -80,12 +81,14 @@ class LocalDecoder(nn.Module):
         cfg = self.config
         k = cfg.cross_attn_k
         b, p, _ = global_BPG.shape
-        slots = self.patch_slots(global_BPG).reshape(b, p * k, cfg.decoder.dim)
+        slots = constrain(
+            self.patch_slots(global_BPG).reshape(b, p * k, cfg.decoder.dim), ("batch", "patches", "act_embed")
+        )
 
         window = cfg.cross_attn_window_decoder
         if window == 1:
             gather_index = dpid_BN[:, :, None] * k + jnp.arange(k, dtype=jnp.int32)
-            cross = dict(gather_index_BTR=gather_index)
+            cross = dict(gather_index_BTR=constrain(gather_index, ("batch", "length", None)))
         else:
             slot_patch = (jnp.arange(p * k, dtype=jnp.int32) // k)[None, None, :]
             dpid = dpid_BN[:, :, None]
@@ -94,6 +97,6 @@ class LocalDecoder(nn.Module):
         x = byte_states_BNE
         for i, layer in enumerate(self.layers):
             if i in self.cross_attention:
-                x = self.cross_attention[i](x, slots, **cross)
-            x = layer(x, positions_BN, segment_ids_BN)
-        return self.logits(x)
+                x = constrain(self.cross_attention[i](x, slots, **cross), ("batch", "length", "act_embed"))
+            x = constrain(layer(x, positions_BN, segment_ids_BN), ("batch", "length", "act_embed"))
+        return constrain(self.logits(x), ("batch", "length", "act_vocab"))

@@ -23,6 +23,7 @@ from bltjax.models.layers import (
     dtype_of,
     truncated_normal_init,
 )
+from bltjax.models.partitioning import constrain
 from bltjax.models.remat import rematerialise
 
 
@@ -135,7 +136,7 @@ class LocalEncoder(nn.Module):
         n_patches: int,
     ) -> tuple[jax.Array, jax.Array]:
         cfg = self.config
-        x = self.embed(tokens_BN, hash_ids_TBN)
+        x = constrain(self.embed(tokens_BN, hash_ids_TBN), ("batch", "length", "act_embed"))
         self.sow("intermediates", "encoder_input_embeds", x)
         embeddings = x
 
@@ -147,11 +148,15 @@ class LocalEncoder(nn.Module):
             )
         slots = None
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions_BN, segment_ids_BN)
+            x = constrain(layer(x, positions_BN, segment_ids_BN), ("batch", "length", "act_embed"))
             if i not in self.cross_attention:
                 continue
             if slots is None or cfg.repool_every_cross_attn_layer:
                 source = embeddings if cfg.patch_query_init == "embedding" else x
-                slots = self.patch_queries(pool_patches(source, pid_BN, n_patches, cfg.pooling))
-            slots = self.cross_attention[i](slots, x, **cross)
+                # The pooling scatter and the query gather lose the batch split unless it is named.
+                pooled = constrain(
+                    pool_patches(source, pid_BN, n_patches, cfg.pooling), ("batch", "patches", "act_embed")
+                )
+                slots = constrain(self.patch_queries(pooled), ("batch", "patches", "act_embed"))
+            slots = constrain(self.cross_attention[i](slots, x, **cross), ("batch", "patches", "act_embed"))
         return x, slots

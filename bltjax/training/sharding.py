@@ -9,6 +9,12 @@ Modules name the axes of their parameters logically ("embed", "heads", "mlp", ..
 `format_rules` prints at start-up (MaxText's approach). A dimension that the mesh cannot
 divide evenly is replicated instead, and reported, so any config runs on any mesh.
 
+The same table names the activations (`bltjax.models.partitioning.constrain`): "batch",
+"length" (bytes of a row), "patches" and the "act_*" feature axes. Activation features have
+their own names because a parameter's "embed" is split over fsdp, which the batch already uses.
+`activation_rules` can split long byte rows along their length over one mesh axis
+(``config.mesh.sequence``), taking that axis away from the batch.
+
 The mesh uses `AxisType.Auto`: Linen's logical partitioning is GSPMD-style and fails on the
 Explicit axes that `jax.make_mesh` defaults to in this jax version.
 """
@@ -44,11 +50,28 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("norm", None),
     ("hash_tables", None),
     ("hash_embed", None),
+    # activations
+    ("length", None),
+    ("patches", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_vocab", None),
 )
 
 
 class MeshError(ValueError):
     """A mesh shape that does not fit the devices or the batch; names the config field."""
+
+
+def activation_rules(sequence_axis: str | None = None) -> tuple[tuple[str, Any], ...]:
+    """`LOGICAL_RULES`, or with byte rows split along "length" over ``sequence_axis`` (no longer a batch axis)."""
+    if sequence_axis is None:
+        return LOGICAL_RULES
+    if sequence_axis not in MESH_AXES:
+        raise MeshError(f"config.mesh.sequence: expected None or one of {MESH_AXES}, got {sequence_axis!r}")
+    batch = tuple(axis for axis in BATCH_AXES if axis != sequence_axis) or None
+    changed = {"batch": batch, "length": sequence_axis}
+    return tuple((name, changed.get(name, entry)) for name, entry in LOGICAL_RULES)
 
 
 def mesh_shape(config: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:

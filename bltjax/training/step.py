@@ -10,13 +10,18 @@ The micro-batch of index a takes rows a, a + A, a + 2A, ... of the global batch 
 [B/A, A] then a swap), so every device keeps contributing rows to every micro-batch instead of
 the micro-batches walking across the devices.
 
+Activations are sharded by the logical rules of `bltjax.training.sharding` (batch over data x
+fsdp) whenever the step is built for a mesh of more than one device: the model's `constrain`
+calls are no-ops elsewhere (`bltjax.models.partitioning`).
+
 Metrics are sums (nats, counted targets, byte targets) rather than means, so that the host can
 aggregate any number of steps exactly into bits-per-byte.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -25,7 +30,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding
 
+from bltjax.models.partitioning import activation_sharding
 from bltjax.runtime import xla_options
+from bltjax.training import sharding as sharding_rules
 from bltjax.training.metrics import summarize_nll, token_nll
 from bltjax.training.state import TrainState
 
@@ -66,9 +73,16 @@ def make_train_step(
     model_type: str,
     grad_accum: int = 1,
     batch_sharding: NamedSharding | None = None,
+    activation_rules: Sequence[tuple[str, Any]] | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-    """The un-jitted pure step; `jit_train_step` adds shardings and donation."""
+    """The un-jitted pure step; `jit_train_step` adds shardings and donation.
+
+    ``activation_rules`` (default `sharding.LOGICAL_RULES`; `sharding.activation_rules` for
+    sequence sharding) place the model's activations on ``batch_sharding``'s mesh.
+    """
     fields = batch_fields(model_type)
+    rules = sharding_rules.LOGICAL_RULES if activation_rules is None else activation_rules
+    mesh = batch_sharding.mesh if batch_sharding is not None and batch_sharding.mesh.size > 1 else None
 
     def micro_grads(params: Any, micro: Batch) -> tuple[Any, dict[str, jax.Array]]:
         def loss_fn(p: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -76,7 +90,9 @@ def make_train_step(
             loss = stats["nats_sum"] / (stats["n_targets"] + 1e-6) / grad_accum
             return loss, stats
 
-        (_, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        # The backward pass (custom VJPs, rematerialised blocks) is traced inside the context too.
+        with activation_sharding(mesh, rules) if mesh is not None else contextlib.nullcontext():
+            (_, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return jax.tree.map(lambda g: g.astype(jnp.float32), grads), stats
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
