@@ -225,3 +225,19 @@ def test_every_splash_path_compiles_for_a_tpu(tpu_device, name, attention, shape
     text = compiled.as_text()
     assert text.count('custom_call_target="tpu_custom_call"') >= 3, name
     assert "interpret" not in text.lower() or "tpu_custom_call" in text
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_tiny_blt_train_step_compiles_for_a_tpu_slice_with_splash(tpu_device):
+    """The whole sharded train step (FSDP over 4 chips) with auto = splash on TPU: every kernel
+    runs per shard (a Pallas call XLA had to partition would fail to compile)."""
+    config = load_config("experiments/blt_tiny.py")
+    config.data.seq_len, config.data.max_patches, config.data.batch_size = 512, 128, 8
+    config.mesh.data, config.mesh.fsdp = 1, -1
+    devices = aot.tpu_devices(aot.parse_topology("v5p-8"))
+    with kernels.compiling_for("tpu"):
+        assert kernels.self_attention_implementation(512, 32) == "splash"
+        with jax.default_matmul_precision("default"):
+            report = aot.compile_train_step(config, devices, target="v5p-8", backend="tpu")
+    assert report.fits and report.peak_bytes > 0
