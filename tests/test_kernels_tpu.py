@@ -35,11 +35,15 @@ def test_auto_resolves_by_the_platform_compiled_for():
     choose = kernels.self_attention_implementation
     assert kernels.target_platform() == "cpu"
     assert choose(4096, 512) == "xla_blockwise" and choose(128, None) == "dense"
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:8])
     with kernels.compiling_for("tpu"):
         assert kernels.target_platform() == "tpu"
-        assert choose(4096, 512) == choose(128, None) == "splash"
-        assert choose(100, None) == "dense"  # shorter than one 128-key block: nothing to tile
-        assert choose(4096, 512, "xla_blockwise") == "xla_blockwise"
+        # Several devices and no mesh for the kernel (an unsharded eval on a pod): XLA can run it, splash not.
+        assert choose(4096, 512) == "xla_blockwise"
+        with kernels.partitioned(mesh, ("data",)):
+            assert choose(4096, 512) == choose(128, None) == "splash"
+            assert choose(100, None) == "dense"  # shorter than one 128-key block: nothing to tile
+            assert choose(4096, 512, "xla_blockwise") == "xla_blockwise"
     assert kernels.target_platform() == "cpu"  # the context is left behind
     with kernels.compiling_for("cuda"):
         assert choose(16384, 512, dtype=jnp.bfloat16, head_dim=64) == "cudnn"
@@ -162,7 +166,11 @@ def tpu_device():
     # Compiling only: no chip is opened, so libtpu's one-process-per-host lock need not hold
     # (other processes on this machine may be compiling for a TPU too).
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    return aot.tpu_devices(aot.parse_topology("v5p-8"))[0]
+    # The persistent cache is for this host's CPU programs; a TPU executable cannot be loaded back here.
+    cache = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    yield aot.tpu_devices(aot.parse_topology("v5p-8"))[0]
+    jax.config.update("jax_enable_compilation_cache", cache)
 
 
 def _compile_for_tpu(fn, device, *shapes):
@@ -190,17 +198,19 @@ BF16, I32 = jnp.bfloat16, jnp.int32
     [
         (
             "local window 512, documents, GQA",
-            lambda q, k, v, s: kernels.self_attention(q, k, v, positions_like(s), s, 512)[0],
+            lambda q, k, v, s: kernels.self_attention(q, k, v, positions_like(s), s, 512, implementation="splash")[0],
             [((B, T, H, D), BF16), ((B, T, K, D), BF16), ((B, T, K, D), BF16), ((B, T), I32)],
         ),
         (
             "latent causal, documents",
-            lambda q, k, v, s: kernels.self_attention(q, k, v, positions_like(s), s, None)[0],
+            lambda q, k, v, s: kernels.self_attention(q, k, v, positions_like(s), s, None, implementation="splash")[0],
             [((B, T, H, D), BF16), ((B, T, H, D), BF16), ((B, T, H, D), BF16), ((B, T), I32)],
         ),
         (
             "latent causal, no documents, a row of 1000 padded to 1024",
-            lambda q, k, v: kernels.self_attention(q, k, v, positions_like(q[..., 0, 0]), None, None)[0],
+            lambda q, k, v: kernels.self_attention(
+                q, k, v, positions_like(q[..., 0, 0]), None, None, implementation="splash"
+            )[0],
             [((B, 1000, H, D), BF16), ((B, 1000, H, D), BF16), ((B, 1000, H, D), BF16)],
         ),
         (
@@ -229,15 +239,18 @@ def test_every_splash_path_compiles_for_a_tpu(tpu_device, name, attention, shape
 
 @needs_libtpu
 @pytest.mark.slow
-def test_tiny_blt_train_step_compiles_for_a_tpu_slice_with_splash(tpu_device):
+def test_tiny_blt_train_step_compiles_for_a_tpu_slice_with_splash(tpu_device, monkeypatch):
     """The whole sharded train step (FSDP over 4 chips) with auto = splash on TPU: every kernel
     runs per shard (a Pallas call XLA had to partition would fail to compile)."""
     config = load_config("experiments/blt_tiny.py")
     config.data.seq_len, config.data.max_patches, config.data.batch_size = 512, 128, 8
     config.mesh.data, config.mesh.fsdp = 1, -1
     devices = aot.tpu_devices(aot.parse_topology("v5p-8"))
-    with kernels.compiling_for("tpu"):
-        assert kernels.self_attention_implementation(512, 32) == "splash"
-        with jax.default_matmul_precision("default"):
-            report = aot.compile_train_step(config, devices, target="v5p-8", backend="tpu")
+    traced = []
+    run_splash = kernels._SELF_ATTENTION["splash"]
+    monkeypatch.setitem(kernels._SELF_ATTENTION, "splash", lambda *args: traced.append(1) or run_splash(*args))
+    with kernels.compiling_for("tpu"), jax.default_matmul_precision("default"):
+        # The step enters `kernels.partitioned` itself (the activation-sharding context): auto is splash there.
+        report = aot.compile_train_step(config, devices, target="v5p-8", backend="tpu")
     assert report.fits and report.peak_bytes > 0
+    assert len(traced) >= 5  # encoder, latent x 2 and decoder x 2 self-attentions (forward and remat)

@@ -10,11 +10,13 @@ The model's modules compute projections and RoPE and call only `self_attention` 
   cross-attention; on other backends it runs in Pallas interpret mode (tests only: slow).
 * ``"cudnn"``: cuDNN flash attention through `jax.nn.dot_product_attention` (`cudnn`) for the
   self-attentions it can express; XLA (``xla_blockwise``) for the rest and for cross-attention.
-* ``"auto"``: by the platform the step is compiled for (`target_platform`): on TPU splash
-  self-attention for rows of at least 128, on GPU cudnn; on CPU ``xla_blockwise`` for rows
-  longer than one query block and ``dense`` otherwise (the same work there). Cross-attention
-  keeps the gather forms of ``xla_blockwise`` on every platform (docs/design.md, "Attention
-  kernels per backend": splash's full mask computes every [T, S] block).
+* ``"auto"``: by the platform the step is compiled for (`target_platform`). On TPU splash
+  self-attention for rows of at least 128 where the kernel knows its mesh (inside
+  `partitioned`, or a one-device process; else XLA, e.g. an unsharded eval on a pod); on GPU
+  cudnn; on CPU ``xla_blockwise`` for rows longer than one query block and ``dense``
+  otherwise (the same work there). Cross-attention keeps the gather forms of
+  ``xla_blockwise`` on every platform (docs/design.md, "Attention kernels per backend":
+  splash's full mask computes every [T, S] block).
 
 All give the same values and gradients. A new kernel is a function of the same signature added
 to `_SELF_ATTENTION` (and `_CROSS_STRUCTURED` if it has a cross path).
@@ -35,7 +37,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from bltjax.kernels import blockwise, cross, cudnn, dense, kv_cache, masks, splash
+from bltjax.kernels import blockwise, cross, cudnn, dense, kv_cache, masks, sharding, splash
 from bltjax.kernels.sharding import partitioned
 
 __all__ = [
@@ -142,7 +144,9 @@ def self_attention_implementation(
         raise _unknown(implementation)
     platform = _platform_name(platform) if platform else target_platform()
     if implementation == "auto":
-        if platform == "tpu" and t >= splash.LANES:
+        # Splash needs its mesh (`partitioned`, entered by the sharded train step) unless the
+        # process has one device: XLA cannot partition a Pallas call itself.
+        if platform == "tpu" and t >= splash.LANES and (sharding.is_partitioned() or jax.device_count() == 1):
             return "splash"
         implementation = "cudnn" if platform == "gpu" else _xla_choice(t, window)
     if implementation == "cudnn" and (

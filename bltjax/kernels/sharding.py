@@ -37,6 +37,11 @@ def partitioned(mesh: Mesh, batch_axes: Sequence[str] = (), head_axes: Sequence[
         _ACTIVE.reset(token)
 
 
+def is_partitioned() -> bool:
+    """Whether tracing runs inside `partitioned` (Pallas kernels then know their mesh)."""
+    return _ACTIVE.get() is not None
+
+
 def _dividing(axes: tuple[str, ...], size: int, mesh: Mesh) -> tuple[str, ...]:
     """The longest prefix of ``axes`` whose product divides ``size``."""
     kept: list[str] = []
