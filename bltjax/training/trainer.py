@@ -238,6 +238,7 @@ class Trainer:
             model_type=cfg.model_type,
             grad_accum=cfg.train.grad_accum,
             batch_sharding=self.batch_sharding,
+            activation_rules=sharding.activation_rules(cfg.mesh.get("sequence")),
         )
         self.train_step = jit_train_step(step_fn, self.state_shardings, self.batch_sharding)
         self.eval_step = jit_eval_step(
