@@ -11,11 +11,15 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import pytest
 import test_distributed
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from bltjax.config import load_config
 from bltjax.models.factory import parameter_shapes
+from bltjax.models.hash_embed import _lookup_sum
 from bltjax.runtime import aot
 from bltjax.training.sharding import MeshError
 
@@ -198,3 +202,33 @@ def test_cli_compiles_for_a_real_v5p_128_with_libtpu():
     result = _cli("--topology", "v5p-128", "--backend", "tpu", "--config.mesh.fsdp=-1", "--config.data.batch_size=64")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "train step compiled for v5p-128 (64 devices, tpu compiler)" in result.stdout
+
+
+def _lookup_temp_bytes(tables_spec, mesh, shape) -> int:
+    """Temporaries of the hash lookup's forward and backward pass, tables sharded by ``tables_spec``."""
+    t, v, e, b, n = shape
+
+    def forward_backward(tables, ids, d_out):
+        summed, vjp = jax.vjp(lambda x: _lookup_sum(x, ids), tables)
+        return jax.lax.with_sharding_constraint(summed, NamedSharding(mesh, P("fsdp"))), vjp(d_out)[0]
+
+    tables_sharding, rows = NamedSharding(mesh, tables_spec), NamedSharding(mesh, P("fsdp"))
+    args = (
+        jax.ShapeDtypeStruct((t, v, e), jnp.float32, sharding=tables_sharding),
+        jax.ShapeDtypeStruct((t, b, n), jnp.int32, sharding=NamedSharding(mesh, P(None, "fsdp"))),
+        jax.ShapeDtypeStruct((b, n, e), jnp.float32, sharding=rows),
+    )
+    compiled = jax.jit(forward_backward, out_shardings=(rows, tables_sharding)).lower(*args).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_hash_tables_split_their_width_so_the_lookup_divides_with_the_mesh():
+    """With rows split over fsdp (the batch's axis) every device gathered the whole micro-batch from
+    its shard of every table, or the whole table: docs/design.md, "Where the pod memory went"."""
+    plan = aot.plan_step(tiny(data=1, fsdp=4), jax.devices()[:4])
+    spec = plan.shardings.params["local_encoder"]["hash_embedding"]["tables"].spec
+    assert spec[2] == "fsdp" and "fsdp" not in jax.tree.leaves(spec[1])
+    shape = (6, 4000, 256, 8, 2048)  # tables, rows, width, batch rows, bytes
+    full_batch_lookup = 6 * 8 * 2048 * 256 * 4  # [tables, rows, bytes, width] float32 on every device
+    assert _lookup_temp_bytes(spec, plan.mesh, shape) < full_batch_lookup / 2
+    assert _lookup_temp_bytes(P(None, "fsdp", None), plan.mesh, shape) > full_batch_lookup / 2  # the old split

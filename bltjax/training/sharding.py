@@ -44,12 +44,16 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
     ("patch_slots", "tensor"),
-    ("hash_rows", ("fsdp", "tensor")),
+    # Hash tables split their rows over "tensor" and their width over "fsdp", never their rows over
+    # the batch's axis: the lookup's SPMD partition then replicated the indices, and every chip
+    # gathered every row of the micro-batch from its shard of every table, [tables, rows, bytes,
+    # width] in float32 (docs/design.md, "Where the pod memory went").
+    ("hash_rows", "tensor"),
     ("head_dim", None),
     ("vocab", None),
     ("norm", None),
     ("hash_tables", None),
-    ("hash_embed", None),
+    ("hash_embed", "fsdp"),
     # activations
     ("length", None),
     ("patches", None),
@@ -115,10 +119,14 @@ def check_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
         )
 
 
+# What `hash_rows_multiple` pads the table rows to: fsdp x tensor, from when the rows were split
+# over both, so that runs keep the parameter shapes (and checkpoints) they always had.
+HASH_ROW_PADDING_AXES = ("fsdp", "tensor")
+
+
 def hash_rows_multiple(mesh: Mesh) -> int:
-    """The row padding that lets the hash tables shard over every axis `hash_rows` maps to."""
-    axes = dict(LOGICAL_RULES)["hash_rows"]
-    return math.prod(mesh.shape[axis] for axis in axes)
+    """The row padding of the hash tables (a multiple of every axis their rows may be split over)."""
+    return math.prod(mesh.shape[axis] for axis in HASH_ROW_PADDING_AXES)
 
 
 def _mesh_axes(entry: Any) -> tuple[str, ...]:
