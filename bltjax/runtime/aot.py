@@ -36,6 +36,13 @@ Targets (``topology`` names; HBM is the vendor's nominal figure per device, in G
 
 For v4 and v5p the number in the name counts TensorCores, two per chip, and a chip is one jax
 device (megacore). ``num_slices`` multiplies the devices (multi-slice, over DCN).
+
+The report explains its figure: the compiler dumps its buffer assignment into a temporary
+folder and `memory_report` lists the buffers live at the compiler's peak, by the jax op that
+made them and summed per layer kind (the dump is written only by a real compilation, so
+explaining skips the persistent cache). It also carries `roofline`'s estimate: XLA's FLOPs
+and HBM bytes per device, the step time they imply on the target's published peaks
+(max of compute and memory time) and the MFU of the analytic model FLOPs.
 """
 
 from __future__ import annotations
