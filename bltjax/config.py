@@ -155,6 +155,7 @@ def base_byte_lm_config() -> ml_collections.ConfigDict:
             init_std_factor="disabled",
             remat="none",
             attention="auto",
+            scan_layers=False,
         )
     )
     return config
@@ -225,6 +226,7 @@ def paper_blt_config(size: str, variant: str | None = None) -> ml_collections.Co
     config.data.seq_len = 16384
     config.data.max_patches = 4096
     config.data.batch_size = 1024
+    config.model.scan_layers = True  # deep stacks compile as one scanned block (`bltjax.models.scan`)
     return pod_variant(config, size, variant) if variant else config
 
 
@@ -346,6 +348,7 @@ def _validate_common(model, where: str) -> None:
         model.init_std_factor,
     )
     _require(model.vocab_size == 260, f"{where}.vocab_size", "260 (256 bytes + 4 special ids)", model.vocab_size)
+    _require(isinstance(model.scan_layers, bool), f"{where}.scan_layers", "True or False", model.scan_layers)
 
 
 def _validate_blt(model: BLTConfig) -> None:
@@ -360,6 +363,12 @@ def _validate_blt(model: BLTConfig) -> None:
         model.decoder.dim,
     )
     _require(_positive_int(model.cross_attn_k), f"{w}.cross_attn_k", "a positive integer", model.cross_attn_k)
+    _require(
+        not (model.scan_layers and model.cross_attn_all_layers_encoder),
+        f"{w}.cross_attn_all_layers_encoder",
+        "False with scan_layers=True (the encoder re-pools patch queries between its layers, so they do not scan)",
+        model.cross_attn_all_layers_encoder,
+    )
     heads = model.cross_attn_heads
     if heads is not None:
         _require(

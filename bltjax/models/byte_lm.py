@@ -44,7 +44,9 @@ class ByteLM(nn.Module):
             (cfg.vocab_size, stack.dim),
             kw["param_dtype"],
         )
-        self.transformer = Transformer(stack, cfg.init_std_factor, remat=cfg.remat, attention=cfg.attention, **kw)
+        self.transformer = Transformer(
+            stack, cfg.init_std_factor, remat=cfg.remat, attention=cfg.attention, scan=cfg.scan_layers, **kw
+        )
         self.final_norm = RMSNorm(stack.norm_eps, **kw)
         self.output = Linear((stack.dim,), (cfg.vocab_size,), ("embed", "vocab"), stack.dim**-0.5, **kw)
 

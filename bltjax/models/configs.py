@@ -116,6 +116,10 @@ class BLTConfig:
     # The hash tables get round_up(hash_vocab, hash_rows_multiple) rows so that their row axis
     # divides the mesh; ids stay < hash_vocab, so the zero padding rows are never read.
     hash_rows_multiple: int = 1
+    # Run each stack's identical blocks as one `lax.scan` over parameters stacked on a leading
+    # "layers" axis (`bltjax.models.scan`): compile time stops growing with depth. Changes the
+    # parameter layout, not the values (`bltjax.models.layout` converts between the two).
+    scan_layers: bool = False
 
     @property
     def num_hash_tables(self) -> int:
@@ -138,3 +142,4 @@ class ByteLMConfig:
     init_std_factor: str = "disabled"
     remat: str = "none"  # one of REMAT_POLICIES
     attention: str = "auto"  # one of ATTENTION_IMPLEMENTATIONS
+    scan_layers: bool = False  # see BLTConfig.scan_layers

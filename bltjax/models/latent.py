@@ -30,7 +30,9 @@ class LatentTransformer(nn.Module):
             self.input_projection = Linear(
                 (width_in,), (cfg.latent.dim,), ("patch_slots", "embed"), width_in**-0.5, **kw
             )
-        self.transformer = Transformer(cfg.latent, cfg.init_std_factor, remat=cfg.remat, attention=cfg.attention, **kw)
+        self.transformer = Transformer(
+            cfg.latent, cfg.init_std_factor, remat=cfg.remat, attention=cfg.attention, scan=cfg.scan_layers, **kw
+        )
 
     def project_in(self, patches_PX: jax.Array) -> jax.Array:
         """W_in (when it exists) on patch vectors [..., k*E_enc] -> [..., E_global]."""

@@ -23,6 +23,7 @@ from bltjax import kernels
 from bltjax.kernels import kv_cache
 from bltjax.kernels.contract import contract
 from bltjax.kernels.kv_cache import KVCache
+from bltjax.models import scan
 from bltjax.models.configs import TransformerConfig
 from bltjax.models.remat import ATTENTION_RECORD, rematerialise
 
@@ -357,8 +358,10 @@ class Transformer(nn.Module):
     """A stack of `config.n_layers` blocks sharing one mask rule (no final norm).
 
     ``remat`` names the rematerialisation policy the blocks run under (`bltjax.models.remat`).
+    With ``scan`` the blocks' parameters are one stacked ``layers`` sub-tree run by one
+    `lax.scan` (`bltjax.models.scan`); otherwise ``layers_0 .. layers_{n-1}``, unrolled.
     Decoding: `prefill`, `step`, `step_deferred` take and return one KV cache per layer
-    (`empty_kv_caches`).
+    (`empty_kv_caches`) in both layouts.
     """
 
     config: TransformerConfig
@@ -367,42 +370,107 @@ class Transformer(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     remat: str = "none"
     attention: str = "auto"
+    scan: bool = False
 
     def setup(self) -> None:
+        if self.scan:
+            self.stacked = stacked_blocks(
+                self, self.config, self.init_std_factor, self.dtype, self.param_dtype, self.attention
+            )
+            return
         block = rematerialise(TransformerBlock, self.remat)
         self.layers = [
             block(self.config, i, self.init_std_factor, self.dtype, self.param_dtype, implementation=self.attention)
             for i in range(self.config.n_layers)
         ]
 
+    def block(self, index: int) -> TransformerBlock:
+        """Layer ``index`` as an unbound module, to apply to its slice of the stacked parameters."""
+        return unbound_block(self.config, index, self.init_std_factor, self.dtype, self.param_dtype, self.attention)
+
     def __call__(self, x_BTE: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array | None = None) -> jax.Array:
+        if self.scan:
+            block = self.block(0)
+
+            def body(x, params):
+                return block.apply({"params": params}, x, positions_BT, segment_ids_BT)
+
+            return scan.scan_stacked(body, x_BTE, self.stacked, self.remat)
         for layer in self.layers:
             x_BTE = layer(x_BTE, positions_BT, segment_ids_BT)
         return x_BTE
 
+    def _decode(self, index: int, method: str, *args):
+        """Layer ``index``'s decoding ``method``; a scanned stack applies its slice of the parameters."""
+        if self.scan:
+            params = scan.layer_slice(self.stacked, index)
+            return self.block(index).apply({"params": params}, *args, method=method)
+        return getattr(self.layers[index], method)(*args)
+
     def prefill(self, x_BTE, positions_BT, segment_ids_BT, caches: tuple[KVCache, ...], valid_BT):
         """Positions 0..T-1 of every row; the ``valid_BT`` keys fill ``caches``: (x, caches)."""
         filled = []
-        for layer, cache in zip(self.layers, caches, strict=True):
-            x_BTE, cache = layer.prefill(x_BTE, positions_BT, segment_ids_BT, cache, valid_BT)
+        for index, cache in enumerate(self._caches(caches)):
+            x_BTE, cache = self._decode(index, "prefill", x_BTE, positions_BT, segment_ids_BT, cache, valid_BT)
             filled.append(cache)
         return x_BTE, tuple(filled)
 
     def step(self, x_BE, positions_B, segment_ids_B, caches: tuple[KVCache, ...], write_B):
         """One position per row through every layer's cache: (x [B, E], caches)."""
         updated = []
-        for layer, cache in zip(self.layers, caches, strict=True):
-            x_BE, cache = layer.step(x_BE, positions_B, segment_ids_B, cache, write_B)
+        for index, cache in enumerate(self._caches(caches)):
+            x_BE, cache = self._decode(index, "step", x_BE, positions_B, segment_ids_B, cache, write_B)
             updated.append(cache)
         return x_BE, tuple(updated)
 
     def step_deferred(self, x_BE, positions_B, segment_ids_B, caches: tuple[KVCache, ...], prefix_chunk=None):
         """`step` without writing: (x [B, E], per layer (key [B, K, D], value)) for `kv_cache.write_step`."""
         new_kv = []
-        for layer, cache in zip(self.layers, caches, strict=True):
-            x_BE, kv = layer.step_deferred(x_BE, positions_B, segment_ids_B, cache, prefix_chunk)
+        for index, cache in enumerate(self._caches(caches)):
+            x_BE, kv = self._decode(index, "step_deferred", x_BE, positions_B, segment_ids_B, cache, prefix_chunk)
             new_kv.append(kv)
         return x_BE, tuple(new_kv)
+
+    def _caches(self, caches: tuple[KVCache, ...]) -> tuple[KVCache, ...]:
+        if len(caches) != self.config.n_layers:
+            raise ValueError(f"caches: expected one per layer ({self.config.n_layers}), got {len(caches)}")
+        return caches
+
+
+def unbound_block(
+    config: TransformerConfig,
+    index: int,
+    init_std_factor: str,
+    dtype: jnp.dtype,
+    param_dtype: jnp.dtype,
+    attention: str,
+) -> TransformerBlock:
+    """Block ``index`` of a stack as an unbound module (``parent=None``), applied to parameters explicitly."""
+    return TransformerBlock(config, index, init_std_factor, dtype, param_dtype, implementation=attention, parent=None)
+
+
+def stacked_blocks(
+    module: nn.Module,
+    config: TransformerConfig,
+    init_std_factor: str,
+    dtype: jnp.dtype,
+    param_dtype: jnp.dtype,
+    attention: str,
+) -> dict:
+    """Declares ``module``'s ``layers`` sub-tree: its blocks' parameters, stacked (`scan.stacked_parameters`)."""
+    n = config.n_layers
+    return scan.stacked_parameters(
+        module,
+        "layers",
+        [unbound_block(config, i, init_std_factor, dtype, param_dtype, attention) for i in range(n)],
+        [depth_factor(init_std_factor, i, n, config.dim) for i in range(n)],
+        lambda: block_example_args(config, dtype),
+    )
+
+
+def block_example_args(config: TransformerConfig, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+    """The smallest inputs a block initialises on: x [1, 1, E] and positions [1, 1]."""
+    return jnp.zeros((1, 1, config.dim), dtype), jnp.zeros((1, 1), jnp.int32)
 
 
 def empty_kv_caches(config: TransformerConfig, batch: int, max_positions: int, dtype: jnp.dtype) -> tuple[KVCache, ...]:

@@ -12,9 +12,19 @@ import jax
 import jax.numpy as jnp
 
 from bltjax.models.configs import BLTConfig
-from bltjax.models.layers import CrossAttention, Linear, RMSNorm, TransformerBlock, depth_factor, dtype_of
+from bltjax.models.layers import (
+    CrossAttention,
+    Linear,
+    RMSNorm,
+    TransformerBlock,
+    depth_factor,
+    dtype_of,
+    stacked_blocks,
+    unbound_block,
+)
 from bltjax.models.partitioning import constrain
 from bltjax.models.remat import rematerialise
+from bltjax.models.scan import scan_stacked, stacked_parameters
 
 
 def decoder_cross_layers(config: BLTConfig) -> tuple[int, ...]:
@@ -37,27 +47,45 @@ class LocalDecoder(nn.Module):
         e, k, g = stack.dim, cfg.cross_attn_k, cfg.latent.dim
         kw = dict(dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype))
         self.patch_projection = Linear((g,), (k * e,), ("embed", "patch_slots"), g**-0.5, **kw)
-        heads, kv_heads = (cfg.cross_attn_heads, None) if cfg.cross_attn_heads else (stack.n_heads, stack.kv_heads)
         # The cross-attentions are rematerialised like the blocks.
-        block, cross_attention = (rematerialise(c, cfg.remat) for c in (TransformerBlock, CrossAttention))
-        self.cross_attention = {
-            i: cross_attention(
-                e,
-                heads,
-                e**-0.5 / depth_factor(cfg.init_std_factor, i, stack.n_layers, e),
-                stack.norm_eps,
-                kv_heads,
-                attention=cfg.attention,
-                double_residual=cfg.double_cross_attn_residual,
-                **kw,
-            )
-            for i in decoder_cross_layers(cfg)
-        }
-        self.layers = [
-            block(stack, i, cfg.init_std_factor, implementation=cfg.attention, **kw) for i in range(stack.n_layers)
-        ]
+        block, remat_cross = (rematerialise(c, cfg.remat) for c in (TransformerBlock, CrossAttention))
+        crossed = decoder_cross_layers(cfg)
+        if cfg.scan_layers:
+            # One stacked `layers` sub-tree; with a cross-attention before every block, a stacked
+            # `cross_attention` sub-tree too, scanned with the blocks; otherwise the one before block 0.
+            self.stacked_layers = stacked_blocks(self, stack, cfg.init_std_factor, attention=cfg.attention, **kw)
+            if cfg.cross_attn_all_layers_decoder:
+                crosses = [self._cross(i, parent=None) for i in crossed]
+                example = lambda: (jnp.zeros((1, 1, e), kw["dtype"]),) * 2 + (jnp.ones((1, 1, 1), bool),)  # noqa: E731
+                self.stacked_cross = stacked_parameters(
+                    self, "cross_attention", crosses, [c.std for c in crosses], example
+                )
+                crossed = ()
+        else:
+            self.layers = [
+                block(stack, i, cfg.init_std_factor, implementation=cfg.attention, **kw) for i in range(stack.n_layers)
+            ]
+        self.cross_attention = {i: self._cross(i, remat_cross) for i in crossed}
         self.final_norm = RMSNorm(stack.norm_eps, **kw)
         self.output = Linear((e,), (cfg.vocab_size,), ("embed", "vocab"), e**-0.5, **kw)
+
+    def _cross(self, i: int, module_class: type[CrossAttention] = CrossAttention, **parent) -> CrossAttention:
+        """The cross-attention before block ``i`` (``parent=None``: unbound, for stacked parameters)."""
+        cfg, stack = self.config, self.config.decoder
+        e = stack.dim
+        heads, kv_heads = (cfg.cross_attn_heads, None) if cfg.cross_attn_heads else (stack.n_heads, stack.kv_heads)
+        return module_class(
+            e,
+            heads,
+            e**-0.5 / depth_factor(cfg.init_std_factor, i, stack.n_layers, e),
+            stack.norm_eps,
+            kv_heads,
+            attention=cfg.attention,
+            double_residual=cfg.double_cross_attn_residual,
+            dtype=dtype_of(cfg.dtype),
+            param_dtype=dtype_of(cfg.param_dtype),
+            **parent,
+        )
 
     def patch_slots(self, global_PG: jax.Array) -> jax.Array:
         """D_C · O: the k key/value slots of each global output, [..., G] -> [..., k, E]."""
@@ -94,9 +122,34 @@ class LocalDecoder(nn.Module):
             dpid = dpid_BN[:, :, None]
             cross = dict(mask_BTS=(slot_patch <= dpid) & (dpid < slot_patch + window))
 
+        constrained = lambda y: constrain(y, ("batch", "length", "act_embed"))  # noqa: E731
         x = byte_states_BNE
+        if cfg.scan_layers:
+            return constrain(
+                self.logits(self._scanned(x, slots, cross, positions_BN, segment_ids_BN)),
+                ("batch", "length", "act_vocab"),
+            )
         for i, layer in enumerate(self.layers):
             if i in self.cross_attention:
-                x = constrain(self.cross_attention[i](x, slots, **cross), ("batch", "length", "act_embed"))
-            x = constrain(layer(x, positions_BN, segment_ids_BN), ("batch", "length", "act_embed"))
+                x = constrained(self.cross_attention[i](x, slots, **cross))
+            x = constrained(layer(x, positions_BN, segment_ids_BN))
         return constrain(self.logits(x), ("batch", "length", "act_vocab"))
+
+    def _scanned(self, x, slots, cross: dict, positions_BN, segment_ids_BN) -> jax.Array:
+        """The layers of a scanned decoder: cross-attention and block per layer, as one `lax.scan`."""
+        cfg = self.config
+        constrained = lambda y: constrain(y, ("batch", "length", "act_embed"))  # noqa: E731
+        block = unbound_block(
+            cfg.decoder, 0, cfg.init_std_factor, dtype_of(cfg.dtype), dtype_of(cfg.param_dtype), cfg.attention
+        )
+        run_block = lambda y, params: constrained(block.apply({"params": params}, y, positions_BN, segment_ids_BN))  # noqa: E731
+        if not cfg.cross_attn_all_layers_decoder:
+            x = constrained(self.cross_attention[0](x, slots, **cross))
+            return scan_stacked(run_block, x, self.stacked_layers, cfg.remat)
+
+        def body(y, params):
+            cross_params, block_params = params
+            y = constrained(self._cross(0, parent=None).apply({"params": cross_params}, y, slots, **cross))
+            return run_block(y, block_params)
+
+        return scan_stacked(body, x, (self.stacked_cross, self.stacked_layers), cfg.remat)

@@ -21,10 +21,13 @@ from bltjax.models.layers import (
     TransformerBlock,
     depth_factor,
     dtype_of,
+    stacked_blocks,
     truncated_normal_init,
+    unbound_block,
 )
 from bltjax.models.partitioning import constrain
 from bltjax.models.remat import rematerialise
+from bltjax.models.scan import scan_stacked
 
 
 def pool_patches(x_BNE: jax.Array, pid_BN: jax.Array, n_patches: int, mode: str) -> jax.Array:
@@ -91,9 +94,17 @@ class LocalEncoder(nn.Module):
             )
         # The cross-attentions are rematerialised like the blocks.
         block, cross_attention = (rematerialise(c, cfg.remat) for c in (TransformerBlock, CrossAttention))
-        self.layers = [
-            block(stack, i, cfg.init_std_factor, implementation=cfg.attention, **kw) for i in range(stack.n_layers)
-        ]
+        if cfg.scan_layers and cfg.cross_attn_all_layers_encoder:
+            raise ValueError(
+                "config.model.cross_attn_all_layers_encoder: expected False with scan_layers=True (the patch "
+                "queries are pooled between the encoder's layers, so its layers are not identical)"
+            )
+        if cfg.scan_layers:  # one stacked `layers` sub-tree; the cross-attention follows the last block
+            self.stacked_layers = stacked_blocks(self, stack, cfg.init_std_factor, attention=cfg.attention, **kw)
+        else:
+            self.layers = [
+                block(stack, i, cfg.init_std_factor, implementation=cfg.attention, **kw) for i in range(stack.n_layers)
+            ]
         heads, kv_heads = (cfg.cross_attn_heads, None) if cfg.cross_attn_heads else (stack.n_heads, stack.kv_heads)
         self.cross_attention = {
             i: cross_attention(
@@ -147,8 +158,8 @@ class LocalEncoder(nn.Module):
                 mask_BTS=encoder_cross_attn_mask(pid_BN, n_patches, cfg.cross_attn_k, cfg.cross_attn_window_encoder)
             )
         slots = None
-        for i, layer in enumerate(self.layers):
-            x = constrain(layer(x, positions_BN, segment_ids_BN), ("batch", "length", "act_embed"))
+        for i, block_output in self._block_outputs(x, positions_BN, segment_ids_BN):
+            x = block_output
             if i not in self.cross_attention:
                 continue
             if slots is None or cfg.repool_every_cross_attn_layer:
@@ -160,3 +171,22 @@ class LocalEncoder(nn.Module):
                 slots = constrain(self.patch_queries(pooled), ("batch", "patches", "act_embed"))
             slots = constrain(self.cross_attention[i](slots, x, **cross), ("batch", "patches", "act_embed"))
         return x, slots
+
+    def _block_outputs(self, x: jax.Array, positions_BN: jax.Array, segment_ids_BN: jax.Array | None) -> list:
+        """(layer index, output) of the blocks a cross-attention may follow: every one, or the last when scanned."""
+        cfg = self.config
+        constrained = lambda y: constrain(y, ("batch", "length", "act_embed"))  # noqa: E731
+        if cfg.scan_layers:
+            stack = cfg.encoder
+            dtypes = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+            block = unbound_block(stack, 0, cfg.init_std_factor, *dtypes, cfg.attention)
+
+            def body(y, params):
+                return constrained(block.apply({"params": params}, y, positions_BN, segment_ids_BN))
+
+            return [(stack.n_layers - 1, scan_stacked(body, x, self.stacked_layers, cfg.remat))]
+        outputs = []
+        for i, layer in enumerate(self.layers):
+            x = constrained(layer(x, positions_BN, segment_ids_BN))
+            outputs.append((i, x))
+        return outputs
