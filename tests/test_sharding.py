@@ -175,10 +175,14 @@ def test_compiled_intermediates_are_split_over_the_batch_axes():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("grad_accum", [1, 2])
-def test_loss_and_grads_equal_the_unconstrained_step(grad_accum):
-    config, mesh, model, optimizer = _setup(2, 4, 1, grad_accum)
-    step, state, batch = _step(config, mesh, model, optimizer)
+@pytest.mark.parametrize(
+    "mesh_shape, grad_accum, sequence",
+    [((2, 4, 1), 1, None), ((2, 4, 1), 2, None), ((2, 2, 2), 1, "tensor")],
+    ids=["batch", "batch-accum", "sequence"],
+)
+def test_loss_and_grads_equal_the_unconstrained_step(mesh_shape, grad_accum, sequence):
+    config, mesh, model, optimizer = _setup(*mesh_shape, grad_accum)
+    step, state, batch = _step(config, mesh, model, optimizer, sharding.activation_rules(sequence))
     # The same step with no constraint at all (no mesh given to make_train_step), run first: the
     # sharded step donates the state.
     plain = jax.jit(make_train_step(model, optimizer, learning_rate_schedule(config), model_type="blt",
