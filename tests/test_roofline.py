@@ -47,7 +47,10 @@ def test_step_time_is_the_slower_of_compute_and_memory_and_mfu_divides_model_flo
     text = "\n".join(estimate.lines())
     assert "step time >= max(compute 0.500 s, memory 0.200 s) = 0.500 s (compute-bound)" in text
     assert "estimated MFU 60.0 %" in text and "50.00 TFLOP" in text and "200.00 GB" in text
-    assert estimate.to_json()["mfu"] == pytest.approx(0.6)
+    assert estimate.to_json()["mfu"] == pytest.approx(0.6) and estimate.compiler_seconds is None
+    with_compiler = roofline.estimate({**cost, "optimal_seconds": 0.25}, devices=4, chip=chip, model_flops=1.0)
+    assert "the compiler's own estimate of the step time: 0.250 s" in "\n".join(with_compiler.lines())
+    assert roofline.estimate({**cost, "optimal_seconds": -0.99}, devices=4, chip=chip).compiler_seconds is None
 
 
 def test_without_peaks_there_is_no_time_and_the_output_says_so():

@@ -8,8 +8,9 @@ Inputs:
 * **What the program does**, per device: ``compiled.cost_analysis()`` of the SPMD-partitioned
   train step (one device's program), keys ``"flops"`` and ``"bytes accessed"`` (both libtpu's and
   XLA:CPU's compilers report them; libtpu adds per-operand ``"bytes accessed0{}"``-style keys
-  and ``"utilization..."`` keys that are not used here). They are per device: compiling the
-  same global batch for twice the devices halves them (tested).
+  and ``"utilization..."`` keys that are not used here, and ``"optimal_seconds"``, its own
+  step-time estimate, printed beside ours). They are per device: the same
+  global batch compiled for four devices counts a quarter of the FLOPs of one (tested).
 * **What the chip can do**: `CHIP_PEAKS`, the vendors' published dense bf16 FLOP/s and HBM
   bandwidth per jax device (a TPU v4 / v5p chip is one device).
 * **What the model needs**: the analytic train FLOPs of `bltjax.models.flops` (what MFU divides
@@ -95,6 +96,7 @@ class Roofline:
     devices: int
     model_flops: float  # analytic train FLOPs of one global batch (bltjax.models.flops); 0: unknown
     chip: ChipPeaks | None
+    compiler_seconds: float | None = None  # libtpu's own "optimal_seconds" estimate, when it gives one
 
     @property
     def compute_seconds(self) -> float | None:
@@ -151,6 +153,8 @@ class Roofline:
         )
         if self.mfu is not None:
             out.append(f"  estimated MFU {100 * self.mfu:.1f} % (model FLOPs / (step time x peak x {self.devices}))")
+        if self.compiler_seconds:
+            out.append(f"  the compiler's own estimate of the step time: {self.compiler_seconds:.3f} s")
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -165,13 +169,16 @@ class Roofline:
             "step_seconds": self.step_seconds,
             "bound": self.bound,
             "mfu": self.mfu,
+            "compiler_seconds": self.compiler_seconds,
         }
 
 
 def estimate(cost: Any, *, devices: int, chip: ChipPeaks | None, model_flops: float = 0.0) -> Roofline:
     """The roofline of a compiled step from its ``cost_analysis()``, on ``devices`` devices of ``chip``."""
     flops, bytes_accessed = cost_totals(cost)
-    return Roofline(flops, bytes_accessed, devices, float(model_flops), chip)
+    single = (cost[0] if cost else {}) if isinstance(cost, (list, tuple)) else (cost or {})
+    optimal = float(single.get("optimal_seconds", -1.0))  # libtpu only; negative: no estimate
+    return Roofline(flops, bytes_accessed, devices, float(model_flops), chip, optimal if optimal > 0 else None)
 
 
 def model_flops_per_step(config: Any) -> float:
