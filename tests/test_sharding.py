@@ -22,7 +22,7 @@ from bltjax.models.partitioning import activation_sharding, activation_spec, con
 from bltjax.training import sharding
 from bltjax.training.optimizer import learning_rate_schedule, make_optimizer
 from bltjax.training.state import create_train_state
-from bltjax.training.step import jit_train_step, make_train_step
+from bltjax.training.step import jit_train_step, make_eval_step, make_train_step
 
 TINY = "experiments/blt_tiny.py"
 ROWS, SEQ, PATCHES = 8, 128, 48  # k * PATCHES != SEQ: byte and slot tensors differ in shape
@@ -197,3 +197,18 @@ def test_loss_and_grads_equal_the_unconstrained_step(mesh_shape, grad_accum, seq
         new_state.params,
         ref_state.params,
     )
+
+
+@pytest.mark.slow
+def test_eval_step_places_activations_like_the_train_step():
+    config, mesh, model, _ = _setup(2, 4, 1)
+    batch_sharding = sharding.batch_sharding(mesh)
+    batch = jax.device_put(_batch(), batch_sharding)
+    params = model.init(jax.random.key(0), batch["tokens"], batch["patch_lengths"])["params"]
+    sharded = jax.jit(make_eval_step(model, model_type="blt", batch_sharding=batch_sharding))
+    plain = jax.jit(make_eval_step(model, model_type="blt"))
+    assert any(axes.startswith('{"data", "fsdp"}') for axes, _ in _constraints(sharded.lower(params, batch)))
+    assert not _constraints(plain.lower(params, batch))
+    got, want = sharded(params, batch), plain(params, batch)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=2e-5, err_msg=name)

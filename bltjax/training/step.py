@@ -65,6 +65,16 @@ def _split_micro(batch: Batch, accum: int, sharding: NamedSharding | None) -> Ba
     return {name: split(value) for name, value in batch.items()}
 
 
+def _activation_context(
+    batch_sharding: NamedSharding | None, rules: Sequence[tuple[str, Any]] | None
+) -> Callable[[], contextlib.AbstractContextManager]:
+    """The model's activation-sharding context on the batch's mesh; nothing on one device or without a mesh."""
+    if batch_sharding is None or batch_sharding.mesh.size == 1:
+        return contextlib.nullcontext
+    rules = sharding_rules.LOGICAL_RULES if rules is None else rules
+    return lambda: activation_sharding(batch_sharding.mesh, rules)
+
+
 def make_train_step(
     model: nn.Module,
     optimizer: optax.GradientTransformation,
@@ -81,8 +91,7 @@ def make_train_step(
     sequence sharding) place the model's activations on ``batch_sharding``'s mesh.
     """
     fields = batch_fields(model_type)
-    rules = sharding_rules.LOGICAL_RULES if activation_rules is None else activation_rules
-    mesh = batch_sharding.mesh if batch_sharding is not None and batch_sharding.mesh.size > 1 else None
+    context = _activation_context(batch_sharding, activation_rules)
 
     def micro_grads(params: Any, micro: Batch) -> tuple[Any, dict[str, jax.Array]]:
         def loss_fn(p: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -91,7 +100,7 @@ def make_train_step(
             return loss, stats
 
         # The backward pass (custom VJPs, rematerialised blocks) is traced inside the context too.
-        with activation_sharding(mesh, rules) if mesh is not None else contextlib.nullcontext():
+        with context():
             (_, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return jax.tree.map(lambda g: g.astype(jnp.float32), grads), stats
 
@@ -143,11 +152,19 @@ def jit_eval_step(eval_fn: Callable, param_shardings: Any, batch_sharding: Named
     return xla_options.jit(eval_fn, batch_sharding.mesh.devices.flat, in_shardings=(param_shardings, batch_sharding))
 
 
-def make_eval_step(model: nn.Module, *, model_type: str) -> Callable[[Any, Batch], dict[str, jax.Array]]:
-    """``eval_step(params, batch) -> summed NLL statistics`` (no gradients)."""
+def make_eval_step(
+    model: nn.Module,
+    *,
+    model_type: str,
+    batch_sharding: NamedSharding | None = None,
+    activation_rules: Sequence[tuple[str, Any]] | None = None,
+) -> Callable[[Any, Batch], dict[str, jax.Array]]:
+    """``eval_step(params, batch) -> summed NLL statistics`` (no gradients); activations placed as in training."""
     fields = batch_fields(model_type)
+    context = _activation_context(batch_sharding, activation_rules)
 
     def eval_step(params: Any, batch: Batch) -> dict[str, jax.Array]:
-        return _nll_stats(model, model_type, params, {name: batch[name] for name in fields})
+        with context():
+            return _nll_stats(model, model_type, params, {name: batch[name] for name in fields})
 
     return eval_step

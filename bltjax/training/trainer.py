@@ -241,9 +241,13 @@ class Trainer:
             activation_rules=sharding.activation_rules(cfg.mesh.get("sequence")),
         )
         self.train_step = jit_train_step(step_fn, self.state_shardings, self.batch_sharding)
-        self.eval_step = jit_eval_step(
-            make_eval_step(self.model, model_type=cfg.model_type), self.state_shardings.params, self.batch_sharding
+        eval_fn = make_eval_step(
+            self.model,
+            model_type=cfg.model_type,
+            batch_sharding=self.batch_sharding,
+            activation_rules=sharding.activation_rules(cfg.mesh.get("sequence")),
         )
+        self.eval_step = jit_eval_step(eval_fn, self.state_shardings.params, self.batch_sharding)
         self.checkpointer = Checkpointer(
             self.workdir / "checkpoints",
             keep=cfg.train.keep,
