@@ -26,6 +26,8 @@ import jax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from bltjax import kernels
+
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, dict[str, tuple[str, ...]]] | None] = contextvars.ContextVar(
     "bltjax_activation_sharding", default=None
 )
@@ -45,7 +47,9 @@ def activation_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> Iterato
         table.setdefault(logical, _axes(entry))  # the first rule for a name wins, as in Flax
     token = _ACTIVE.set((mesh, table))
     try:
-        yield
+        # Pallas attention kernels cannot be split by XLA: they run per shard of the same axes.
+        with kernels.partitioned(mesh, table.get("batch", ()), table.get("act_heads", ())):
+            yield
     finally:
         _ACTIVE.reset(token)
 
