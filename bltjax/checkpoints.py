@@ -41,6 +41,8 @@ import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 
 from bltjax.config import ConfigError
+from bltjax.models import layout
+from bltjax.models.configs import BLTConfig, ByteLMConfig
 from bltjax.models.factory import build_model, example_inputs
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -302,22 +304,26 @@ def load_config_json(directory: str | os.PathLike) -> ml_collections.ConfigDict:
 
 
 def load_model(
-    directory: str | os.PathLike, *, sharding: jax.sharding.Sharding | None = None
+    directory: str | os.PathLike, *, sharding: jax.sharding.Sharding | None = None, scan_layers: bool | None = None
 ) -> tuple[ml_collections.ConfigDict, nn.Module, Any]:
     """(config, model, params) of a folder written by `save_model`; params land on ``sharding``.
 
     The default sharding is the first local device; `bltjax.inference.restore` places a model
-    on a mesh instead.
+    on a mesh instead. ``scan_layers`` True / False loads the model with its layers scanned or
+    unrolled whichever layout the folder holds (the returned config says which); None: as saved.
     """
     directory = pathlib.Path(directory).absolute()
     check_model_dir(directory)
     config = load_config_json(directory)
     config_source = str(directory / CONFIG_FILE)
+    if scan_layers is not None:
+        config.model.scan_layers = bool(scan_layers)
     model = build_saved_model(config, config_source)
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = nn.meta.unbox(abstract_params(model, config))
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
-    return config, model, restore_params(directory / PARAMS_DIR, target, config_source)
+    params = restore_params(directory / PARAMS_DIR, target, config_source, model_config=model.config)
+    return config, model, params
 
 
 def leaf_name(key_path: tuple) -> str:
@@ -393,12 +399,21 @@ def check_params(stored: Any, expected: Any, where: pathlib.Path, config_source:
             )
 
 
-def restore_params(directory: pathlib.Path, target: Any, config_source: str, *, subtree: str | None = None) -> Any:
+def restore_params(
+    directory: pathlib.Path,
+    target: Any,
+    config_source: str,
+    *,
+    subtree: str | None = None,
+    model_config: BLTConfig | ByteLMConfig | None = None,
+) -> Any:
     """The parameters stored in an orbax folder, checked against ``target`` and placed on its shardings.
 
     ``directory`` is a model's params/ folder, or a step's state/ folder with ``subtree='params'``:
     then only that entry is read (orbax's partial restore), never the optimizer moments.
-    ``target`` holds ShapeDtypeStructs whose `sharding` says where each parameter lands.
+    ``target`` holds ShapeDtypeStructs whose `sharding` says where each parameter lands. With
+    ``model_config`` (the target model's record) parameters stored in the other layer layout
+    (per-layer vs stacked, `bltjax.models.layout`) are read in theirs and converted.
     """
     entry = f" with a '{subtree}' entry" if subtree else ""
     with quiet_orbax(), ocp.PyTreeCheckpointer() as reader:
@@ -410,14 +425,44 @@ def restore_params(directory: pathlib.Path, target: Any, config_source: str, *, 
             raise CheckpointError(
                 f"{directory}: not a readable orbax checkpoint{entry} ({type(err).__name__}: {err})"
             ) from err
+        stored_layout = _stored_layout(stored, target, model_config, directory, config_source)
+        if stored_layout is not None:
+            restored = _read(reader, directory, stored_layout, subtree)
+            placements = jax.tree.map(lambda t: t.sharding, target)
+            return jax.device_put(layout.to_layout(restored, model_config), placements)
         check_params(stored, target, directory, config_source)
-        item = {subtree: target} if subtree else target
-        restore_args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), item)
-        try:
-            restored = reader.restore(
-                directory,
-                args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=bool(subtree)),
-            )
-        except Exception as err:
-            raise CheckpointError(f"{directory}: cannot restore the parameters ({type(err).__name__}: {err})") from err
+        return _read(reader, directory, target, subtree)
+
+
+def _leaf_names(tree: Any) -> set[str]:
+    return {leaf_name(k) for k, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _stored_layout(
+    stored: Any, target: Any, model_config: BLTConfig | ByteLMConfig | None, where: pathlib.Path, config_source: str
+) -> Any:
+    """``target`` planned in the other layer layout when that is how ``stored`` holds it, else None."""
+    if model_config is None or _leaf_names(stored) == _leaf_names(target):
+        return None
+    other = layout.with_scan(model_config, not model_config.scan_layers)
+    try:
+        planned = layout.to_layout(target, other)
+    except layout.LayoutError:
+        return None
+    if _leaf_names(stored) != _leaf_names(planned):
+        return None
+    check_params(stored, planned, where, f"{config_source} in the other layer layout (scan_layers={other.scan_layers})")
+    return planned
+
+
+def _read(reader: Any, directory: pathlib.Path, target: Any, subtree: str | None) -> Any:
+    item = {subtree: target} if subtree else target
+    restore_args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), item)
+    try:
+        restored = reader.restore(
+            directory,
+            args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=bool(subtree)),
+        )
+    except Exception as err:
+        raise CheckpointError(f"{directory}: cannot restore the parameters ({type(err).__name__}: {err})") from err
     return restored[subtree] if subtree else restored

@@ -36,6 +36,7 @@ from safetensors.numpy import save_file
 from bltjax.models.blt import BLT
 from bltjax.models.byte_lm import ByteLM
 from bltjax.models.configs import BLTConfig, ByteLMConfig, TransformerConfig
+from bltjax.models.layout import stack_layers, unstack_layers, with_scan
 from bltjax.runtime.atomic import write_atomic
 from bltjax.tokenizer import VOCAB_SIZE
 
@@ -435,39 +436,55 @@ def _example_blt_args() -> tuple[np.ndarray, np.ndarray]:
     return np.ones((1, 4), np.int32), np.array([[1, 4]], np.int32)
 
 
-def load_hf_blt(model_dir: str | os.PathLike, *, dtype=np.float32, hash_rows_multiple: int = 1) -> tuple[BLT, dict]:
+def load_hf_blt(
+    model_dir: str | os.PathLike, *, dtype=np.float32, hash_rows_multiple: int = 1, scan_layers: bool = False
+) -> tuple[BLT, dict]:
     """Imports a `transformers` BLT folder: returns (model, params) with float32 logits.
 
     ``model.apply({'params': params}, tokens[B, N], patch_lengths[B, P])`` then gives the
     logits `BltForCausalLM` gives for the same ids and patch lengths. With
-    ``hash_rows_multiple`` > 1 the hash tables are zero-padded to that row multiple (for a mesh).
+    ``hash_rows_multiple`` > 1 the hash tables are zero-padded to that row multiple (for a mesh);
+    with ``scan_layers`` the model scans its layers and ``params`` are in the stacked layout.
     """
     model_dir = pathlib.Path(model_dir)
     config_path = model_dir / CONFIG_FILE
     cfg = blt_config_from_hf(_read_json(config_path), config_path)
     cfg = dataclasses.replace(cfg, hash_rows_multiple=hash_rows_multiple)
-    model = BLT(cfg)
     name_of = lambda p: hf_parameter_name(cfg, p)  # noqa: E731
-    params = _load_tree(model, _example_blt_args(), name_of, model_dir, dtype, cfg.hash_vocab)
-    return model, params
+    params = _load_tree(BLT(cfg), _example_blt_args(), name_of, model_dir, dtype, cfg.hash_vocab)
+    return _in_layout(BLT, cfg, params, scan_layers)
 
 
-def load_hf_entropy_model(model_dir: str | os.PathLike, *, dtype=np.float32) -> tuple[ByteLM, dict, float | None]:
-    """Imports the checkpoint's entropy patcher: (model, params, patching threshold)."""
+def load_hf_entropy_model(
+    model_dir: str | os.PathLike, *, dtype=np.float32, scan_layers: bool = False
+) -> tuple[ByteLM, dict, float | None]:
+    """Imports the checkpoint's entropy patcher: (model, params, patching threshold); ``scan_layers`` as for BLT."""
     model_dir = pathlib.Path(model_dir)
     config_path = model_dir / CONFIG_FILE
     raw = _read_json(config_path)
-    model = ByteLM(entropy_model_config_from_hf(raw, config_path))
-    params = _load_tree(model, (np.ones((1, 4), np.int32),), hf_entropy_parameter_name, model_dir, dtype)
-    return model, params, raw.get("patching_threshold")
+    cfg = entropy_model_config_from_hf(raw, config_path)
+    params = _load_tree(ByteLM(cfg), (np.ones((1, 4), np.int32),), hf_entropy_parameter_name, model_dir, dtype)
+    return *_in_layout(ByteLM, cfg, params, scan_layers), raw.get("patching_threshold")
+
+
+def _in_layout(model_class: type, cfg: BLTConfig | ByteLMConfig, params: dict, scan_layers: bool) -> tuple:
+    """(model, params) of the per-layer ``params`` read from a folder, in the layout ``scan_layers`` asks for."""
+    if not scan_layers:
+        return model_class(cfg), params
+    cfg = with_scan(cfg, True)
+    return model_class(cfg), stack_layers(params, cfg)
 
 
 def to_hf_state_dict(model: BLT | ByteLM, params: dict) -> dict[str, np.ndarray]:
     """float32 tensors under their `transformers` names and layouts ([out, in] linear weights).
 
     A ByteLM is named as the patcher of a BLT checkpoint (``model.patcher.*``). Hash-table rows
-    padded for a mesh (``hash_rows_multiple``) are dropped.
+    padded for a mesh (``hash_rows_multiple``) are dropped. Parameters of a model that scans its
+    layers are exported layer by layer (`bltjax.models.layout.unstack_layers`).
     """
+    params = nn.meta.unbox(params)
+    if model.config.scan_layers:
+        params = unstack_layers(params, model.config)
     hash_vocab = None
     if isinstance(model, BLT):
         name_of = lambda path: hf_parameter_name(model.config, path)  # noqa: E731

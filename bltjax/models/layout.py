@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from bltjax.models.configs import BLTConfig, ByteLMConfig
 
@@ -98,7 +99,8 @@ def to_layout(params: dict, config: BLTConfig | ByteLMConfig) -> dict:
 def _stack(*leaves: Any) -> Any:
     first = leaves[0]
     if isinstance(first, jax.ShapeDtypeStruct):
-        return jax.ShapeDtypeStruct((len(leaves),) + tuple(first.shape), first.dtype)
+        sharding = _resharded(first.sharding, lambda spec: (None, *spec))
+        return jax.ShapeDtypeStruct((len(leaves),) + tuple(first.shape), first.dtype, sharding=sharding)
     if isinstance(first, np.ndarray):
         return np.stack(leaves)
     return jnp.stack(leaves)
@@ -106,8 +108,16 @@ def _stack(*leaves: Any) -> Any:
 
 def _index(leaf: Any, i: int) -> Any:
     if isinstance(leaf, jax.ShapeDtypeStruct):
-        return jax.ShapeDtypeStruct(tuple(leaf.shape[1:]), leaf.dtype)
+        sharding = _resharded(leaf.sharding, lambda spec: tuple(spec)[1:])
+        return jax.ShapeDtypeStruct(tuple(leaf.shape[1:]), leaf.dtype, sharding=sharding)
     return leaf[i]
+
+
+def _resharded(sharding: Any, edit_spec: Any) -> Any:
+    """A planned leaf's sharding with the layer axis added / removed (a named one keeps its other axes)."""
+    if isinstance(sharding, NamedSharding):
+        return NamedSharding(sharding.mesh, PartitionSpec(*edit_spec(sharding.spec)))
+    return sharding  # None, or one device: the same for every layer
 
 
 def _copy(tree: Any) -> Any:

@@ -48,6 +48,7 @@ from bltjax.models.configs import BLTConfig, ByteLMConfig
 from bltjax.models.hash_embed import all_hash_ids
 from bltjax.models.latent import LatentTransformer
 from bltjax.models.layers import dtype_of, empty_kv_caches, eos_segment_ids
+from bltjax.models.layout import unstack_layers
 from bltjax.models.local_decoder import LocalDecoder, decoder_cross_layers
 from bltjax.models.local_encoder import LocalEncoder, encoder_cross_layers, encoder_pooling_layers, pool_patches
 from bltjax.patching.incremental import IncrementalRule
@@ -153,7 +154,9 @@ class CachedBLT:
         anew in every traced function (a `lax.cond` branch is one): a bound module belongs to
         the trace that bound it.
         """
-        cfg = dataclasses.replace(self.config, remat="none")
+        cfg = dataclasses.replace(self.config, remat="none", scan_layers=False)
+        if self.config.scan_layers:  # decoding drives layer i itself: each layer's slice of the stacked parameters
+            params = unstack_layers(params, self.config)
         return (
             LocalEncoder(cfg).bind({"params": params["local_encoder"]}),
             LatentTransformer(cfg).bind({"params": params["latent"]}),
