@@ -39,8 +39,7 @@ def test_variant_loads_validates_and_fits_its_slice(size, slice_name):
     assert config.data.batch_size * config.data.seq_len == PAPER_BYTES_PER_STEP
     assert 1 <= config.train.grad_accum <= 4
     assert config.model.remat == "block"
-    if "scan_layers" in config.model:
-        assert config.model.scan_layers is True
+    assert config.model.scan_layers is True
 
     target = parse_topology(slice_name)
     shape = sharding.mesh_shape(config, target.devices)  # raises MeshError if the mesh does not fill the slice
