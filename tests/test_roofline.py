@@ -86,3 +86,22 @@ def test_counts_are_printed_with_a_readable_prefix():
     assert roofline.format_count(1.5e15, "FLOP") == "1.50 PFLOP"
     assert roofline.format_count(2.0e9, "B") == "2.00 GB"
     assert roofline.format_count(12, "B") == "12 B"
+
+
+def test_loop_bodies_counted_once_are_scaled_up_to_the_model_flops():
+    def program(x):
+        return jax.lax.scan(lambda c, _: (c @ x, None), x, None, length=4)[0]
+
+    square = jax.ShapeDtypeStruct((256, 256), jnp.float32)
+    counted = roofline.cost_totals(jax.jit(program).lower(square).compile().cost_analysis())[0]
+    assert counted == pytest.approx(2 * 256**3, rel=0.01)  # one matmul of the four
+    chip = roofline.ChipPeaks("test chip", 1e12, 1e12, "made up")
+    estimate = roofline.estimate(
+        {"flops": counted, "bytes accessed": 1e6}, devices=1, chip=chip, model_flops=4 * counted
+    )
+    assert estimate.loop_factor == pytest.approx(4)
+    assert estimate.compute_seconds == pytest.approx(4 * counted / 1e12)
+    assert estimate.memory_seconds == pytest.approx(4e-6)
+    assert estimate.mfu == pytest.approx(1.0) and "scaled by 4.00" in "\n".join(estimate.lines())
+    plain = roofline.estimate({"flops": 2e12, "bytes accessed": 1e6}, devices=1, chip=chip, model_flops=1e12)
+    assert plain.loop_factor == 1.0 and plain.mfu == pytest.approx(0.5)

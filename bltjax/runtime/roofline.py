@@ -25,6 +25,12 @@ a lower bound on the step time, an upper bound on the MFU. Then
 
 XLA's FLOPs count everything it executes (recomputation under remat, elementwise work, masked
 attention blocks) while the model FLOPs count the useful work only, so MFU < flops share.
+
+But XLA's cost analysis counts the body of a loop once, whatever its trip count (a `lax.scan`
+of 4 matmuls counts 1, tested): with gradient accumulation or scanned layers the program's
+counts fall below the model FLOPs. When they do, `loop_factor` (model FLOPs over XLA's, at
+least 1) scales both the FLOPs and the bytes, assuming the uncounted iterations do the same
+work and traffic as the counted one; the output says so. MFU is then at most 100 %.
 """
 
 from __future__ import annotations
@@ -99,12 +105,20 @@ class Roofline:
     compiler_seconds: float | None = None  # libtpu's own "optimal_seconds" estimate, when it gives one
 
     @property
+    def loop_factor(self) -> float:
+        """How far XLA's FLOPs fall below the model's (loop bodies counted once); 1 when they do not."""
+        counted = self.flops_per_device * self.devices
+        if not self.model_flops or counted <= 0:
+            return 1.0
+        return max(1.0, self.model_flops / counted)
+
+    @property
     def compute_seconds(self) -> float | None:
-        return self.flops_per_device / self.chip.bf16_flops if self.chip else None
+        return self.flops_per_device * self.loop_factor / self.chip.bf16_flops if self.chip else None
 
     @property
     def memory_seconds(self) -> float | None:
-        return self.bytes_per_device / self.chip.hbm_bytes_per_second if self.chip else None
+        return self.bytes_per_device * self.loop_factor / self.chip.hbm_bytes_per_second if self.chip else None
 
     @property
     def step_seconds(self) -> float | None:
@@ -138,6 +152,9 @@ class Roofline:
         ]
         if self.model_flops:
             ratio = f" (XLA counts {self.xla_over_model:.2f}x that)" if self.xla_over_model else ""
+            if self.loop_factor > 1:
+                ratio += (f"; XLA counts loop bodies once (accumulation, scanned layers): its FLOPs and bytes "
+                          f"are scaled by {self.loop_factor:.2f} below")  # fmt: skip
             model = format_count(self.model_flops, "FLOP")
             out.append(f"  model FLOPs per step (bltjax.flops, analytic): {model}{ratio}")
         if self.chip is None:
@@ -169,6 +186,7 @@ class Roofline:
             "step_seconds": self.step_seconds,
             "bound": self.bound,
             "mfu": self.mfu,
+            "loop_factor": self.loop_factor,
             "compiler_seconds": self.compiler_seconds,
         }
 
