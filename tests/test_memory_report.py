@@ -15,6 +15,7 @@ LIVE_RANGE = """HloLiveRange (max 9):
     p0{}:0-9
   Live ranges at 4 (peak):
     fusion.7{}: 4096 bytes (cumulative: 4096 bytes)
+    wide.param.12{3}: 2048 bytes (cumulative: 6144 bytes)
     param.1{}: 1024 bytes (cumulative: 5120 bytes)
     tuple.3{1}: 512 bytes (cumulative: 5632 bytes)
   Stack trace breakdown for peak usage: 5 632 bytes
@@ -47,15 +48,16 @@ def _write(tmp_path, prefix="module_0001.jit_train_step.cl_1"):
 def test_the_peak_buffers_get_their_shapes_sources_and_layer_kinds(tmp_path):
     _write(tmp_path)
     breakdown = memory_report.read_dump(tmp_path, "train_step")
-    assert breakdown.peak_live_bytes == 5632
+    assert breakdown.peak_live_bytes == 5632 + 2048
     top = breakdown.buffers[0]
     assert (top.value, top.bytes, top.shape, top.source) == ("fusion.7{}", 4096, "bf16[2,1024]", "/x/hash_embed.py:88")
     assert top.kind == "hash embeddings" and top.backward
     state = next(b for b in breakdown.buffers if b.value == "param.1{}")
     assert state.op_name == "state.params['latent']['w']" and state.kind == "train state"
-    assert [b.value for b in breakdown.temporaries()] == ["fusion.7{}", "tuple.3{1}"]  # the state is an argument
+    assert [b.value for b in breakdown.temporaries()] == ["fusion.7{}", "wide.param.12{3}", "tuple.3{1}"]
     assert breakdown.by_kind() == {
         "hash embeddings": {"forward": 0, "backward": 4096},
+        "no jax op: wide.param": {"forward": 2048, "backward": 0},  # a loop carry: no metadata
         "train state": {"forward": 1024, "backward": 0},
         "latent transformer": {"forward": 512, "backward": 0},
     }
@@ -93,8 +95,9 @@ def test_a_real_cpu_compilation_names_the_op_that_holds_the_peak(tmp_path):
         return jnp.sort(wide, axis=0)[-1]
 
     lowered = jax.jit(program).lower(jax.ShapeDtypeStruct((256, 256), jnp.float32))
-    lowered.compile(memory_report.dump_options(tmp_path))
-    breakdown = memory_report.read_dump(tmp_path, "program")
+    memory_report.compile_with_dump(lowered, tmp_path)  # twice: a cached program must not lose its dump
+    memory_report.compile_with_dump(lowered, tmp_path / "again")
+    breakdown = memory_report.read_dump(tmp_path / "again", "program")
     assert breakdown is not None and breakdown.peak_live_bytes >= 64 * 256 * 256 * 4
     widened = [b for b in breakdown.buffers if "widen" in b.op_name]
     assert widened and widened[0].bytes == 64 * 256 * 256 * 4 and widened[0].shape == "f32[16384,256]"

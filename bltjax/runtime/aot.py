@@ -47,7 +47,6 @@ and HBM bytes per device, the step time they imply on the target's published pea
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -58,7 +57,7 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, TextIO
 
 import jax
@@ -330,25 +329,6 @@ def _shard_bytes(tree: Any) -> int:
     )
 
 
-@contextlib.contextmanager
-def _without_persistent_cache() -> Iterator[None]:
-    """No persistent-cache lookup inside: the compiler writes its buffer dump only when it compiles.
-
-    jax leaves the dump options out of the cache key, so a cached program would come back
-    without the files `memory_report` reads.
-    """
-    from jax.experimental.compilation_cache import compilation_cache
-
-    previous = jax.config.jax_enable_compilation_cache
-    compilation_cache.reset_cache()  # jax decides once per process whether the cache is used
-    jax.config.update("jax_enable_compilation_cache", False)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_compilation_cache", previous)
-        compilation_cache.reset_cache()
-
-
 def _advice(config: ml_collections.ConfigDict) -> str:
     return (f"Shard more (config.mesh.fsdp / config.mesh.tensor), lower config.data.batch_size (now "
             f"{config.data.batch_size}) or raise config.train.grad_accum (now {config.train.grad_accum}), or set "
@@ -434,11 +414,7 @@ def compile_train_step(
             lowered = jit_train_step(step, plan.shardings, batch_sharding).lower(
                 plan.state, _abstract_batch(config, batch_sharding)
             )
-            if explain:
-                with _without_persistent_cache():
-                    compiled = lowered.compile(memory_report.dump_options(dump_dir))
-            else:
-                compiled = lowered.compile()
+            compiled = memory_report.compile_with_dump(lowered, dump_dir) if explain else lowered.compile()
         except Exception as err:  # XLA reports sharding and resource errors as runtime errors
             message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             text = str(err)

@@ -1,8 +1,7 @@
 r"""What occupies a compiled program's memory at its peak, by source: read from XLA's own dump.
 
-  options = memory_report.dump_options(directory)        # extra compiler options for .compile()
-  compiled = lowered.compile(options)
-  breakdown = memory_report.read_dump(directory)          # None when the dump is missing
+  compiled = memory_report.compile_with_dump(lowered, directory)   # lowered: a jax Lowered
+  breakdown = memory_report.read_dump(directory)                   # None when the dump is missing
 
 `compiled.memory_analysis()` gives totals only, and on TPU `compiled.as_text()` fails (libtpu's
 HLO carries instructions this jaxlib cannot parse back), so the per-buffer view comes from the
@@ -17,17 +16,22 @@ files the compiler itself writes with ``xla_dump_to`` (libtpu's and XLA:CPU's al
   after the argument (``state.params['latent']...``, ``state.opt_state...``).
 
 From these, `read_dump` lists the buffers live at the peak, largest first, and sums them per
-layer kind and pass (`LAYER_KINDS`). A compilation served by the persistent cache writes no
-dump: the breakdown is then None and the caller says so.
+layer kind and pass (`LAYER_KINDS`). jax leaves the dump options out of its persistent-cache
+key, so a cached program would come back without a dump: `compile_with_dump` compiles with
+the persistent cache off.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import pathlib
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
+
+import jax
+from jax.experimental.compilation_cache import compilation_cache
 
 # Ordered (first match wins): layer kind -> substrings of an op_name that belong to it.
 LAYER_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -52,6 +56,7 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?(?P<name>[\w.\-]+) = .*?metadata=\{(
 _OP_NAME = re.compile(r'op_name="(?P<op>(?:[^"\\]|\\.)*)"')
 _SOURCE = re.compile(r'source_file="(?P<file>[^"]*)" source_line=(?P<line>\d+)')
 _LAYOUT = re.compile(r"\{[^{}]*\}")
+_NUMBERING = re.compile(r"(\.\d+)+$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +71,10 @@ class Buffer:
 
     @property
     def kind(self) -> str:
+        """The layer kind of its op; for a buffer without one (loop carries, copies the compiler
+        added), "no jax op: " and the HLO instruction it belongs to, numbering dropped."""
+        if not self.op_name:
+            return f"no jax op: {_NUMBERING.sub('', self.value.split('{')[0])}"
         return layer_kind(self.op_name)
 
     @property
@@ -97,16 +106,20 @@ class MemoryBreakdown:
             row["backward" if buffer.backward else "forward"] += buffer.bytes
         return dict(sorted(totals.items(), key=lambda item: -sum(item[1].values())))
 
-    def table(self, top: int = 10, format_bytes: Any = None) -> str:
+    def table(self, top: int = 10, format_bytes: Any = None, top_kinds: int = 14) -> str:
         fmt = format_bytes or (lambda n: f"{n / (1 << 20):.1f} MiB")
         lines = [
             f"buffers live at the compiler's peak ({fmt(self.peak_live_bytes)} in {len(self.buffers)} buffers; the "
             "temporaries above also count how the allocator packs them), by layer kind:"
         ]
-        width = max([len(k) for k in self.by_kind()] + [10])
-        for kind, split in self.by_kind().items():
+        kinds = list(self.by_kind().items())
+        width = max([len(k) for k, _ in kinds[:top_kinds]] + [10])
+        rest = sum(split["forward"] + split["backward"] for _, split in kinds[top_kinds:])
+        for kind, split in kinds[:top_kinds]:
             lines.append(f"  {kind:<{width}}  {fmt(split['forward'] + split['backward']):>12}  "
                          f"(forward {fmt(split['forward'])}, backward {fmt(split['backward'])})")  # fmt: skip
+        if rest:
+            lines.append(f"  {'the rest':<{width}}  {fmt(rest):>12}  ({len(kinds) - top_kinds} more kinds)")
         temporaries = self.temporaries()[:top]
         if temporaries:
             lines.append(f"largest {len(temporaries)} temporaries at the peak:")
@@ -141,6 +154,24 @@ def dump_options(directory: str | pathlib.Path) -> dict[str, Any]:
         "xla_dump_hlo_as_text": True,
         "xla_dump_hlo_pass_re": "NONE",  # no per-pass snapshots: only the module before/after optimisation
     }
+
+
+@contextlib.contextmanager
+def _without_persistent_cache() -> Iterator[None]:
+    previous = jax.config.jax_enable_compilation_cache
+    compilation_cache.reset_cache()  # jax decides once per process whether the cache is used
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", previous)
+        compilation_cache.reset_cache()
+
+
+def compile_with_dump(lowered: Any, directory: str | pathlib.Path) -> Any:
+    """``lowered.compile()`` with the dump options, bypassing the persistent cache (see the module docstring)."""
+    with _without_persistent_cache():
+        return lowered.compile(dump_options(directory))
 
 
 def parse_peak(live_range_text: str) -> list[tuple[str, int]]:
