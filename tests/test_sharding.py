@@ -156,6 +156,7 @@ def test_train_step_activations_follow_the_rules(mesh_shape, rules, byte_spec):
     assert hash_sums and all(axes.startswith('{}, {"data", "fsdp"}') for axes in hash_sums)
 
 
+@pytest.mark.slow
 def test_compiled_intermediates_are_split_over_the_batch_axes():
     """The model's intermediates, returned from a jitted forward, come out split 8 ways over the rows."""
     config, mesh, model, _ = _setup(2, 4, 1)
