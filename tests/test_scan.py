@@ -254,3 +254,19 @@ def test_scanned_blt_generates_what_the_per_layer_blt_generates(fixtures_dir):
     assert outputs[0].token_ids == outputs[1].token_ids
     assert outputs[0].patch_lengths == outputs[1].patch_lengths
     np.testing.assert_allclose(outputs[0].logits, outputs[1].logits, atol=1e-5)
+
+
+def test_stacked_init_keeps_layer_order_when_groups_interleave():
+    cfg = TransformerConfig(32, 4, 4)
+    layers = [TransformerBlock(cfg, i, parent=None) for i in range(cfg.n_layers)]
+    example = lambda: block_example_args(cfg, jnp.float32)  # noqa: E731
+
+    class Holder(nn.Module):
+        @nn.compact
+        def __call__(self):
+            return scan.stacked_parameters(self, "layers", layers, ["a", "b", "a", "b"], example)
+
+    stacked = nn.meta.unbox(Holder().init({"params": jax.random.key(5)})["params"]["layers"])
+    key = Holder().bind({}, rngs={"params": jax.random.key(5)}).make_rng("params")
+    for i, layer in enumerate(layers):
+        assert _max_abs(scan.layer_slice(stacked, i), layer.init(jax.random.fold_in(key, i), *example())["params"]) == 0

@@ -63,12 +63,10 @@ def stacked_parameters(
             keys = jnp.stack([jax.random.fold_in(key, i) for i in indices])
             parts.append(jax.vmap(lambda k, layer=layer: layer.init(k, *example_args())["params"])(keys))
             order.extend(indices)
-        position = {layer_index: n for n, layer_index in enumerate(order)}
-        permutation = jnp.asarray([position[i] for i in range(len(layers))])
-        stacked = jax.tree.map(
-            lambda *xs: jnp.concatenate(xs, axis=0)[permutation],
-            *[nn.meta.unbox(p) for p in parts],
-        )
+        stacked = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *[nn.meta.unbox(p) for p in parts])
+        if order != sorted(order):  # groups of layers that are not contiguous: back to layer order
+            permutation = jnp.asarray([order.index(i) for i in range(len(layers))])
+            stacked = jax.tree.map(lambda x: x[permutation], stacked)
         # vmap stacked the values but not the axis names: the boxes get the "layers" axis in front.
         return nn.meta.add_axis(nn.meta.replace_boxed(parts[0], stacked), 0, {nn.PARTITION_NAME: LAYER_AXIS})
 
