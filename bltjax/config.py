@@ -176,10 +176,10 @@ PAPER_SIZES = {
 # Pod variants: the TPU slice each paper size is sized for (`experiments/blt_1b.py:v5p-128`). The
 # paper's step of 1024 rows x 16 KiB (about 16M bytes) is kept; at most 4 micro-batches keep the
 # per-step overhead of accumulation small, and FSDP over every chip divides the state by the slice.
-# Per-chip activations scale with the rows each chip holds per micro-batch (256 / chips): 400m
-# gets 64 chips like 1b, since 8 rows per chip on v5p-64 did not fit (docs/design.md, pod variants).
+# Per-chip activations scale with the rows each chip holds per micro-batch (256 / chips); the
+# measured peaks are in docs/design.md ("Activation sharding and pod variants").
 POD_VARIANTS = {
-    "400m": ("v5p-128",),
+    "400m": ("v5p-64",),
     "1b": ("v5p-128",),
     "2b": ("v5p-256",),
     "4b": ("v5p-256",),

@@ -1,7 +1,7 @@
 r"""BLT-400M of the paper (docs/architecture.md §15.2), entropy patching, 16 KiB contexts, bf16 compute.
 
   python -m bltjax.describe --config experiments/blt_400m.py
-  python -m bltjax.compile --config experiments/blt_400m.py:v5p-128 --topology v5p-128
+  python -m bltjax.compile --config experiments/blt_400m.py:v5p-64 --topology v5p-64
 
 Without an argument: the model at the paper's batch with the single-host defaults (data
 parallelism, no remat). With a pod variant (the TPU slice it is sized for, listed in
