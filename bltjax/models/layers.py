@@ -194,7 +194,8 @@ class SelfAttention(nn.Module):
 class CrossAttention(nn.Module):
     """CA(Q, KV) = Q + Wo MHA(Wq norm_q(Q), Wk norm_kv(KV), Wv norm_kv(KV)); no RoPE (§6.3).
 
-    With ``double_residual`` it returns 2Q + o (the released checkpoints' residual).
+    The released checkpoints' double residual (2Q + o) is added by the caller,
+    `cross_attention_residual`.
     Which keys a query sees is given by exactly one of:
       * ``gather_index_BTR``: the R keys each query names (the decoder's k slots of one patch, §8.3);
       * ``key_patch_BS``: queries come in groups of ``slots_per_patch`` per patch and each group
@@ -214,7 +215,6 @@ class CrossAttention(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     attention: str = "auto"  # the `bltjax.kernels` implementation
     slots_per_patch: int = 1  # queries per patch, with ``key_patch_BS``
-    double_residual: bool = False
 
     def setup(self) -> None:
         e, h, kv_heads = self.dim, self.n_heads, self.n_kv_heads or self.n_heads
@@ -263,7 +263,7 @@ class CrossAttention(nn.Module):
             mask=mask_BTS,
             implementation=self.attention,
         )
-        return self._residual(queries_BTE, self.out(out))
+        return queries_BTE + self.out(out)
 
     def attend_cached(
         self,
@@ -279,11 +279,19 @@ class CrossAttention(nn.Module):
         """
         q = self.query(self.query_norm(queries_BTE))
         out = kernels.cached_cross_attention(q, k_BKSD, v_BKSD, mask=mask_BTS, **prefix)
-        return self._residual(queries_BTE, self.out(out))
+        return queries_BTE + self.out(out)
 
-    def _residual(self, queries: jax.Array, attended: jax.Array) -> jax.Array:
-        out = queries + attended
-        return queries + out if self.double_residual else out
+
+def cross_attention_residual(x: jax.Array, attended: jax.Array, double: bool) -> jax.Array:
+    """The residual stream after a cross-attention whose output is ``attended`` = CA(x) = x + o.
+
+    ``double``: x + CA(x) = 2x + o, the residual the released checkpoints were trained with
+    (docs/architecture.md §6.3, ``model.double_cross_attn_residual``). It is added here, outside
+    `CrossAttention`, so that under "block" remat only the attention is recomputed: inside the
+    recomputation XLA:CPU fused the extra sum's backward into many more passes over the byte
+    states (docs/design.md, "The cross-attention residual").
+    """
+    return x + attended if double else attended
 
 
 class SwiGLU(nn.Module):

@@ -17,6 +17,7 @@ from bltjax.models.layers import (
     Linear,
     RMSNorm,
     TransformerBlock,
+    cross_attention_residual,
     depth_factor,
     dtype_of,
     stacked_blocks,
@@ -81,11 +82,13 @@ class LocalDecoder(nn.Module):
             stack.norm_eps,
             kv_heads,
             attention=cfg.attention,
-            double_residual=cfg.double_cross_attn_residual,
             dtype=dtype_of(cfg.dtype),
             param_dtype=dtype_of(cfg.param_dtype),
             **parent,
         )
+
+    def _cross_residual(self, x: jax.Array, attended: jax.Array) -> jax.Array:
+        return cross_attention_residual(x, attended, self.config.double_cross_attn_residual)
 
     def patch_slots(self, global_PG: jax.Array) -> jax.Array:
         """D_C · O: the k key/value slots of each global output, [..., G] -> [..., k, E]."""
@@ -131,7 +134,7 @@ class LocalDecoder(nn.Module):
             )
         for i, layer in enumerate(self.layers):
             if i in self.cross_attention:
-                x = constrained(self.cross_attention[i](x, slots, **cross))
+                x = constrained(self._cross_residual(x, self.cross_attention[i](x, slots, **cross)))
             x = constrained(layer(x, positions_BN, segment_ids_BN))
         return constrain(self.logits(x), ("batch", "length", "act_vocab"))
 
@@ -144,12 +147,14 @@ class LocalDecoder(nn.Module):
         )
         run_block = lambda y, params: constrained(block.apply({"params": params}, y, positions_BN, segment_ids_BN))  # noqa: E731
         if not cfg.cross_attn_all_layers_decoder:
-            x = constrained(self.cross_attention[0](x, slots, **cross))
+            x = constrained(self._cross_residual(x, self.cross_attention[0](x, slots, **cross)))
             return scan_stacked(run_block, x, self.stacked_layers, cfg.remat)
 
         def body(y, params):
             cross_params, block_params = params
-            y = constrained(self._cross(0, parent=None).apply({"params": cross_params}, y, slots, **cross))
+            y = constrained(
+                self._cross_residual(y, self._cross(0, parent=None).apply({"params": cross_params}, y, slots, **cross))
+            )
             return run_block(y, block_params)
 
         return scan_stacked(body, x, (self.stacked_cross, self.stacked_layers), cfg.remat)

@@ -19,6 +19,7 @@ from bltjax.models.layers import (
     CrossAttention,
     Linear,
     TransformerBlock,
+    cross_attention_residual,
     depth_factor,
     dtype_of,
     stacked_blocks,
@@ -115,7 +116,6 @@ class LocalEncoder(nn.Module):
                 kv_heads,
                 attention=cfg.attention,
                 slots_per_patch=k,
-                double_residual=cfg.double_cross_attn_residual,
                 **kw,
             )
             for i in encoder_cross_layers(cfg)
@@ -169,7 +169,9 @@ class LocalEncoder(nn.Module):
                     pool_patches(source, pid_BN, n_patches, cfg.pooling), ("batch", "patches", "act_embed")
                 )
                 slots = constrain(self.patch_queries(pooled), ("batch", "patches", "act_embed"))
-            slots = constrain(self.cross_attention[i](slots, x, **cross), ("batch", "patches", "act_embed"))
+            attended = self.cross_attention[i](slots, x, **cross)
+            slots = cross_attention_residual(slots, attended, cfg.double_cross_attn_residual)
+            slots = constrain(slots, ("batch", "patches", "act_embed"))
         return x, slots
 
     def _block_outputs(self, x: jax.Array, positions_BN: jax.Array, segment_ids_BN: jax.Array | None) -> list:

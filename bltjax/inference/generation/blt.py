@@ -47,7 +47,7 @@ from bltjax.models.byte_lm import next_byte_entropy
 from bltjax.models.configs import BLTConfig, ByteLMConfig
 from bltjax.models.hash_embed import all_hash_ids
 from bltjax.models.latent import LatentTransformer
-from bltjax.models.layers import dtype_of, empty_kv_caches, eos_segment_ids
+from bltjax.models.layers import cross_attention_residual, dtype_of, empty_kv_caches, eos_segment_ids
 from bltjax.models.layout import unstack_layers
 from bltjax.models.local_decoder import LocalDecoder, decoder_cross_layers
 from bltjax.models.local_encoder import LocalEncoder, encoder_cross_layers, encoder_pooling_layers, pool_patches
@@ -134,6 +134,9 @@ class CachedBLT:
     @property
     def decoder_cross_layers(self) -> tuple[int, ...]:
         return decoder_cross_layers(self.config)
+
+    def _cross_residual(self, x: jax.Array, attended: jax.Array) -> jax.Array:
+        return cross_attention_residual(x, attended, self.config.double_cross_attn_residual)
 
     @property
     def slot_chunk(self) -> int:
@@ -279,7 +282,7 @@ class CachedBLT:
             keys, values = (heads_major(a) for a in cross.keys_values(x))
             cross_keys.append(_into(n, keys, valid))
             cross_values.append(_into(n, values, valid))
-            slots = cross.attend_cached(slots, keys, values, cross_mask)
+            slots = self._cross_residual(slots, cross.attend_cached(slots, keys, values, cross_mask))
         byte_states = x
 
         # Global model over the closed patches (the open one runs when it closes).
@@ -309,7 +312,7 @@ class CachedBLT:
                 keys, values = (heads_major(a) for a in cross.keys_values(decoder_slots))
                 slot_keys.append(_into(n_patches * k, keys, slot_valid))
                 slot_values.append(_into(n_patches * k, values, slot_valid))
-                x = cross.attend_cached(x, keys, values, read_mask)
+                x = self._cross_residual(x, cross.attend_cached(x, keys, values, read_mask))
             x, cache = layer.prefill(x, token_positions, token_segments, decoder_caches[i], valid)
             filled_dec.append(cache)
         logits = decoder.logits(x)
@@ -427,7 +430,8 @@ class CachedBLT:
                     index = read_patch[:, None] * k + jnp.arange(k)
                     keys = jnp.take_along_axis(keys, index[:, None, :, None], axis=2)
                     values = jnp.take_along_axis(values, index[:, None, :, None], axis=2)
-                    x = cross.attend_cached(x[:, None], keys, values, jnp.ones((b, 1, k), bool))[:, 0]
+                    attended = cross.attend_cached(x[:, None], keys, values, jnp.ones((b, 1, k), bool))[:, 0]
+                    x = self._cross_residual(x, attended)
                 else:
                     # W patches back: only the closed patches' slots can be visible, so only the
                     # written prefix of the buffer is scanned (its size, not P * k, sets the cost).
@@ -436,8 +440,10 @@ class CachedBLT:
                         return (slot_patch <= read_patch[:, None]) & (read_patch[:, None] < slot_patch + window)
 
                     used = jnp.max(state.closed) * k
-                    x = cross.attend_cached(x[:, None], keys, values, allowed=allowed, used=used, chunk=self.slot_chunk)
-                    x = x[:, 0]
+                    attended = cross.attend_cached(
+                        x[:, None], keys, values, allowed=allowed, used=used, chunk=self.slot_chunk
+                    )
+                    x = self._cross_residual(x, attended[:, 0])
             x, layer_cache = layer.step(x, t, segment, state.decoder_caches[i], active_B)
             decoder_caches.append(layer_cache)
         logits = decoder.logits(x)
@@ -503,7 +509,8 @@ class CachedBLT:
                 pooled = self._pool_result(state.pooled[pooled_index], state.open_length + 1)
                 pooled_index += 1
                 slots = encoder.patch_queries(pooled[:, None])  # [B, k, E]
-            slots = encoder.cross_attention[i].attend_cached(slots, state.cross_keys[c], state.cross_values[c], mask)
+            attended = encoder.cross_attention[i].attend_cached(slots, state.cross_keys[c], state.cross_values[c], mask)
+            slots = self._cross_residual(slots, attended)
 
         x = latent.project_in(slots.reshape(b, k * cfg.encoder.dim))
         segment = state.eos_patches if cfg.document_mask else None
