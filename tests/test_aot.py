@@ -232,3 +232,20 @@ def test_hash_tables_split_their_width_so_the_lookup_divides_with_the_mesh():
     full_batch_lookup = 6 * 8 * 2048 * 256 * 4  # [tables, rows, bytes, width] float32 on every device
     assert _lookup_temp_bytes(spec, plan.mesh, shape) < full_batch_lookup / 2
     assert _lookup_temp_bytes(P(None, "fsdp", None), plan.mesh, shape) > full_batch_lookup / 2  # the old split
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not aot.libtpu_available(), reason="needs the libtpu package (pip install libtpu)")
+def test_a_tpu_compile_traces_auto_attention_as_splash(monkeypatch):
+    """The host is a CPU, but the step is traced for the target: `auto` must pick the TPU kernel."""
+    from bltjax import kernels
+
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # another process may hold libtpu's lockfile
+    used = []
+    splash = kernels._SELF_ATTENTION["splash"]
+    monkeypatch.setitem(kernels._SELF_ATTENTION, "splash", lambda *a: used.append(a[0].shape) or splash(*a))
+    config = tiny(batch_size=8, data=1, fsdp=-1)
+    config.model.attention = "auto"
+    aot.compile_train_step(config, aot.tpu_devices(aot.parse_topology("v5p-8")), target="v5p-8", backend="tpu",
+                           explain=False)  # fmt: skip
+    assert used, "auto resolved to an XLA attention although the step was compiled for a TPU"

@@ -64,6 +64,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from bltjax import kernels
 from bltjax.config import validate
 from bltjax.models.factory import build_model
 from bltjax.runtime import memory_report
@@ -407,13 +408,17 @@ def compile_train_step(
         model_type=config.model_type,
         grad_accum=config.train.grad_accum,
         batch_sharding=batch_sharding,
+        activation_rules=sharding.activation_rules(config.mesh.get("sequence")),
     )
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bltjax_compile_") as dump_dir:
         try:
-            lowered = jit_train_step(step, plan.shardings, batch_sharding).lower(
-                plan.state, _abstract_batch(config, batch_sharding)
-            )
+            # Traced as for the target's platform, so that `model.attention="auto"` picks the
+            # target's kernels (splash on TPU) although this host is a CPU.
+            with kernels.compiling_for(devices[0].platform):
+                lowered = jit_train_step(step, plan.shardings, batch_sharding).lower(
+                    plan.state, _abstract_batch(config, batch_sharding)
+                )
             compiled = memory_report.compile_with_dump(lowered, dump_dir) if explain else lowered.compile()
         except Exception as err:  # XLA reports sharding and resource errors as runtime errors
             message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
