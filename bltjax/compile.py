@@ -1,5 +1,6 @@
 r"""Ahead-of-time compilation of the train step for a target topology: does it shard, does it fit?
 
+  python -m bltjax.compile --config experiments/blt_1b.py:v5p-128     # a pod variant: its slice is the target
   python -m bltjax.compile --config experiments/blt_1b.py --topology v5p-128 [--config.mesh.fsdp=-1 ...]
   python -m bltjax.compile --config experiments/blt_tiny.py --devices 8 --hbm-gib 16
 
@@ -21,7 +22,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from bltjax.config import ConfigError
+from bltjax.config import ConfigError, recorded_topology
 from bltjax.runtime import compile_cache
 from bltjax.runtime.aot import DEFAULT_HBM_FRACTION, CompileError, compile_for_target
 from bltjax.runtime.cli import normalise_argv
@@ -31,7 +32,7 @@ from bltjax.training import sharding
 def define_flags() -> None:
     """Command-line flags, defined only when this module is the program."""
     config_flags.DEFINE_config_file("config", None, "Experiment config file (path.py[:variant]).")
-    flags.DEFINE_string("topology", None, "Target, e.g. v5p-128, v5e-16, h100-32 or v5p:4x4x8.")
+    flags.DEFINE_string("topology", None, "Target, e.g. v5p-128 or v5p:4x4x8 (default: the config's topology).")
     flags.DEFINE_integer("devices", None, "Instead of --topology: a device count (fake CPU mesh).")
     flags.DEFINE_integer("num_slices", 1, "Slices of the TPU topology (multi-slice).")
     flags.DEFINE_float("hbm_gib", None, "Memory per device in GiB (default: the target's nominal HBM).")
@@ -51,10 +52,13 @@ def main(argv: list[str]) -> None:
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     compile_cache.enable()  # a rerun of the same check is a cache lookup
+    topology = FLAGS.topology
+    if topology is None and FLAGS.devices is None:
+        topology = recorded_topology(FLAGS.config)  # a pod variant (blt_1b.py:v5p-128) names its slice
     try:
         compile_for_target(
             FLAGS.config,
-            topology=FLAGS.topology,
+            topology=topology,
             devices=FLAGS.devices,
             num_slices=FLAGS.num_slices,
             hbm_gib=FLAGS.hbm_gib,

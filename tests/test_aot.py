@@ -249,3 +249,10 @@ def test_a_tpu_compile_traces_auto_attention_as_splash(monkeypatch):
     aot.compile_train_step(config, aot.tpu_devices(aot.parse_topology("v5p-8")), target="v5p-8", backend="tpu",
                            explain=False)  # fmt: skip
     assert used, "auto resolved to an XLA attention although the step was compiled for a TPU"
+
+
+@pytest.mark.slow
+def test_cli_targets_the_slice_a_config_records_when_no_topology_is_given():
+    result = _cli("--config.topology=v4-8", "--backend", "cpu", "--noexplain")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "train step compiled for v4-8 (4 devices, cpu compiler)" in result.stdout
