@@ -67,7 +67,7 @@ import ml_collections
 from bltjax import kernels
 from bltjax.config import validate
 from bltjax.models.factory import build_model
-from bltjax.runtime import memory_report
+from bltjax.runtime import hlo_loops, memory_report
 from bltjax.runtime.atomic import write_atomic
 from bltjax.runtime.roofline import Roofline, chip_peaks, estimate, model_flops_per_step
 from bltjax.training import sharding
@@ -368,6 +368,14 @@ def plan_step(config: ml_collections.ConfigDict, devices: Sequence[Any]) -> Step
     return StepPlan(config, mesh, model, optimizer, restore_target(abstract, shardings), shardings)
 
 
+def _as_text(compiled: Any) -> str | None:
+    """The compiled program's optimized HLO, where this jaxlib can print it (not libtpu's)."""
+    try:
+        return compiled.as_text()
+    except Exception:  # libtpu's HLO cannot be parsed back by this jaxlib
+        return None
+
+
 def compile_train_step(
     config: ml_collections.ConfigDict,
     devices: Sequence[Any],
@@ -427,6 +435,7 @@ def compile_train_step(
             raise kind(f"{where}: compiling the train step failed: {message}") from err
         seconds = time.perf_counter() - start
         breakdown = memory_report.read_dump(dump_dir, "train_step") if explain else None
+        hlo_text = memory_report.optimized_hlo_text(dump_dir, "train_step") if explain else _as_text(compiled)
     note = "not asked for (--noexplain)" if not explain else "" if breakdown else "the compiler wrote no buffer dump"
     stats = compiled.memory_analysis()
     roof = estimate(
@@ -434,6 +443,7 @@ def compile_train_step(
         devices=len(devices),
         chip=chip_peaks(accelerator),
         model_flops=model_flops_per_step(config),
+        matmuls=hlo_loops.count_matmuls(hlo_text) if hlo_text else None,
     )
     report = CompileReport(
         target=target,

@@ -235,6 +235,12 @@ def _one(directory: pathlib.Path, pattern: str, module: str) -> pathlib.Path | N
     return files[0] if files else None
 
 
+def optimized_hlo_text(directory: str | pathlib.Path, module: str = "") -> str | None:
+    """The optimized HLO text of the (largest) compiled module dumped in ``directory``; None if absent."""
+    hlo = _one(pathlib.Path(directory), "after_optimizations.txt", module)
+    return hlo.read_text(errors="replace") if hlo else None
+
+
 def read_dump(directory: str | pathlib.Path, module: str = "") -> MemoryBreakdown | None:
     """The peak breakdown of the (largest) compiled module dumped in ``directory``; None if absent."""
     directory = pathlib.Path(directory)

@@ -28,9 +28,14 @@ attention blocks) while the model FLOPs count the useful work only, so MFU < flo
 
 But XLA's cost analysis counts the body of a loop once, whatever its trip count (a `lax.scan`
 of 4 matmuls counts 1, tested): with gradient accumulation or scanned layers the program's
-counts fall below the model FLOPs. When they do, `loop_factor` (model FLOPs over XLA's, at
-least 1) scales both the FLOPs and the bytes, assuming the uncounted iterations do the same
-work and traffic as the counted one; the output says so. MFU is then at most 100 %.
+counts fall far below what runs. `loop_factor` scales both the FLOPs and the bytes back up,
+assuming a loop's other work and traffic repeat as its matmuls do. It is measured when the
+optimized HLO is at hand (`bltjax.runtime.hlo_loops`: the program's matmul FLOPs with every
+loop's trip count over the same count with each body once); otherwise it is assumed to be the
+model FLOPs over XLA's (at least 1), and the output says which.
+
+Kernels in custom calls (Pallas splash attention on TPU) are opaque to XLA: their FLOPs are in
+no count, so with them the compute term is low and the MFU high; the output says how many run.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import dataclasses
 from typing import Any
 
 from bltjax.models import flops
+from bltjax.runtime import hlo_loops
 
 TERA = 1e12
 GIGA = 1e9
@@ -103,10 +109,13 @@ class Roofline:
     model_flops: float  # analytic train FLOPs of one global batch (bltjax.models.flops); 0: unknown
     chip: ChipPeaks | None
     compiler_seconds: float | None = None  # libtpu's own "optimal_seconds" estimate, when it gives one
+    matmuls: hlo_loops.MatmulCounts | None = None  # counted from the optimized HLO, when available
 
     @property
     def loop_factor(self) -> float:
-        """How far XLA's FLOPs fall below the model's (loop bodies counted once); 1 when they do not."""
+        """How many times more runs than XLA's once-per-loop-body count (measured, else assumed)."""
+        if self.matmuls is not None:
+            return self.matmuls.loop_factor
         counted = self.flops_per_device * self.devices
         if not self.model_flops or counted <= 0:
             return 1.0
@@ -153,10 +162,14 @@ class Roofline:
         if self.model_flops:
             ratio = f" (XLA counts {self.xla_over_model:.2f}x that)" if self.xla_over_model else ""
             if self.loop_factor > 1:
+                how = "loop trips counted in the HLO" if self.matmuls is not None else "assumed: no HLO to count"
                 ratio += (f"; XLA counts loop bodies once (accumulation, scanned layers): its FLOPs and bytes "
-                          f"are scaled by {self.loop_factor:.2f} below")  # fmt: skip
+                          f"are scaled by {self.loop_factor:.2f} below ({how})")  # fmt: skip
             model = format_count(self.model_flops, "FLOP")
             out.append(f"  model FLOPs per step (bltjax.flops, analytic): {model}{ratio}")
+        if self.matmuls is not None and self.matmuls.kernel_calls:
+            out.append(f"  {self.matmuls.kernel_calls} custom-call kernel runs per step (e.g. Pallas attention): "
+                       "their FLOPs are in no count, so the compute term is a lower bound")  # fmt: skip
         if self.chip is None:
             out.append("  no peak figures for this target (cpu): no step time or MFU estimate")
             return out
@@ -187,16 +200,25 @@ class Roofline:
             "bound": self.bound,
             "mfu": self.mfu,
             "loop_factor": self.loop_factor,
+            "loop_factor_measured": self.matmuls is not None,
+            "kernel_calls": self.matmuls.kernel_calls if self.matmuls is not None else None,
             "compiler_seconds": self.compiler_seconds,
         }
 
 
-def estimate(cost: Any, *, devices: int, chip: ChipPeaks | None, model_flops: float = 0.0) -> Roofline:
+def estimate(
+    cost: Any,
+    *,
+    devices: int,
+    chip: ChipPeaks | None,
+    model_flops: float = 0.0,
+    matmuls: hlo_loops.MatmulCounts | None = None,
+) -> Roofline:
     """The roofline of a compiled step from its ``cost_analysis()``, on ``devices`` devices of ``chip``."""
     flops, bytes_accessed = cost_totals(cost)
     single = (cost[0] if cost else {}) if isinstance(cost, (list, tuple)) else (cost or {})
     optimal = float(single.get("optimal_seconds", -1.0))  # libtpu only; negative: no estimate
-    return Roofline(flops, bytes_accessed, devices, float(model_flops), chip, optimal if optimal > 0 else None)
+    return Roofline(flops, bytes_accessed, devices, float(model_flops), chip, optimal if optimal > 0 else None, matmuls)
 
 
 def model_flops_per_step(config: Any) -> float:
