@@ -84,3 +84,16 @@ def test_the_roofline_scales_by_the_measured_factor_and_says_so():
     text = "\n".join(estimate.lines())
     assert "scaled by 4.00 below (loop trips counted in the HLO)" in text
     assert "2 custom-call kernel runs per step" in text
+
+
+def test_libtpu_loops_take_their_trips_from_the_counter_test_of_their_condition():
+    # libtpu writes no known_trip_count; its conditions are jax's `counter < N`
+    text = SYNTHETIC.replace(', backend_config={"known_trip_count":{"n":"7"}}', "").replace(
+        "  ROOT %lt = pred[] constant(true)\n",
+        "  %n = s32[]{:T(128)} constant(7)\n"
+        "  %i = s32[]{:T(128)} get-tuple-element(%q), index=0\n"
+        "  ROOT %lt = pred[]{:T(512)} compare(%i, %n), direction=LT\n",
+    )
+    counts = hlo_loops.count_matmuls(text)
+    assert counts.flops == 7 * 2 * 4 * 256 * 128
+    assert counts.loop_factor == 7

@@ -5,8 +5,10 @@ r"""How many times a compiled program's loop bodies run: matmul FLOPs counted wi
 
 XLA's ``cost_analysis()`` adds up every instruction of the program once, so the body of a
 ``while`` loop (a scanned layer stack, gradient accumulation) counts for one iteration whatever
-its trip count. The optimized HLO text says how often each loop runs (``known_trip_count`` in a
-``while``'s backend config), so this module counts the matmuls (``dot`` and ``convolution``,
+its trip count. The optimized HLO text says how often each loop runs: XLA:CPU writes
+``known_trip_count`` in a ``while``'s backend config; libtpu does not, but its loop conditions
+are jax's counter test, ``ROOT compare(counter, constant(N)), direction=LT`` (counters start at
+0 and step by 1), whose N is the trip count. So this module counts the matmuls (``dot`` and ``convolution``,
 which is what the TPU compiler turns many dots into) of every computation, multiplies each
 loop body by its trip count, and compares with the same count taken once per body. The ratio
 rescales XLA's FLOPs and bytes (`bltjax.runtime.roofline`), on the assumption that a loop's
@@ -38,6 +40,8 @@ _CALLEES = re.compile(r"(?:calls|to_apply|body|condition)=%(?P<name>[\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{(?P<names>[^}]*)\}")
 _TRIPS = re.compile(r'"known_trip_count":\{"n":"(?P<n>\d+)"\}')
 _BODY = re.compile(r"body=%(?P<name>[\w.\-]+)")
+_CONDITION = re.compile(r"condition=%(?P<name>[\w.\-]+)")
+_INT_CONSTANT = re.compile(r"^\s*(?P<value>-?\d+)\s*$")
 _CONTRACTING = re.compile(r"lhs_contracting_dims=\{(?P<dims>[\d,]*)\}")
 _DIM_LABELS = re.compile(r"dim_labels=(?P<lhs>\w+)_(?P<rhs>\w+)->(?P<out>\w+)")
 _CUSTOM_TARGET = re.compile(r'custom_call_target="(?P<target>[^"]+)"')
@@ -53,8 +57,11 @@ def _dims(text: str) -> tuple[int, ...]:
 class _Computation:
     matmul_flops: float = 0.0
     kernel_calls: int = 0
-    callees: list[tuple[str, int]] = dataclasses.field(default_factory=list)  # (computation, trips)
+    callees: list[tuple[str, int]] = dataclasses.field(default_factory=list)  # (computation, times per run)
+    loops: list[tuple[str, str, int | None]] = dataclasses.field(default_factory=list)  # (body, condition, trips)
     branches: list[list[str]] = dataclasses.field(default_factory=list)  # conditionals: one runs
+    constants: dict[str, int] = dataclasses.field(default_factory=dict)  # scalar integer constants
+    counter_bound: int | None = None  # as a loop condition: the N of ``ROOT compare(i, N), direction=LT``
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,12 +120,16 @@ def _parse(hlo_text: str) -> tuple[dict[str, _Computation], str | None]:
         elif op == "custom-call":
             target = _CUSTOM_TARGET.search(rest)
             current.kernel_calls += bool(target and any(t in target["target"] for t in _KERNEL_TARGETS))
+        if op == "constant" and instruction["shape"].startswith(("s32[]", "s64[]", "u32[]")):
+            value = _INT_CONSTANT.match(instruction["args"])
+            if value:
+                current.constants[instruction["name"]] = int(value["value"])
+        if op == "compare" and line.lstrip().startswith("ROOT") and "direction=LT" in rest and len(args) == 2:
+            current.counter_bound = current.constants.get(args[1])
         if op == "while":
-            trips = _TRIPS.search(rest)
-            body = _BODY.search(rest)
-            for callee in _CALLEES.finditer(rest):
-                is_body = body is not None and callee["name"] == body["name"]
-                current.callees.append((callee["name"], int(trips["n"]) if trips and is_body else 1))
+            trips, body, condition = _TRIPS.search(rest), _BODY.search(rest), _CONDITION.search(rest)
+            if body and condition:
+                current.loops.append((body["name"], condition["name"], int(trips["n"]) if trips else None))
             continue
         branches = _BRANCHES.search(rest)
         if branches:
@@ -138,10 +149,15 @@ def count_matmuls(hlo_text: str) -> MatmulCounts:
         if computation is None or name in seen:  # unknown or recursive: nothing to add
             return 0.0, 0
         flops, calls = computation.matmul_flops, computation.kernel_calls
-        for callee, trips in computation.callees:
+        runs = [(callee, times, times) for callee, times in computation.callees]
+        for body, condition, trips in computation.loops:
+            if trips is None:  # libtpu: the condition's counter bound (unknown: counted once)
+                bound = computations.get(condition)
+                trips = bound.counter_bound if bound is not None and bound.counter_bound else 1
+            runs += [(body, trips, trips if with_trips else 1), (condition, trips + 1, trips + 1 if with_trips else 1)]
+        for callee, times_for_calls, times in runs:
             f, c = total(callee, with_trips, seen + (name,))
-            times = trips if with_trips else 1
-            flops, calls = flops + times * f, calls + trips * c
+            flops, calls = flops + times * f, calls + times_for_calls * c
         for branches in computation.branches:  # one branch runs: count the most expensive
             flops += max((total(b, with_trips, seen + (name,))[0] for b in branches), default=0.0)
         return flops, calls
