@@ -102,3 +102,36 @@ def test_tiny_pod_shaped_config_compiles_for_v5p_8_with_libtpu(tmp_path):
     assert "train step compiled for v5p-8 (4 devices, tpu compiler)" in result.stdout
     report = json.loads(out.read_text())
     assert report["fits"] and report["backend"] == "tpu" and report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not libtpu_available(), reason="needs the libtpu package (pip install bltjax[aot])")
+def test_blt_1b_pod_variant_fits_v5p_128_within_the_targets(tmp_path):
+    """Issue #18's target, by libtpu's compiler: at most 40 GiB per chip with at most 4 micro-batches."""
+    out = tmp_path / "report.json"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+    command = [sys.executable, "-m", "bltjax.compile", "--config", "experiments/blt_1b.py:v5p-128", "--noexplain",
+               "--out", str(out)]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1500, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["target"] == "v5p-128" and report["backend"] == "tpu" and report["fits"]
+    assert report["peak_bytes"] <= 40 * 2**30
+    assert load_config(str(REPO / "experiments" / "blt_1b.py") + ":v5p-128").train.grad_accum <= 4
+
+
+def _pod_benchmark():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pod_variants", REPO / "benchmarks" / "pod_variants.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_launching_docs_show_the_pod_table_of_the_benchmark_data():
+    data = json.loads((REPO / "benchmarks" / "pod_variants.json").read_text())
+    assert [row["config"] for row in data["rows"]] == [f"experiments/blt_{s}.py:{v}" for s, v in VARIANTS]
+    assert all(row["fits"] for row in data["rows"])
+    assert _pod_benchmark().markdown_table(data) in (REPO / "docs" / "launching.md").read_text()
