@@ -73,7 +73,7 @@ from bltjax.runtime.roofline import Roofline, chip_peaks, estimate, model_flops_
 from bltjax.training import sharding
 from bltjax.training.optimizer import learning_rate_schedule, make_optimizer
 from bltjax.training.state import abstract_state, restore_target, state_placements
-from bltjax.training.step import batch_fields, jit_train_step, make_train_step
+from bltjax.training.step import batch_fields, jit_train_step, train_step_of_config
 
 GIB = 1 << 30
 DEFAULT_HBM_FRACTION = 0.9  # room for the runtime, fragmentation and the evaluation program
@@ -409,15 +409,7 @@ def compile_train_step(
             + _advice(config)
         )
     batch_sharding = sharding.batch_sharding(mesh)
-    step = make_train_step(
-        plan.model,
-        plan.optimizer,
-        learning_rate_schedule(config),
-        model_type=config.model_type,
-        grad_accum=config.train.grad_accum,
-        batch_sharding=batch_sharding,
-        activation_rules=sharding.activation_rules(config.mesh.get("sequence")),
-    )
+    step = train_step_of_config(config, plan.model, plan.optimizer, learning_rate_schedule(config), batch_sharding)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bltjax_compile_") as dump_dir:
         try:

@@ -132,6 +132,26 @@ def make_train_step(
     return train_step
 
 
+def train_step_of_config(
+    config: Any,
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    batch_sharding: NamedSharding,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """`make_train_step` with what an experiment config sets: the one step `bltjax.train` runs
+    and `bltjax.compile` compiles, so the two cannot drift apart."""
+    return make_train_step(
+        model,
+        optimizer,
+        schedule,
+        model_type=config.model_type,
+        grad_accum=config.train.grad_accum,
+        batch_sharding=batch_sharding,
+        activation_rules=sharding_rules.activation_rules(config.mesh.get("sequence")),
+    )
+
+
 def jit_train_step(step_fn: Callable, state_shardings: Any, batch_sharding: NamedSharding) -> Callable:
     """Explicit in/out shardings; the old state is donated (its buffers become the new state's).
 

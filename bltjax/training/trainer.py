@@ -55,7 +55,7 @@ from bltjax.training import sharding
 from bltjax.training.metrics import MetricsWriter, bits_per_byte
 from bltjax.training.optimizer import learning_rate_schedule, make_optimizer
 from bltjax.training.state import TrainState, abstract_state, create_train_state, restore_target, state_placements
-from bltjax.training.step import batch_fields, jit_eval_step, jit_train_step, make_eval_step, make_train_step
+from bltjax.training.step import batch_fields, jit_eval_step, jit_train_step, make_eval_step, train_step_of_config
 
 # Fields a relaunch may change: where the data lives, how the run is laid out and reported.
 RESUMABLE_CHANGES = ("data.path", "data.verify", "mesh.", "train.")
@@ -231,15 +231,7 @@ class Trainer:
         self.state_shardings = sharding.shardings_of(self.placements, self.mesh)
         self.abstract = abstract
         self.batch_sharding = sharding.batch_sharding(self.mesh)
-        step_fn = make_train_step(
-            self.model,
-            self.optimizer,
-            self.schedule,
-            model_type=cfg.model_type,
-            grad_accum=cfg.train.grad_accum,
-            batch_sharding=self.batch_sharding,
-            activation_rules=sharding.activation_rules(cfg.mesh.get("sequence")),
-        )
+        step_fn = train_step_of_config(cfg, self.model, self.optimizer, self.schedule, self.batch_sharding)
         self.train_step = jit_train_step(step_fn, self.state_shardings, self.batch_sharding)
         eval_fn = make_eval_step(
             self.model,
