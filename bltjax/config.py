@@ -80,14 +80,19 @@ def _common() -> ml_collections.ConfigDict:
     # Device mesh (bltjax/training/sharding.py): -1 on one axis = all remaining devices.
     # sequence: None, or the mesh axis over which long byte rows are split along their length
     # (activation sharding, bltjax/training/sharding.py); the batch then uses the other batch axes.
-    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, sequence=None))
+    # num_slices: TPU slices joined over the data-center network (DCN); with more than one, the
+    # mesh axis dcn_axis spans the slices (one block of it per slice, sharding.make_mesh) and the
+    # other axes stay inside a slice's ICI. The dcn_axis size must be a multiple of num_slices.
+    config.mesh = ml_collections.ConfigDict(
+        dict(data=-1, fsdp=1, tensor=1, sequence=None, num_slices=1, dcn_axis="data")
+    )
     # The slice this config is sized for (a pod variant sets it; `bltjax.compile` defaults --topology to it).
     config.topology = ""
     # AdamW of docs/architecture.md §13; the official code decays every parameter (decay_all=True).
     config.optimizer = ml_collections.ConfigDict(
         dict(
             learning_rate=4e-4,
-            warmup_steps=2000,
+            warmup_steps=100,  # < config.train.steps (validate); the paper configs use the paper's 2000
             schedule="cosine",  # cosine / linear decay after warm-up, or constant
             final_lr_ratio=0.0,  # the paper decays to 0; the official default is 0.1
             b1=0.9,
@@ -103,7 +108,9 @@ def _common() -> ml_collections.ConfigDict:
             steps=1000,  # optimizer steps
             grad_accum=1,  # micro-batches per step (batch_size must divide evenly)
             log_every=10,  # console / TensorBoard / JSONL metrics
-            eval_every=200,  # validation bits-per-byte; 0 = never
+            # validation bits-per-byte every this many steps and at the last step; 0 = only at the last
+            # step, and not at all when the data has no eval_split (a corpus of a few large files).
+            eval_every=200,
             eval_batches=4,  # validation batches per evaluation
             eval_split="validation",
             checkpoint_every=200,  # 0 = only at the end and on SIGTERM
@@ -187,22 +194,35 @@ POD_VARIANTS = {
 }
 POD_GRAD_ACCUM = 4
 POD_REMAT = "block"
+# The paper's schedule (docs/architecture.md §13: 2000 warm-up steps) over the official training
+# template's 100k steps (§2.4); a shorter run sets config.train.steps and, below 2001, the warm-up.
+PAPER_WARMUP_STEPS = 2000
+PAPER_STEPS = 100_000
 
 
-def pod_variant(config: ml_collections.ConfigDict, size: str, variant: str) -> ml_collections.ConfigDict:
-    """Sets the mesh, remat, accumulation and slice of the paper config ``size`` for ``variant``."""
-    known = POD_VARIANTS[size]
-    if variant not in known:
-        raise ConfigError(
-            f"experiments/blt_{size}.py:{variant}: unknown pod variant; expected one of {list(known)} "
-            f"(or no variant for the single-host defaults)"
-        )
-    config.topology = variant
+def pod_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """What a paper-size step needs on accelerators: FSDP over every device, block remat, scan, accumulation.
+
+    The paper configs carry these by default, so they run as shipped on any slice that holds them;
+    a pod variant adds only the slice it was measured on.
+    """
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
     config.model.remat = POD_REMAT
     config.train.grad_accum = POD_GRAD_ACCUM
     config.model.scan_layers = True  # identical blocks under nn.scan: compile time independent of depth
     return config
+
+
+def pod_variant(config: ml_collections.ConfigDict, size: str, variant: str) -> ml_collections.ConfigDict:
+    """`pod_settings`, plus the slice ``variant`` the paper config ``size`` is sized for (``config.topology``)."""
+    known = POD_VARIANTS[size]
+    if variant not in known:
+        raise ConfigError(
+            f"experiments/blt_{size}.py:{variant}: unknown pod variant; expected one of {list(known)} "
+            f"(or no variant for the same settings on any device count)"
+        )
+    config.topology = variant
+    return pod_settings(config)
 
 
 def recorded_topology(config: ml_collections.ConfigDict) -> str | None:
@@ -213,7 +233,8 @@ def recorded_topology(config: ml_collections.ConfigDict) -> str | None:
 def paper_blt_config(size: str, variant: str | None = None) -> ml_collections.ConfigDict:
     """A BLT of the paper's sizes with entropy patching and 16 KiB contexts (docs/architecture.md §13, §15).
 
-    ``variant`` names a TPU slice of `POD_VARIANTS` (``"v5p-128"``) and applies `pod_variant`.
+    Every paper config carries `pod_settings` and the paper's schedule; ``variant`` names a TPU
+    slice of `POD_VARIANTS` (``"v5p-128"``) and records it (`pod_variant`).
     """
     if size not in PAPER_SIZES:
         raise ConfigError(f"size: expected one of {sorted(PAPER_SIZES)}, got {size!r}")
@@ -227,8 +248,9 @@ def paper_blt_config(size: str, variant: str | None = None) -> ml_collections.Co
     config.data.seq_len = 16384
     config.data.max_patches = 4096
     config.data.batch_size = 1024
-    config.model.scan_layers = True  # deep stacks compile as one scanned block (`bltjax.models.scan`)
-    return pod_variant(config, size, variant) if variant else config
+    config.optimizer.warmup_steps = PAPER_WARMUP_STEPS
+    config.train.steps = PAPER_STEPS
+    return pod_variant(config, size, variant) if variant else pod_settings(config)
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
@@ -270,7 +292,7 @@ def transformer_config(values: dict, where: str) -> TransformerConfig:
 
 def model_config(config: ml_collections.ConfigDict) -> BLTConfig | ByteLMConfig:
     """The validated frozen record for ``config.model`` (BLTConfig or ByteLMConfig)."""
-    validate(config)
+    validate(config, for_training=False)
     return _model_record(config)
 
 
@@ -465,6 +487,15 @@ def _validate_training(config: ml_collections.ConfigDict) -> None:
         "None or one of the mesh axes 'data', 'fsdp', 'tensor'",
         mesh.get("sequence"),
     )
+    # Configs written before multi-slice have neither field: one slice.
+    _require(_positive_int(mesh.get("num_slices", 1)), "config.mesh.num_slices", "a positive integer",
+             mesh.get("num_slices"))  # fmt: skip
+    _require(
+        mesh.get("dcn_axis", "data") in ("data", "fsdp", "tensor"),
+        "config.mesh.dcn_axis",
+        "one of the mesh axes 'data', 'fsdp', 'tensor' (the one that spans the slices)",
+        mesh.get("dcn_axis"),
+    )
     opt = config.optimizer
     w = "config.optimizer"
     _require(opt.learning_rate > 0, f"{w}.learning_rate", "a positive number", opt.learning_rate)
@@ -497,13 +528,29 @@ def _validate_training(config: ml_collections.ConfigDict) -> None:
              config.data.verify)  # fmt: skip
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Raises ConfigError, naming the field, for any value that cannot work together."""
+def _validate_schedule(config: ml_collections.ConfigDict) -> None:
+    """A run that ends inside its warm-up never reaches its learning rate (and never decays)."""
+    warmup, steps = config.optimizer.warmup_steps, config.train.steps
+    if warmup >= steps:
+        raise ConfigError(
+            f"config.optimizer.warmup_steps: expected fewer than config.train.steps={steps} (the warm-up must end "
+            f"before the run does), got {warmup}; lower config.optimizer.warmup_steps or raise config.train.steps"
+        )
+
+
+def validate(config: ml_collections.ConfigDict, *, for_training: bool = True) -> None:
+    """Raises ConfigError, naming the field, for any value that cannot work together.
+
+    ``for_training=False`` (building a model to evaluate or generate with) leaves out the
+    optimizer schedule's checks, so that a workdir trained before a rule existed still loads.
+    """
     _require(
         config.get("model_type") in MODEL_TYPES, "config.model_type", f"one of {MODEL_TYPES}", config.get("model_type")
     )
     check_keys(config)
     _validate_training(config)
+    if for_training:
+        _validate_schedule(config)
     data = config.data
     _require(_positive_int(data.seq_len) and data.seq_len >= 2, "config.data.seq_len", "an integer >= 2", data.seq_len)
     _require(_positive_int(data.batch_size), "config.data.batch_size", "a positive integer", data.batch_size)

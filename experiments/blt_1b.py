@@ -3,10 +3,10 @@ r"""BLT-1B of the paper (docs/architecture.md §15.2), entropy patching, 16 KiB 
   python -m bltjax.describe --config experiments/blt_1b.py
   python -m bltjax.compile --config experiments/blt_1b.py:v5p-128 --topology v5p-128
 
-Without an argument: the model at the paper's batch with the single-host defaults (data
-parallelism, no remat). With a pod variant (the TPU slice it is sized for, listed in
-`bltjax.config.POD_VARIANTS`): FSDP over the slice, block remat, scanned layers and at most 4
-micro-batches for the paper's 1024 x 16 KiB step; the slice is recorded in `config.topology`.
+As shipped (`bltjax.config.pod_settings`): the paper's 1024 x 16 KiB step with FSDP over every
+device, block remat, scanned layers and 4 micro-batches, and the paper's 2000 warm-up steps of
+a 100k-step run. A pod variant (the TPU slice it is sized for, listed in
+`bltjax.config.POD_VARIANTS`) adds only the slice, recorded in `config.topology`.
 
 Layer counts and widths come from `bltjax.config.PAPER_SIZES`; only the 1B row is confirmed
 by a released checkpoint (blt-1b).

@@ -54,11 +54,28 @@ def test_unknown_variant_names_the_known_ones():
         load_config("experiments/blt_1b.py:v5p-8")
 
 
-def test_no_variant_keeps_the_single_host_defaults():
-    config = load_config("experiments/blt_1b.py")
+@pytest.mark.parametrize("size", sorted(POD_VARIANTS))
+def test_paper_configs_carry_the_pod_settings_as_shipped(size):
+    """Without a variant: the variant's settings on any device count, no slice recorded, a schedule that runs."""
+    config = load_config(f"experiments/blt_{size}.py")
     validate(config)
     assert recorded_topology(config) is None
-    assert config.train.grad_accum == 1 and config.model.remat == "none" and config.mesh.data == -1
+    assert config.train.grad_accum == 4 and config.model.remat == "block" and config.model.scan_layers is True
+    assert (config.mesh.data, config.mesh.fsdp, config.mesh.tensor) == (1, -1, 1)
+    assert config.optimizer.warmup_steps == 2000 < config.train.steps
+    variant = load_config(f"experiments/blt_{size}.py:{POD_VARIANTS[size][0]}")
+    variant.topology = ""
+    assert variant.to_dict() == config.to_dict(), "a pod variant adds only its slice"
+
+
+def test_warmup_that_outlasts_the_run_is_rejected_naming_both_fields():
+    config = load_config("experiments/blt_1b.py")
+    config.train.steps = 2000
+    with pytest.raises(
+        ConfigError, match=r"config.optimizer.warmup_steps: expected fewer than config.train.steps=2000"
+    ):
+        validate(config)
+    validate(config, for_training=False)  # a model built to evaluate an older workdir still loads
 
 
 def test_sequence_axis_is_validated():

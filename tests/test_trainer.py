@@ -238,7 +238,7 @@ def test_bad_config_is_rejected_before_any_device_work(data_dir, tmp_path):
 def test_relaunch_with_a_different_model_is_refused(data_dir, tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.json").write_text(tiny_config(data_dir).to_json())  # as a first launch leaves it
-    changed = tiny_config(data_dir, **{"train.steps": 2})
+    changed = tiny_config(data_dir, **{"train.steps": 3})
     changed.model.latent.n_layers = 3
     with pytest.raises(WorkdirError, match=r"config\.model\.latent\.n_layers"):
         Trainer(changed, tmp_path / "run")
@@ -263,8 +263,9 @@ def test_nan_loss_stops_without_saving(data_dir, tmp_path):
 
 @pytest.mark.slow
 def test_gradient_accumulation_matches_one_big_batch(data_dir, tmp_path):
-    whole = tiny_config(data_dir, **{"data.batch_size": 16, "train.steps": 2})
-    split = tiny_config(data_dir, **{"train.grad_accum": 2, "data.batch_size": 16, "train.steps": 2})
+    short = {"data.batch_size": 16, "train.steps": 2, "optimizer.warmup_steps": 1}  # warm-up ends before the run
+    whole = tiny_config(data_dir, **short)
+    split = tiny_config(data_dir, **short, **{"train.grad_accum": 2})
     train(whole, tmp_path / "whole", console=io.StringIO())
     train(split, tmp_path / "split", console=io.StringIO())
     a, b = train_losses(tmp_path / "whole"), train_losses(tmp_path / "split")

@@ -35,7 +35,9 @@ Targets (``topology`` names; HBM is the vendor's nominal figure per device, in G
     v5p:4x4x8        an explicit TPU layout (any generation above)
 
 For v4 and v5p the number in the name counts TensorCores, two per chip, and a chip is one jax
-device (megacore). ``num_slices`` multiplies the devices (multi-slice, over DCN).
+device (megacore). ``num_slices`` multiplies the devices (multi-slice, over DCN): libtpu
+describes every slice's devices (each with its ``slice_index``), the mesh spans the slices on
+``config.mesh.dcn_axis`` (`bltjax.training.sharding.make_mesh`), and the report says how.
 
 The report explains its figure: the compiler dumps its buffer assignment into a temporary
 folder and `memory_report` lists the buffers live at the compiler's peak, by the jax op that
@@ -258,6 +260,7 @@ class CompileReport:
     breakdown: memory_report.MemoryBreakdown | None = None  # what is live at the peak, by source
     breakdown_note: str = ""  # why there is no breakdown
     roofline: Roofline | None = None
+    slices: str = ""  # the multi-slice layout (sharding.SliceLayout.describe); "" for one slice
 
     @property
     def peak_bytes(self) -> int:
@@ -291,7 +294,8 @@ class CompileReport:
         lines = [f"  {name:<{width}}  {format_bytes(value):>12}" for name, value in rows]
         head = (f"train step compiled for {self.target} ({self.devices} devices, {self.backend} compiler) in "
                 f"{self.compile_seconds:.1f} s; mesh {self.mesh}; global batch {self.batch_shape[0]} x "
-                f"{self.batch_shape[1]} bytes\nper device:")  # fmt: skip
+                f"{self.batch_shape[1]} bytes\n")  # fmt: skip
+        head += (f"{self.slices}\n" if self.slices else "") + "per device:"
         verdict = "no memory limit given" if not self.limit_bytes else (
             f"fits: {100 * self.peak_bytes / self.limit_bytes:.1f} % of the limit"
             if self.fits else "DOES NOT FIT")  # fmt: skip
@@ -454,8 +458,14 @@ def compile_train_step(
         breakdown=breakdown,
         breakdown_note=note,
         roofline=roof,
+        slices=_slices_text(mesh, config),
     )
     return report
+
+
+def _slices_text(mesh: Any, config: ml_collections.ConfigDict) -> str:
+    layout = sharding.mesh_slices(mesh, config)
+    return layout.describe() if layout.num_slices > 1 else ""
 
 
 def check_fits(report: CompileReport, config: ml_collections.ConfigDict) -> None:
@@ -475,7 +485,7 @@ def compile_for_target(
     *,
     topology: str | None = None,
     devices: int | None = None,
-    num_slices: int = 1,
+    num_slices: int | None = None,
     hbm_gib: float | None = None,
     hbm_fraction: float = DEFAULT_HBM_FRACTION,
     backend: str = "auto",
@@ -487,9 +497,22 @@ def compile_for_target(
 
     Prints what it compiles for and the memory table to ``console``, writes the report as JSON
     to ``out`` (atomically), then raises OutOfMemoryError when the peak exceeds the limit.
+    ``num_slices`` (default: ``config.mesh.num_slices``) copies of the target, joined over DCN,
+    are compiled for as `python -m bltjax.train` would run on them.
     """
     if (topology is None) == (devices is None):
         raise CompileError("give exactly one of --topology (e.g. v5p-128) and --devices N")
+    configured = int(config.mesh.get("num_slices", 1))
+    if num_slices is None:
+        num_slices = configured
+    elif num_slices < 1:
+        raise CompileError(f"--num-slices: expected a positive integer, got {num_slices}")
+    elif configured not in (1, num_slices):
+        raise CompileError(f"--num-slices {num_slices} disagrees with config.mesh.num_slices={configured}")
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.mesh.num_slices = num_slices  # the train step of a run on that many slices
+    if devices is not None and num_slices > 1:
+        devices *= num_slices  # --devices counts one slice, as --topology names one
     target = parse_topology(topology, num_slices) if topology is not None else device_count_target(devices, hbm_gib)
     hbm = int(hbm_gib * GIB) if hbm_gib else target.hbm_bytes
     backend = choose_backend(target, backend)

@@ -17,6 +17,12 @@ their own names because a parameter's "embed" is split over fsdp, which the batc
 
 The mesh uses `AxisType.Auto`: Linen's logical partitioning is GSPMD-style and fails on the
 Explicit axes that `jax.make_mesh` defaults to in this jax version.
+
+Multi-slice (``config.mesh.num_slices`` > 1): the slices of a TPU job talk over the data-center
+network (DCN), an order of magnitude slower than the chips' ICI links inside a slice. One mesh
+axis, ``config.mesh.dcn_axis`` ("data" by default: one gradient all-reduce per step crosses
+it), spans the slices: its size is slices x its per-slice size, and the device array is built
+as one ICI block per slice (`hybrid_device_array`). Every other axis stays inside a slice.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -95,12 +102,107 @@ def mesh_shape(config: ml_collections.ConfigDict, n_devices: int) -> dict[str, i
     return sizes
 
 
+@dataclasses.dataclass(frozen=True)
+class SliceLayout:
+    """How the mesh splits over slices: ``dcn`` (slices per axis) x ``ici`` (devices per axis inside a slice)."""
+
+    num_slices: int
+    dcn_axis: str
+    ici: dict[str, int]
+    dcn: dict[str, int]
+
+    def describe(self) -> str:
+        per_slice = " x ".join(f"{axis} {self.ici[axis]}" for axis in MESH_AXES)
+        axis, whole = self.dcn_axis, self.ici[self.dcn_axis] * self.num_slices
+        return (f"{self.num_slices} slices over DCN on axis {axis!r} ({axis} {whole} = {self.num_slices} slices x "
+                f"{self.ici[axis]}); inside each slice (ICI): {per_slice}")  # fmt: skip
+
+
+def slice_layout(config: ml_collections.ConfigDict, sizes: dict[str, int]) -> SliceLayout:
+    """Splits resolved mesh ``sizes`` into per-slice (ICI) and across-slice (DCN) shapes."""
+    num_slices = int(config.mesh.get("num_slices", 1))
+    dcn_axis = config.mesh.get("dcn_axis", "data")
+    if dcn_axis not in MESH_AXES:
+        raise MeshError(f"config.mesh.dcn_axis: expected one of {MESH_AXES}, got {dcn_axis!r}")
+    if sizes[dcn_axis] % num_slices:
+        raise MeshError(
+            f"config.mesh.{dcn_axis}: expected a multiple of config.mesh.num_slices={num_slices} (config.mesh.dcn_axis"
+            f"={dcn_axis!r} spans the slices), got {sizes[dcn_axis]}; e.g. --config.mesh.{dcn_axis}={num_slices} "
+            f"with another axis at -1, or another config.mesh.dcn_axis"
+        )
+    ici = {axis: size // num_slices if axis == dcn_axis else size for axis, size in sizes.items()}
+    dcn = {axis: num_slices if axis == dcn_axis else 1 for axis in MESH_AXES}
+    return SliceLayout(num_slices, dcn_axis, ici, dcn)
+
+
+def device_slices(devices: Sequence[Any], num_slices: int) -> list[list[Any]]:
+    """The devices of each slice, in slice order.
+
+    TPU devices of a multi-slice job carry ``slice_index``. Others (GPU nodes, CPU rehearsals)
+    have none; they are cut into ``num_slices`` equal runs in (process, id) order, so that a
+    "slice" is a set of whole hosts, as on a cluster whose nodes are joined by a slower network.
+    """
+    devices = list(devices)
+    if len(devices) % num_slices:
+        raise MeshError(f"config.mesh.num_slices: {len(devices)} devices do not split into {num_slices} equal slices")
+    if all(hasattr(d, "slice_index") for d in devices):
+        groups: dict[int, list[Any]] = {}
+        for device in devices:
+            groups.setdefault(int(device.slice_index), []).append(device)
+        if len(groups) != num_slices:
+            raise MeshError(
+                f"config.mesh.num_slices: expected the slice count of the devices, {len(groups)} (their "
+                f"slice_index), got {num_slices}"
+            )
+        slices = [groups[key] for key in sorted(groups)]
+        sizes = {len(group) for group in slices}
+        if len(sizes) != 1:
+            raise MeshError(f"config.mesh.num_slices: the slices have different device counts {sorted(sizes)}")
+        return slices
+    ordered = sorted(devices, key=lambda d: (getattr(d, "process_index", 0), d.id))
+    per_slice = len(ordered) // num_slices
+    return [ordered[i * per_slice : (i + 1) * per_slice] for i in range(num_slices)]
+
+
+def hybrid_device_array(devices: Sequence[Any], layout: SliceLayout) -> np.ndarray:
+    """The device array of a multi-slice mesh: one ICI block per slice, the blocks stacked along the DCN axis.
+
+    Inside a slice, jax orders TPU devices along the physical torus (`mesh_utils.create_device_mesh`);
+    devices without a physical layout keep their order.
+    """
+    ici_shape = tuple(layout.ici[axis] for axis in MESH_AXES)
+    blocks = []
+    for group in device_slices(devices, layout.num_slices):
+        if group[0].platform == "tpu":
+            blocks.append(mesh_utils.create_device_mesh(ici_shape, group, allow_split_physical_axes=True))
+        else:
+            blocks.append(np.array(group, dtype=object).reshape(ici_shape))
+    return np.concatenate(blocks, axis=MESH_AXES.index(layout.dcn_axis))
+
+
 def make_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """The ('data', 'fsdp', 'tensor') mesh of `config.mesh` over all (or the given) devices."""
+    """The ('data', 'fsdp', 'tensor') mesh of `config.mesh` over all (or the given) devices.
+
+    With ``config.mesh.num_slices`` > 1 the device array is `hybrid_device_array`'s (module docstring).
+    """
     devices = list(jax.devices() if devices is None else devices)
     sizes = mesh_shape(config, len(devices))
-    shape = tuple(sizes[axis] for axis in MESH_AXES)
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    layout = slice_layout(config, sizes)
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    if layout.num_slices == 1:
+        if len({getattr(d, "slice_index", 0) for d in devices}) > 1:
+            raise MeshError(
+                "config.mesh.num_slices: the devices span "
+                f"{len({d.slice_index for d in devices})} slices (slice_index); expected that count, got 1"
+            )
+        shape = tuple(sizes[axis] for axis in MESH_AXES)
+        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+    return Mesh(hybrid_device_array(devices, layout), MESH_AXES, axis_types=axis_types)
+
+
+def mesh_slices(mesh: Mesh, config: ml_collections.ConfigDict) -> SliceLayout:
+    """The slice layout of a mesh built by `make_mesh` from ``config``."""
+    return slice_layout(config, {axis: int(mesh.shape[axis]) for axis in MESH_AXES})
 
 
 def batch_shards(mesh: Mesh) -> int:
@@ -197,9 +299,13 @@ def sharded_init(init_fn: Callable[..., Any], shardings: Any, *args: Any) -> Any
     return jax.jit(init_fn, out_shardings=shardings)(*args)
 
 
-def format_rules(mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_RULES) -> str:
+def format_rules(
+    mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_RULES, slices: SliceLayout | None = None
+) -> str:
     """The logical-axis rules as a table, with how many ways each logical axis is split."""
     lines = [f"mesh {dict(mesh.shape)} over {mesh.devices.size} {mesh.devices.flat[0].platform} devices"]
+    if slices is not None and slices.num_slices > 1:
+        lines.append(f"  {slices.describe()}")
     lines.append(f"  {'logical axis':<12} {'mesh axes':<18} ways")
     for logical, entry in rules:
         axes = _mesh_axes(entry)
