@@ -311,3 +311,95 @@ def test_export_refuses_what_transformers_cannot_run(fixtures_dir, tmp_path):
     with pytest.raises(hf.CheckpointError, match="config.model.cross_attn_window_decoder"):
         hf.save_hf_blt(windowed, params, tmp_path / "out")
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+# --- sharded weights (model.safetensors.index.json) ---------------------------------------------
+
+
+def _sharded_copy(fixtures_dir, tmp_path, max_shard_bytes: int, dtype: str = "float32") -> pathlib.Path:
+    """Fixture B with its weights re-written as shards + index (as save_pretrained does above its limit)."""
+    from safetensors.numpy import load_file
+
+    from bltjax.convert import hf_weights
+
+    folder = _copy_fixture(fixtures_dir, tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    hf_weights.write_weights(folder, tensors, dtype=dtype, max_shard_bytes=max_shard_bytes)
+    return folder
+
+
+def test_sharded_weights_load_exactly_like_one_file(fixtures_dir, tmp_path):
+    folder = _sharded_copy(fixtures_dir, tmp_path, max_shard_bytes=200_000)
+    shards = sorted(p.name for p in folder.glob("model-*.safetensors"))
+    assert len(shards) >= 4 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    index = json.loads((folder / hf.INDEX_FILE).read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    assert not (folder / "model.safetensors").exists()
+    _, params = hf.load_hf_blt(folder)
+    _, reference = hf.load_hf_blt(_fixture_b(fixtures_dir))
+    jax.tree.map(np.testing.assert_array_equal, params, reference)
+    _, entropy_params, threshold = hf.load_hf_entropy_model(folder)
+    _, entropy_reference, reference_threshold = hf.load_hf_entropy_model(_fixture_b(fixtures_dir))
+    jax.tree.map(np.testing.assert_array_equal, entropy_params, entropy_reference)
+    assert threshold == reference_threshold
+
+
+def test_sharded_bfloat16_weights_load(fixtures_dir, tmp_path):
+    import ml_dtypes
+
+    folder = _sharded_copy(fixtures_dir, tmp_path, max_shard_bytes=100_000, dtype="bfloat16")
+    _, params = hf.load_hf_blt(folder)
+    _, reference = hf.load_hf_blt(_fixture_b(fixtures_dir))
+    for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(reference), strict=True):
+        np.testing.assert_array_equal(got, want.astype(ml_dtypes.bfloat16).astype(np.float32))
+
+
+def test_shard_plan_is_deterministic_and_keeps_big_tensors_whole(fixtures_dir, tmp_path):
+    from bltjax.convert import hf_weights
+
+    tensors = {f"t{i}": np.full((10,), i, np.float32) for i in range(5)}  # 40 bytes each
+    tensors["big"] = np.zeros((100,), np.float32)  # 400 bytes, over the limit: a shard of its own
+    written = hf_weights.write_weights(tmp_path, tensors, max_shard_bytes=80)
+    index = json.loads((tmp_path / hf.INDEX_FILE).read_text())
+    groups = {}
+    for name, shard in index["weight_map"].items():
+        groups.setdefault(shard, []).append(name)
+    assert sorted(groups.values()) == [["big"], ["t0", "t1"], ["t2", "t3"], ["t4"]]
+    assert index["metadata"]["total_size"] == 600 and len(written) == 5
+    first = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    hf_weights.write_weights(tmp_path, dict(reversed(tensors.items())), max_shard_bytes=80)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == first
+
+
+def test_sharded_checkpoint_errors_name_the_file(fixtures_dir, tmp_path):
+    folder = _sharded_copy(fixtures_dir, tmp_path, max_shard_bytes=200_000)
+    index_path = folder / hf.INDEX_FILE
+    index = json.loads(index_path.read_text())
+    second = sorted(set(index["weight_map"].values()))[1]
+    (folder / second).rename(folder / "moved.safetensors")
+    with pytest.raises(FileNotFoundError, match=rf"{second}: no such file \(.*index.json names it"):
+        hf.load_hf_blt(folder)
+    (folder / "moved.safetensors").rename(folder / second)
+    name = "model.local_decoder.norm.weight"
+    wrong = next(s for s in sorted(set(index["weight_map"].values())) if s != index["weight_map"][name])
+    index["weight_map"][name] = wrong
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(hf.CheckpointError, match=rf"{wrong}: holds no tensor '{name}'"):
+        hf.load_hf_blt(folder)
+    index_path.write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(hf.CheckpointError, match=r"index.json: field 'weight_map' is missing"):
+        hf.load_hf_blt(folder)
+    index_path.unlink()
+    with pytest.raises(FileNotFoundError, match=r"model.safetensors: no such file, nor model.safetensors.index.json"):
+        hf.load_hf_blt(folder)
+
+
+def test_parse_size():
+    from bltjax.convert.hf_weights import parse_size
+
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30
+    assert parse_size("500mb") == 500 * 10**6 and parse_size("1000") == 1000 and parse_size(7) == 7
+    for bad in ("", "five", "-1GB", "0"):
+        with pytest.raises(ValueError, match="expected a positive size"):
+            parse_size(bad)
