@@ -110,6 +110,13 @@ def _as_data_error() -> Iterator[None]:
         raise DataError(str(error)) from error
 
 
+def has_split(data_dir: str | os.PathLike, split: str) -> bool:
+    """Whether `manifest.json` lists any shard for `split` (a corpus of a few large files may have no validation)."""
+    with _as_data_error():
+        manifest = shard_format.load_manifest(data_dir)
+    return bool(manifest.splits.get(split))
+
+
 def read_split(data_dir: str | os.PathLike, split: str) -> list[Shard]:
     """The shards of `split` listed by `manifest.json` (prepare's checked reader), in stream order."""
     with _as_data_error():

@@ -186,7 +186,7 @@ def _eval_config(config: ml_collections.ConfigDict, patching_overrides: Mapping[
         config.patching[key] = value
     check = ml_collections.ConfigDict(config.to_dict())
     check.data.max_patches = int(config.data.seq_len) + 1  # columns are sized from the data (module docstring)
-    validate(check)
+    validate(check, for_training=False)  # a model to evaluate: the optimizer schedule is not used
     return config
 
 

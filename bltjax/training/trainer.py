@@ -214,9 +214,13 @@ class Trainer:
         self.train_data = pipeline.make_dataset(
             cfg, cfg.data.path, "train", seed=cfg.seed, verify=cfg.data.verify, **process
         )
-        self.eval_data = pipeline.make_dataset(
-            cfg, cfg.data.path, cfg.train.eval_split, seed=cfg.seed, verify=cfg.data.verify, **process
-        )
+        # eval_every=0 evaluates the last step only if the data has the split; a corpus of a few
+        # large files may have none, and such a run must not need one (eval_data is None then).
+        self.eval_data = None
+        if cfg.train.eval_every or pipeline.has_split(cfg.data.path, cfg.train.eval_split):
+            self.eval_data = pipeline.make_dataset(
+                cfg, cfg.data.path, cfg.train.eval_split, seed=cfg.seed, verify=cfg.data.verify, **process
+            )
 
         self.mesh = sharding.make_mesh(cfg, devices)
         sharding.check_batch(cfg, self.mesh)
@@ -260,7 +264,7 @@ class Trainer:
         config_path = self.workdir / "config.json"
         if not config_path.is_file():
             write_atomic(config_path, (self.config.to_json(indent=2) + "\n").encode())
-        table = sharding.format_rules(self.mesh) + "\n\nparameters and optimizer state:\n"
+        table = self._mesh_rules() + "\n\nparameters and optimizer state:\n"
         table += sharding.format_placements(self.placements.params, self.mesh) + "\n"
         write_atomic(self.workdir / "shardings.txt", table.encode())
 
@@ -277,6 +281,9 @@ class Trainer:
 
     def _global(self, local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
         return pipeline.global_batch({k: local[k] for k in self.fields}, self.batch_sharding)
+
+    def _mesh_rules(self) -> str:
+        return sharding.format_rules(self.mesh, slices=sharding.mesh_slices(self.mesh, self.config))
 
     def evaluate(self, params: Any) -> dict[str, float]:
         """Bits-per-byte on `eval_batches` fixed batches of the held-out split (same every time)."""
@@ -326,7 +333,10 @@ class Trainer:
     def run(self) -> TrainResult:
         cfg = self.config
         self._write_workdir_files()
-        print(sharding.format_rules(self.mesh), file=self.console, flush=True)
+        print(self._mesh_rules(), file=self.console, flush=True)
+        if self.eval_data is None:
+            print(f"no {cfg.train.eval_split!r} split in {cfg.data.path} and config.train.eval_every=0: no validation",
+                  file=self.console, flush=True)  # fmt: skip
         iterator = pipeline.make_iterator(self.train_data, num_threads=cfg.train.data_threads)
         start = self.checkpointer.latest_complete_step()
         if start is None:
@@ -378,8 +388,9 @@ class Trainer:
         if train_too:
             batch = self._global(pipeline.batch_at_step(self.train_data, 0))
             distributed.compile_then_meet("train step", self.train_step, state, batch, timeout_s=COMPILE_BARRIER_S)
-        batch = self._global(pipeline.batch_at_step(self.eval_data, 0))
-        distributed.compile_then_meet("eval step", self.eval_step, state.params, batch, timeout_s=COMPILE_BARRIER_S)
+        if self.eval_data is not None:
+            batch = self._global(pipeline.batch_at_step(self.eval_data, 0))
+            distributed.compile_then_meet("eval step", self.eval_step, state.params, batch, timeout_s=COMPILE_BARRIER_S)
 
     def _loop(self, state: TrainState, iterator: Iterator, start: int, writer: MetricsWriter) -> TrainResult:
         cfg = self.config.train
@@ -421,6 +432,7 @@ class Trainer:
                 pending = (step, device_metrics, host_stats)
                 checkpoint_due = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == total
                 eval_due = (cfg.eval_every and step % cfg.eval_every == 0) or step == total
+                eval_due = eval_due and self.eval_data is not None
                 if checkpoint_due or eval_due:
                     consume(pending)  # never save or evaluate a state whose loss was not checked
                     pending = None
@@ -434,7 +446,7 @@ class Trainer:
                     self._save(step, state, iterator, wait=step == total)
         if pending is not None:
             consume(pending)
-        if validation_bpb is None:  # relaunched after the last step: report, don't train
+        if validation_bpb is None and self.eval_data is not None:  # relaunched after the last step: report
             validation_bpb = self.evaluate(state.params)["bpb"]
         return TrainResult(step, False, validation_bpb, self.workdir, state)
 
