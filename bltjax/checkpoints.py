@@ -26,7 +26,6 @@ import hashlib
 import json
 import logging
 import os
-import pathlib
 import shutil
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -39,11 +38,13 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
+from etils import epath
 
 from bltjax.config import ConfigError
 from bltjax.models import layout
 from bltjax.models.configs import BLTConfig, ByteLMConfig
 from bltjax.models.factory import build_model, example_inputs
+from bltjax.runtime import paths
 
 CHECKPOINTS_DIR = "checkpoints"
 ITEMS = ("state", "data", "meta")
@@ -90,14 +91,14 @@ def _register_array_handler() -> None:
     _registered = True
 
 
-def is_complete_step(step_dir: pathlib.Path) -> bool:
+def is_complete_step(step_dir: epath.Path) -> bool:
     """A step folder holds every item and orbax's metadata file (a half-copied folder does not)."""
     return (step_dir / METADATA_FILE).is_file() and all((step_dir / item).is_dir() for item in ITEMS)
 
 
-def checkpoints_dir(path: str | os.PathLike) -> pathlib.Path:
+def checkpoints_dir(path: str | os.PathLike) -> epath.Path:
     """WORKDIR/checkpoints, or ``path`` itself when it already is a checkpoints folder."""
-    path = pathlib.Path(path)
+    path = paths.resolve(path)
     if path.name == CHECKPOINTS_DIR and not (path / CHECKPOINTS_DIR).is_dir():
         return path
     return path / CHECKPOINTS_DIR
@@ -123,7 +124,7 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str | os.PathLike, *, keep: int = 3, keep_every: int = 0, async_save: bool = True):
-        self.directory = pathlib.Path(directory).absolute()
+        self.directory = paths.resolve(directory)
         _register_array_handler()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
@@ -186,7 +187,7 @@ class Checkpointer:
         self.manager.close()
 
 
-def _read_json_object(path: pathlib.Path, what: str) -> dict[str, Any]:
+def _read_json_object(path: epath.Path, what: str) -> dict[str, Any]:
     try:
         value = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
@@ -196,7 +197,7 @@ def _read_json_object(path: pathlib.Path, what: str) -> dict[str, Any]:
     return dict(value)
 
 
-def read_step_config(step_dir: pathlib.Path) -> tuple[ml_collections.ConfigDict, str]:
+def read_step_config(step_dir: epath.Path) -> tuple[ml_collections.ConfigDict, str]:
     """(config, where it was read): field 'config' of the step's `meta` item, else WORKDIR/config.json.
 
     The config saved with the step (with `hash_rows_multiple` already resolved) rebuilds exactly
@@ -225,20 +226,20 @@ def read_step_config(step_dir: pathlib.Path) -> tuple[ml_collections.ConfigDict,
 
 def is_model_dir(path: str | os.PathLike) -> bool:
     """True for a folder laid out by `save_model` (config.json + params/); `check_model_dir` says what is missing."""
-    path = pathlib.Path(path)
+    path = paths.resolve(path)
     return (path / CONFIG_FILE).is_file() and (path / PARAMS_DIR).is_dir()
 
 
 def check_model_dir(path: str | os.PathLike) -> None:
     """Raises CheckpointFileMissing naming the first file a complete model folder lacks."""
-    path = pathlib.Path(path)
+    path = paths.resolve(path)
     layout = f"a bltjax model folder holds {CONFIG_FILE} and {PARAMS_DIR}/ (written by save_model)"
     for required, is_there in (
-        (path / CONFIG_FILE, pathlib.Path.is_file),
-        (path / PARAMS_DIR, pathlib.Path.is_dir),
-        (path / PARAMS_DIR / METADATA_FILE, pathlib.Path.is_file),
+        (path / CONFIG_FILE, "is_file"),
+        (path / PARAMS_DIR, "is_dir"),
+        (path / PARAMS_DIR / METADATA_FILE, "is_file"),
     ):
-        if not is_there(required):
+        if not getattr(required, is_there)():
             kind = "folder" if required.name == PARAMS_DIR else "file"
             raise CheckpointFileMissing(f"{required}: no such {kind}; {layout}, orbax's {METADATA_FILE} last")
 
@@ -257,19 +258,24 @@ def save_model(
     params: Any,
     *,
     overwrite: bool = False,
-) -> pathlib.Path:
+) -> epath.Path:
     """Writes `config.json` and `params/` into ``directory``, atomically.
 
-    Everything goes into a temporary sibling folder first and is renamed into place, so a reader
-    never sees a half-written model. With several processes every process must call this (orbax
-    writes each process's shards); process 0 writes the config and does the rename. Raises
-    FileExistsError if ``directory`` exists, unless ``overwrite``.
+    Locally everything goes into a temporary sibling folder first and is renamed into place, so
+    a reader never sees a half-written model. In a bucket (gs://...), where renaming a folder
+    copies every object, the params are written in place and `config.json` last: `is_model_dir`
+    and `check_model_dir` accept the folder only once both are there. With several processes
+    every process must call this (orbax writes each process's shards); process 0 writes the
+    config and does the rename. Raises FileExistsError if ``directory`` exists, unless ``overwrite``.
     """
-    directory = pathlib.Path(directory).absolute()
+    directory = paths.resolve(directory)
     if directory.exists() and not overwrite:
         raise FileExistsError(f"{directory}: already exists (pass overwrite=True to replace it)")
     build_model(config)  # validates the config before anything is written
     primary = jax.process_index() == 0
+    if paths.is_uri(directory):
+        _save_model_in_place(directory, config, params, primary)
+        return directory
     tmp = directory.parent / f".{directory.name}.saving"
     if primary:
         directory.parent.mkdir(parents=True, exist_ok=True)
@@ -293,9 +299,23 @@ def save_model(
     return directory
 
 
+def _save_model_in_place(directory: epath.Path, config: ml_collections.ConfigDict, params: Any, primary: bool) -> None:
+    """`save_model` on an object store: params (orbax commits them with its own marker), then config.json."""
+    if primary and directory.exists():
+        directory.rmtree()  # the old model stops being a model folder before the new one starts
+    _sync("bltjax.save_model.start")
+    with quiet_orbax(), ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(directory / PARAMS_DIR, nn.meta.unbox(params))
+        checkpointer.wait_until_finished()
+    _sync("bltjax.save_model.written")
+    if primary:
+        (directory / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+    _sync("bltjax.save_model.done")
+
+
 def load_config_json(directory: str | os.PathLike) -> ml_collections.ConfigDict:
     """The experiment config stored in ``directory/config.json``."""
-    path = pathlib.Path(directory) / CONFIG_FILE
+    path = paths.resolve(directory) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointFileMissing(
             f"{path}: no such file (a bltjax model folder holds {CONFIG_FILE} and {PARAMS_DIR}/)"
@@ -312,7 +332,7 @@ def load_model(
     on a mesh instead. ``scan_layers`` True / False loads the model with its layers scanned or
     unrolled whichever layout the folder holds (the returned config says which); None: as saved.
     """
-    directory = pathlib.Path(directory).absolute()
+    directory = paths.resolve(directory)
     check_model_dir(directory)
     config = load_config_json(directory)
     config_source = str(directory / CONFIG_FILE)
@@ -376,7 +396,7 @@ def abstract_params(model: nn.Module, config: ml_collections.ConfigDict) -> Any:
     return jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs))["params"]
 
 
-def check_params(stored: Any, expected: Any, where: pathlib.Path, config_source: str) -> None:
+def check_params(stored: Any, expected: Any, where: epath.Path, config_source: str) -> None:
     """Raises CheckpointError naming the first parameter whose name, shape or dtype differs.
 
     Checked before anything is read: orbax would fail deep inside for a shape, and cast a
@@ -400,7 +420,7 @@ def check_params(stored: Any, expected: Any, where: pathlib.Path, config_source:
 
 
 def restore_params(
-    directory: pathlib.Path,
+    directory: epath.Path,
     target: Any,
     config_source: str,
     *,
@@ -439,7 +459,7 @@ def _leaf_names(tree: Any) -> set[str]:
 
 
 def _stored_layout(
-    stored: Any, target: Any, model_config: BLTConfig | ByteLMConfig | None, where: pathlib.Path, config_source: str
+    stored: Any, target: Any, model_config: BLTConfig | ByteLMConfig | None, where: epath.Path, config_source: str
 ) -> Any:
     """``target`` planned in the other layer layout when that is how ``stored`` holds it, else None."""
     if model_config is None or _leaf_names(stored) == _leaf_names(target):
@@ -455,7 +475,7 @@ def _stored_layout(
     return planned
 
 
-def _read(reader: Any, directory: pathlib.Path, target: Any, subtree: str | None) -> Any:
+def _read(reader: Any, directory: epath.Path, target: Any, subtree: str | None) -> Any:
     item = {subtree: target} if subtree else target
     restore_args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), item)
     try:

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pathlib
 import sys
 import time
 from collections.abc import Callable
@@ -83,7 +82,7 @@ from bltjax.data.sidecars import (
 from bltjax.models.byte_lm import ByteLM, next_byte_entropy
 from bltjax.models.configs import ByteLMConfig
 from bltjax.patching.calibrate import UNITS, calibrate_threshold
-from bltjax.runtime import xla_options
+from bltjax.runtime import paths, xla_options
 from bltjax.runtime.atomic import sha256_file
 from bltjax.runtime.progress import progress_bar
 
@@ -126,7 +125,7 @@ def config_from_byte_lm(record: ByteLMConfig, seq_len: int = HF_DEFAULT_CONTEXT)
 
 def load_entropy_model(directory: str | os.PathLike) -> EntropyModel:
     """A bltjax model folder (model_type byte_lm) or a Hugging Face BLT folder's entropy patcher."""
-    path = pathlib.Path(directory)
+    path = paths.resolve(directory)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such folder (expected an entropy model checkpoint)")
     if (path / checkpoints.PARAMS_DIR).is_dir():
@@ -143,7 +142,7 @@ def load_entropy_model(directory: str | os.PathLike) -> EntropyModel:
             config,
             checkpoints.fingerprint(config, params),
             "bltjax",
-            str(path.absolute()),
+            os.fspath(path),
             None,
             int(config.data.seq_len),
             int(config.data.batch_size),
@@ -151,6 +150,7 @@ def load_entropy_model(directory: str | os.PathLike) -> EntropyModel:
     from bltjax.convert import hf
 
     if (path / hf.WEIGHTS_FILE).is_file():
+        paths.require_local(directory, "a Hugging Face entropy model folder (safetensors are memory-mapped)")
         model, params, threshold = hf.load_hf_entropy_model(path)
         config = config_from_byte_lm(model.config)
         return EntropyModel(
@@ -159,7 +159,7 @@ def load_entropy_model(directory: str | os.PathLike) -> EntropyModel:
             config,
             checkpoints.fingerprint(config, params),
             "huggingface",
-            str(path.absolute()),
+            os.fspath(path),
             None if threshold is None else float(threshold),
             HF_DEFAULT_CONTEXT,
             DEFAULT_BATCH_SIZE,
@@ -347,7 +347,7 @@ def run(
     log: TextIO = sys.stderr,
 ) -> RunSummary:
     """Writes (or completes) the entropy sidecars of every shard of `data_dir`. See the module doc."""
-    data_dir = pathlib.Path(data_dir)
+    data_dir = paths.resolve(data_dir)
     if threshold is not None and target_patch_size is not None:
         raise SidecarError("pass either threshold or target_patch_size, not both")
     if unit not in UNITS:
@@ -383,7 +383,7 @@ def run(
     mine = [s for i, s in enumerate(infos) if i % jax.process_count() == jax.process_index()]
     runner: EntropyRunner | None = None
     # The bar counts tokens still to compute: a shard found done leaves its total.
-    total = sum((data_dir / f"{s.name}.tokens").stat().st_size // 2 for s in mine)
+    total = sum(s.tokens for s in mine)  # the manifest's count; verify_shard checks the file against it
     bar = progress_bar("entropy", total=total, unit=" tokens", file=log)
     started, computed_tokens = time.monotonic(), 0
     computed, restarted, skipped = [], [], []
@@ -399,6 +399,7 @@ def run(
         with data_errors():  # sha256 of .tokens and .docs.npy against the manifest, file named
             shards.verify_shard(data_dir, shard.split, shard.index, manifest)
         tokens, offsets = read_shard(data_dir, shard)
+        tokens = np.asarray(tokens)  # a view of the memory map; a remote shard is read whole, once
         record = store.shard(shard.name)
         ent_file = entropy_path(data_dir, shard.name)
         entropies = None

@@ -45,7 +45,8 @@ Decisions
   construction; `"lazy"` hashes a shard when the source first opens it (in whichever worker);
   `"size"` skips content hashes, for corpora too big to hash at every start (run prepare's
   verification offline then). Hashes are cached per process by (path, size, mtime).
-* Host side: numpy only; tokens stay uint16 in the memmap and become int32 in the batch map.
+* Host side: numpy only; tokens stay uint16 in the memmap (ranged reads for a remote shard) and
+  become int32 in the batch map.
   jax is imported only by `global_batch`, so data workers start without it.
 """
 
@@ -56,15 +57,16 @@ import contextlib
 import dataclasses
 import json
 import os
-import pathlib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import grain
 import numpy as np
+from etils import epath
 
 from bltjax.data import shards as shard_format
 from bltjax.patching import PatchingRule, lengths_from_start_mask, patch_lengths, split_long_patches
+from bltjax.runtime import paths
 from bltjax.runtime.atomic import sha256_file
 from bltjax.tokenizer import BOE_ID, VOCAB_SIZE
 
@@ -94,7 +96,7 @@ class Shard:
 
     @property
     def tokens_path(self) -> str:
-        return os.path.join(self.data_dir, self.info.tokens_file)
+        return os.fspath(paths.resolve(self.data_dir) / self.info.tokens_file)
 
     @property
     def n_tokens(self) -> int:
@@ -125,10 +127,10 @@ def read_split(data_dir: str | os.PathLike, split: str) -> list[Shard]:
         raise DataError(f"{manifest.path}: no split {split!r}; found splits {sorted(manifest.splits)}")
     if not manifest.splits[split]:
         raise DataError(f"{manifest.path}: split {split!r} lists no shards")
-    return [Shard(str(pathlib.Path(data_dir)), info) for info in manifest.splits[split]]
+    return [Shard(os.fspath(paths.resolve(data_dir)), info) for info in manifest.splits[split]]
 
 
-def _read_sidecars(path: pathlib.Path) -> dict[str, Any]:
+def _read_sidecars(path: epath.Path) -> dict[str, Any]:
     if not path.is_file():
         raise DataError(f"{path}: missing sidecar manifest; compute the sidecars with python -m bltjax.entropy")
     try:
@@ -155,7 +157,7 @@ def _check_sidecar_rule(rule: PatchingRule) -> None:
         )
 
 
-def _choose_tag(path: pathlib.Path, sidecars: Mapping[str, Any], rule: PatchingRule, tag: str | None) -> str:
+def _choose_tag(path: epath.Path, sidecars: Mapping[str, Any], rule: PatchingRule, tag: str | None) -> str:
     """The sidecar tag computed with the configured threshold; an explicit tag must agree with it.
 
     Thresholds are compared in float32, as the patcher compares them (and as entropy's tags are
@@ -194,7 +196,7 @@ def attach_sidecars(
     """Shards with their start-bit sidecar; checks `sidecars.json` against the rule (a PatchingRule
     or the ``config.patching`` fields) and the shards."""
     rule = patching if isinstance(patching, PatchingRule) else PatchingRule.from_config(patching)
-    root = pathlib.Path(data_dir)
+    root = paths.resolve(data_dir)
     path = root / SIDECAR_MANIFEST
     sidecars = _read_sidecars(path)
     tag = _choose_tag(path, sidecars, rule, tag)
@@ -220,15 +222,23 @@ def attach_sidecars(
 _VERIFIED: set[tuple[tuple[str, int, int], ...]] = set()  # files whose content was checked, per process
 
 
-def _stamp(*paths: str) -> tuple[tuple[str, int, int], ...]:
-    stats = [os.stat(path) for path in paths]
-    return tuple((path, stat.st_size, stat.st_mtime_ns) for path, stat in zip(paths, stats, strict=True))
+def _stamp(*files: str) -> tuple[tuple[str, int, int], ...]:
+    """(path, size, mtime) of each file: mtime in ns locally, the object's seconds on a remote store."""
+    out = []
+    for file in files:
+        if paths.is_uri(file):
+            stat = paths.resolve(file).stat()
+            out.append((file, stat.length, int(stat.mtime)))
+        else:
+            stat = os.stat(file)
+            out.append((file, stat.st_size, stat.st_mtime_ns))
+    return tuple(out)
 
 
 def _check_size(path: str, expected: int, what: str) -> None:
-    if not os.path.isfile(path):
+    if not paths.resolve(path).is_file():
         raise DataError(f"{path}: missing {what}")
-    size = os.path.getsize(path)
+    size = paths.resolve(path).stat().length
     if size != expected:
         raise DataError(f"{path}: {size} bytes, expected {expected} ({what}); the file is truncated or stale")
 
@@ -246,7 +256,7 @@ def check_shard(shard: Shard, *, contents: bool) -> None:
         _check_size(shard.starts_path, (info.tokens + 7) // 8, f"start-bit sidecar of {info.tokens} tokens")
     if not contents:
         return
-    docs_path = os.path.join(shard.data_dir, info.docs_file)
+    docs_path = os.fspath(paths.resolve(shard.data_dir) / info.docs_file)
     with _as_data_error():
         stamp = _stamp(shard.tokens_path, docs_path)
         if stamp not in _VERIFIED:
@@ -259,7 +269,7 @@ def check_shard(shard: Shard, *, contents: bool) -> None:
             if actual != shard.starts_sha256:
                 raise DataError(
                     f"{shard.starts_path}: sha256 {actual} differs from {shard.starts_sha256} recorded in "
-                    f"{os.path.join(shard.data_dir, SIDECAR_MANIFEST)}"
+                    f"{paths.resolve(shard.data_dir) / SIDECAR_MANIFEST}"
                 )
             _VERIFIED.add(stamp)
 
@@ -314,7 +324,7 @@ class WindowSource(grain.sources.RandomAccessDataSource):
                 tokens, _ = shard_format.read_shard(shard.data_dir, shard.info.split, shard.info.index)
             starts = None
             if shard.starts_path is not None:
-                starts = np.memmap(shard.starts_path, dtype=np.uint8, mode="r", shape=((shard.n_tokens + 7) // 8,))
+                starts = shard_format.open_array(shard.starts_path, np.uint8, (shard.n_tokens + 7) // 8)
             self._open[number] = (tokens, starts)
         return self._open[number]
 
@@ -453,7 +463,7 @@ def make_source(
     if len(source) == 0:
         longest = max(shard.n_tokens for shard in shards)
         raise DataError(
-            f"{pathlib.Path(data_dir) / MANIFEST}: split {split!r} has no window of seq_len + 1 = {seq_len + 1} "
+            f"{paths.resolve(data_dir) / MANIFEST}: split {split!r} has no window of seq_len + 1 = {seq_len + 1} "
             f"tokens (longest shard: {longest} tokens)"
         )
     return source

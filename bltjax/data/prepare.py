@@ -34,7 +34,6 @@ import hashlib
 import io
 import json
 import os
-import pathlib
 import re
 import sys
 import time
@@ -43,6 +42,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import tqdm
+from etils import epath
 
 from bltjax import tokenizer
 from bltjax.data.shards import (
@@ -56,6 +56,7 @@ from bltjax.data.shards import (
     ShardInfo,
     load_manifest,
 )
+from bltjax.runtime import paths
 from bltjax.runtime.atomic import sha256_file, write_atomic
 from bltjax.runtime.progress import print_above, progress_bar
 
@@ -95,7 +96,7 @@ def _strip_compression(name: str) -> str:
     return name
 
 
-def _is_jsonl(path: pathlib.Path) -> bool:
+def _is_jsonl(path: epath.Path) -> bool:
     return _strip_compression(path.name).endswith(JSONL_SUFFIXES)
 
 
@@ -108,7 +109,7 @@ def _zstandard():
     return zstandard
 
 
-def expand_inputs(inputs: Sequence[str | os.PathLike], include: Sequence[str] = DEFAULT_INCLUDE) -> list[pathlib.Path]:
+def expand_inputs(inputs: Sequence[str | os.PathLike], include: Sequence[str] = DEFAULT_INCLUDE) -> list[epath.Path]:
     """The input files in stream order: as given, folders walked recursively in sorted order.
 
     Files named directly are always taken; inside folders only names that match one of
@@ -118,22 +119,21 @@ def expand_inputs(inputs: Sequence[str | os.PathLike], include: Sequence[str] = 
     """
     if not inputs:
         raise PrepareError("--input: expected at least one file or folder")
-    missing = [str(p) for p in inputs if not pathlib.Path(p).exists()]
+    missing = [str(p) for p in inputs if not _exists(p)]
     if missing:
         raise PrepareError(f"--input: path does not exist: {', '.join(missing)}")
-    files: list[pathlib.Path] = []
+    files: list[epath.Path] = []
     for given in inputs:
-        path = pathlib.Path(given)
+        path = _input_path(given)
         if not path.is_dir():
             files.append(path)
             continue
         found = []
-        for root, dirs, names in os.walk(path):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for root, names in _walk(path):
             for name in sorted(names):
                 stem = _strip_compression(name)
                 if not name.startswith(".") and any(fnmatch.fnmatchcase(stem, p) for p in include):
-                    found.append(pathlib.Path(root) / name)
+                    found.append(root / name)
         if not found:
             _warn(str(path), f"folder holds no file matching {list(include)}")
         files.extend(found)
@@ -149,24 +149,47 @@ def expand_inputs(inputs: Sequence[str | os.PathLike], include: Sequence[str] = 
     return files
 
 
-def _chunks(path: pathlib.Path) -> Iterator[bytes]:
+def _input_path(given: str | os.PathLike) -> epath.Path:
+    """An input as given (relative paths stay relative: the manifest records them as typed), or a URI."""
+    return paths.resolve(given) if paths.is_uri(given) else epath.Path(given)
+
+
+def _exists(given: str | os.PathLike) -> bool:
+    return _input_path(given).exists()
+
+
+def _walk(folder: epath.Path) -> Iterator[tuple[epath.Path, list[str]]]:
+    """(folder, file names) top-down, sub-folders in sorted order and hidden ones skipped, locally or in a bucket."""
+    if not paths.is_uri(folder):
+        for root, dirs, names in os.walk(folder):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            yield epath.Path(root), names
+        return
+    entries = sorted(folder.iterdir(), key=lambda p: p.name)
+    yield folder, [p.name for p in entries if not p.is_dir()]
+    for entry in entries:
+        if entry.is_dir() and not entry.name.startswith("."):
+            yield from _walk(entry)
+
+
+def _chunks(path: epath.Path) -> Iterator[bytes]:
     """The file's decompressed content in pieces; a truncated archive raises EOFError at its end."""
     if path.name.endswith(".zst"):
         yield from _zstd_chunks(path)
         return
-    with gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb") as stream:
+    with path.open("rb") as raw, gzip.open(raw, "rb") if path.name.endswith(".gz") else raw as stream:
         while chunk := stream.read(_CHUNK):
             yield chunk
 
 
-def _zstd_chunks(path: pathlib.Path) -> Iterator[bytes]:
+def _zstd_chunks(path: epath.Path) -> Iterator[bytes]:
     """Decompresses every frame of a .zst file; unlike zstandard's stream reader, notices truncation."""
     zstandard = _zstandard()
     if zstandard is None:
         raise PrepareError(f"{path}: reading .zst files needs `pip install zstandard`")
     decompressor = zstandard.ZstdDecompressor()
     frame, inside = decompressor.decompressobj(), False
-    with open(path, "rb") as stream:
+    with path.open("rb") as stream:
         while data := stream.read(_CHUNK):
             while data:
                 inside = True
@@ -229,7 +252,7 @@ class _Report:
         self.skipped: Counter[str] = Counter()
         self._printed: Counter[str] = Counter()
 
-    def skip(self, path: pathlib.Path, reason: str, detail: str = "", line: int | None = None) -> None:
+    def skip(self, path: epath.Path, reason: str, detail: str = "", line: int | None = None) -> None:
         self.skipped[reason] += 1
         key = str(path)
         self._printed[key] += 1
@@ -250,7 +273,7 @@ def _read_errors() -> tuple[type[BaseException], ...]:
     return (OSError, EOFError) + ((zstandard.ZstdError,) if zstandard is not None else ())
 
 
-def _documents(files: Sequence[pathlib.Path], text_field: str, report: _Report, state: _RunState) -> Iterator[bytes]:
+def _documents(files: Sequence[epath.Path], text_field: str, report: _Report, state: _RunState) -> Iterator[bytes]:
     """Yields every usable document's bytes: one per text file, one per JSONL line."""
     for path in files:
         if _is_jsonl(path):
@@ -272,7 +295,7 @@ def _documents(files: Sequence[pathlib.Path], text_field: str, report: _Report, 
         yield data
 
 
-def _jsonl_documents(path: pathlib.Path, text_field: str, report: _Report, state: _RunState) -> Iterator[bytes]:
+def _jsonl_documents(path: epath.Path, text_field: str, report: _Report, state: _RunState) -> Iterator[bytes]:
     """One document per non-blank line; bad lines are reported with their number and skipped."""
     lineno = 0
     try:
@@ -317,14 +340,14 @@ def split_of(document: bytes, seed: int, val_fraction: float) -> str:
 # Writing
 
 
-def _same_content(path: pathlib.Path, size: int, sha256: str) -> bool:
-    return path.is_file() and path.stat().st_size == size and sha256_file(path) == sha256
+def _same_content(path: epath.Path, size: int, sha256: str) -> bool:
+    return path.is_file() and path.stat().length == size and sha256_file(path) == sha256
 
 
 class _ShardWriter:
     """Buffers one split's documents and writes a shard once it reaches ``shard_bytes``."""
 
-    def __init__(self, output: pathlib.Path, split: str, shard_bytes: int, state: _RunState) -> None:
+    def __init__(self, output: epath.Path, split: str, shard_bytes: int, state: _RunState) -> None:
         self.output, self.split, self.shard_bytes, self.state = output, split, shard_bytes, state
         self.shards: list[ShardInfo] = []
         self._parts: list[np.ndarray] = []
@@ -450,11 +473,11 @@ def prepare(
         raise PrepareError(f"--seed: expected an integer, got {seed!r}")
     include = list(include)
     files = expand_inputs(inputs, include)
-    out = pathlib.Path(output)
+    out = paths.resolve(output)
     if out.exists() and not out.is_dir():
         raise PrepareError(f"--output: {out} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    for leftover in out.iterdir():
+    out.mkdir(parents=True, exist_ok=True)  # in a bucket: a no-op, a folder exists once it holds an object
+    for leftover in out.iterdir() if out.is_dir() else ():
         if _TEMP_FILE.match(leftover.name):
             leftover.unlink()  # a killed run's half-written file: never visible under a shard's name
     manifest_path = out / MANIFEST_NAME

@@ -18,15 +18,17 @@ this module, which refuses truncated, modified or stale shards with the file and
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
-import pathlib
 import re
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from bltjax import tokenizer
+from bltjax.runtime import paths
 from bltjax.runtime.atomic import sha256_file
 
 FORMAT_NAME = "bltjax-byte-shards"
@@ -81,7 +83,7 @@ class ShardInfo:
 class Manifest:
     """A parsed, checked ``manifest.json``: the only list of shards a reader should trust."""
 
-    path: pathlib.Path
+    path: epath.Path
     format_version: int
     settings: dict[str, Any]
     splits: dict[str, tuple[ShardInfo, ...]]
@@ -107,11 +109,11 @@ def _check_split(split: str) -> None:
         raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
 
 
-def _field(path: pathlib.Path, where: str, message: str) -> DataFormatError:
+def _field(path: epath.Path, where: str, message: str) -> DataFormatError:
     return DataFormatError(f"{path}: field '{where}': {message}")
 
 
-def _int_field(path: pathlib.Path, entry: dict, where: str, key: str, minimum: int) -> int:
+def _int_field(path: epath.Path, entry: dict, where: str, key: str, minimum: int) -> int:
     value = entry.get(key)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise _field(path, f"{where}.{key}", f"expected an integer >= {minimum}, got {value!r}")
@@ -124,7 +126,7 @@ def load_manifest(data_dir: str | os.PathLike) -> Manifest:
     Raises FileNotFoundError when the folder was never completed (no manifest), and
     DataFormatError naming the file and the field for anything malformed.
     """
-    path = pathlib.Path(data_dir) / MANIFEST_NAME
+    path = paths.resolve(data_dir) / MANIFEST_NAME
     if not path.is_file():
         raise FileNotFoundError(
             f"{path}: no manifest; the folder is not a finished prepare output (run `python -m bltjax.prepare`)"
@@ -179,25 +181,26 @@ def load_manifest(data_dir: str | os.PathLike) -> Manifest:
 
 
 def read_shard(data_dir: str | os.PathLike, split: str, index: int) -> tuple[np.memmap, np.ndarray]:
-    """Returns shard ``index`` of ``split``: (uint16 token memmap, int64 document offsets [D + 1]).
+    """Returns shard ``index`` of ``split``: (uint16 tokens [T], int64 document offsets [D + 1]).
 
-    The tokens are memory-mapped, never loaded, because training reads windows at arbitrary
-    offsets. Checks the structure (lengths, offsets, BOS/EOS at the ends) but not the content
-    hash: use :func:`verify_shard` for that.
+    The tokens are never loaded whole, because training reads windows at arbitrary offsets: a
+    local shard is memory-mapped, a remote one (gs://...) read by byte range (`open_array`).
+    Checks the structure (lengths, offsets, BOS/EOS at the ends) but not the content hash: use
+    :func:`verify_shard` for that.
     """
     name = shard_name(split, index)
-    folder = pathlib.Path(data_dir)
+    folder = paths.resolve(data_dir)
     tokens_path, docs_path = folder / f"{name}.tokens", folder / f"{name}.docs.npy"
     for p in (tokens_path, docs_path):
         if not p.is_file():
             raise FileNotFoundError(f"{p}: shard file missing")
     try:
-        offsets = np.load(docs_path, allow_pickle=False)
+        offsets = np.load(io.BytesIO(docs_path.read_bytes()), allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
         raise DataFormatError(f"{docs_path}: not a readable .npy file ({err})") from err
     if offsets.dtype != OFFSET_DTYPE or offsets.ndim != 1 or offsets.size < 2:
         raise DataFormatError(f"{docs_path}: expected int64 [D + 1] offsets, got {offsets.dtype} {offsets.shape}")
-    size = tokens_path.stat().st_size
+    size = tokens_path.stat().length
     if size % TOKEN_DTYPE.itemsize or size == 0:
         raise DataFormatError(f"{tokens_path}: size {size} bytes is not a positive multiple of 2 (truncated?)")
     length = size // TOKEN_DTYPE.itemsize
@@ -206,7 +209,7 @@ def read_shard(data_dir: str | os.PathLike, split: str, index: int) -> tuple[np.
             f"{docs_path}: offsets must rise from 0 to the stream length {length} by >= 2 per document, "
             f"got {offsets[0]} .. {offsets[-1]} (truncated or stale shard?)"
         )
-    tokens = np.memmap(tokens_path, dtype=TOKEN_DTYPE, mode="r", shape=(length,))
+    tokens = open_array(tokens_path, TOKEN_DTYPE, length)
     if tokens[0] != tokenizer.BOS_ID or tokens[-1] != tokenizer.EOS_ID:
         raise DataFormatError(f"{tokens_path}: expected BOS first and EOS last, got {tokens[0]} and {tokens[-1]}")
     return tokens, offsets
@@ -223,12 +226,12 @@ def verify_shard(data_dir: str | os.PathLike, split: str, index: int, manifest: 
     if not 0 <= index < len(shards):
         raise DataFormatError(f"{manifest.path}: field 'splits.{split}': lists {len(shards)} shards, no index {index}")
     info = shards[index]
-    folder = pathlib.Path(data_dir)
+    folder = paths.resolve(data_dir)
     tokens_path, docs_path = folder / info.tokens_file, folder / info.docs_file
     for p in (tokens_path, docs_path):
         if not p.is_file():
             raise FileNotFoundError(f"{p}: shard file listed in {manifest.path} is missing")
-    size = tokens_path.stat().st_size
+    size = tokens_path.stat().length
     if size != info.tokens * TOKEN_DTYPE.itemsize:
         raise DataFormatError(
             f"{tokens_path}: size {size} bytes, but {manifest.path} lists {info.tokens} tokens "
@@ -245,3 +248,58 @@ def verify_shard(data_dir: str | os.PathLike, split: str, index: int, manifest: 
                 f"of {manifest.path}: the file was modified or is stale; re-run prepare"
             )
     return info
+
+
+class RangedArray:
+    """A read-only 1-D array in a remote file, read by byte range: what a memory map is for a local one.
+
+    Supports what the readers use (``len``, ``a[i]``, ``a[start:stop]``, ``np.asarray(a)``); each
+    slice is one ranged read (`fsspec`'s ``cat_file``), so a window costs one request, not a block
+    of read-ahead. Picklable (the filesystem handle is reopened), so grain workers can carry it.
+    """
+
+    def __init__(self, path: paths.PathLike, dtype: np.dtype, length: int):
+        self.path, self.dtype, self.length = os.fspath(path), np.dtype(dtype), int(length)
+        self._fs = None
+
+    @property
+    def shape(self) -> tuple[int]:
+        return (self.length,)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_fs": None}
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
+        if stop <= start:
+            return np.zeros(0, self.dtype)
+        if self._fs is None:
+            import fsspec  # noqa: PLC0415 - only remote data needs it (etils[epath] brings it)
+
+            self._fs = fsspec.core.url_to_fs(self.path)[0]
+        size = self.dtype.itemsize
+        return np.frombuffer(self._fs.cat_file(self.path, start * size, stop * size), self.dtype)
+
+    def __getitem__(self, key: int | slice) -> np.ndarray | np.generic:
+        if isinstance(key, slice):
+            start, stop, step = key.indices(self.length)
+            return self._read(start, max(start, stop))[::step]
+        index = int(key) + self.length if int(key) < 0 else int(key)
+        if not 0 <= index < self.length:
+            raise IndexError(f"{self.path}: index {key} out of range [0, {self.length})")
+        return self._read(index, index + 1)[0]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        whole = self._read(0, self.length)
+        return whole if dtype is None else whole.astype(dtype)
+
+
+def open_array(path: paths.PathLike, dtype: np.dtype, length: int) -> np.ndarray | RangedArray:
+    """A read-only view of ``length`` values in a file: a memory map locally, ranged reads for a URI."""
+    if paths.is_uri(path):
+        return RangedArray(path, dtype, length)
+    if length == 0:
+        return np.zeros(0, dtype)
+    return np.memmap(os.fspath(path), dtype=dtype, mode="r", shape=(length,))

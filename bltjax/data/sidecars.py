@@ -37,16 +37,17 @@ import hashlib
 import json
 import math
 import os
-import pathlib
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TextIO
 
 import jax
 import numpy as np
+from etils import epath
 
 from bltjax.data import shards
 from bltjax.patching import PatchingRule, patch_start_mask
+from bltjax.runtime import paths
 from bltjax.runtime.atomic import write_atomic
 
 SIDECARS_FILE = "sidecars.json"
@@ -69,21 +70,21 @@ def threshold_tag(threshold: float) -> str:
     return "t" + str(np.float32(value))
 
 
-def entropy_path(data_dir: str | os.PathLike, shard: str) -> pathlib.Path:
-    return pathlib.Path(data_dir) / f"{shard}.entropy.f16"
+def entropy_path(data_dir: str | os.PathLike, shard: str) -> epath.Path:
+    return paths.resolve(data_dir) / f"{shard}.entropy.f16"
 
 
-def starts_path(data_dir: str | os.PathLike, shard: str, tag: str) -> pathlib.Path:
-    return pathlib.Path(data_dir) / f"{shard}.starts.{tag}.bits"
+def starts_path(data_dir: str | os.PathLike, shard: str, tag: str) -> epath.Path:
+    return paths.resolve(data_dir) / f"{shard}.starts.{tag}.bits"
 
 
-def write_sidecar(path: pathlib.Path, data: bytes) -> str:
+def write_sidecar(path: epath.Path, data: bytes) -> str:
     """Writes ``data`` atomically; returns its sha256 (recorded in sidecars.json)."""
     write_atomic(path, data)
     return hashlib.sha256(data).hexdigest()
 
 
-def _write_json(path: pathlib.Path, value: dict) -> None:
+def _write_json(path: epath.Path, value: dict) -> None:
     write_sidecar(path, (json.dumps(value, indent=1, sort_keys=True) + "\n").encode())
 
 
@@ -115,7 +116,10 @@ def data_errors() -> Iterator[None]:
 
 
 def read_shard(data_dir: str | os.PathLike, shard: shards.ShardInfo) -> tuple[np.ndarray, np.ndarray]:
-    """(uint16 token memmap [T], int64 document offsets [D + 1]) via the shard format's structural checks."""
+    """(uint16 tokens [T], int64 document offsets [D + 1]) via the shard format's structural checks.
+
+    Locally the tokens are a memory map; for a remote shard, ranged reads (`shards.open_array`).
+    """
     with data_errors():
         return shards.read_shard(data_dir, shard.split, shard.index)
 
@@ -142,18 +146,19 @@ def start_mask(tokens: np.ndarray, offsets: np.ndarray, entropies: np.ndarray, t
 
 
 def read_entropies(data_dir: str | os.PathLike, shard: str) -> np.ndarray:
-    """The float16 entropy sidecar of a shard (memory-mapped)."""
+    """The float16 entropy sidecar of a shard (memory-mapped, or read by range from a remote store)."""
     path = entropy_path(data_dir, shard)
-    return np.memmap(path, dtype="<f2", mode="r") if path.stat().st_size else np.zeros(0, "<f2")
+    return shards.open_array(path, np.dtype("<f2"), path.stat().length // 2)
 
 
 def read_starts(data_dir: str | os.PathLike, shard: str, tag: str, tokens: int) -> np.ndarray:
     """The bool start mask [tokens] of a shard for threshold `tag`."""
-    return np.unpackbits(np.fromfile(starts_path(data_dir, shard, tag), np.uint8), count=tokens).astype(bool)
+    packed = np.frombuffer(starts_path(data_dir, shard, tag).read_bytes(), np.uint8)
+    return np.unpackbits(packed, count=tokens).astype(bool)
 
 
 def sidecar_documents(
-    data_dir: pathlib.Path, infos: Sequence[shards.ShardInfo], limit: int | None = None
+    data_dir: str | os.PathLike, infos: Sequence[shards.ShardInfo], limit: int | None = None
 ) -> list[np.ndarray]:
     """Per-document entropies of the shards `infos` in stream order, whole documents up to `limit` tokens.
 
@@ -178,6 +183,11 @@ def sidecar_documents(
 # --- sidecars.json ---------------------------------------------------------------------------
 
 
+def _journals(data_dir: epath.Path) -> list[epath.Path]:
+    """Per-process journals, oldest first (so a newer record of a shard wins the merge)."""
+    return sorted(data_dir.glob(".sidecars.process-*.json"), key=lambda p: (p.stat().mtime, p.name))
+
+
 class SidecarStore:
     """sidecars.json plus per-process journals, so several processes never write one file.
 
@@ -189,7 +199,7 @@ class SidecarStore:
 
     FLUSH_SECONDS = 5.0
 
-    def __init__(self, data_dir: pathlib.Path, identity: dict, log: TextIO):
+    def __init__(self, data_dir: epath.Path, identity: dict, log: TextIO):
         self.dir = data_dir
         self.identity = identity
         self.main = data_dir / SIDECARS_FILE
@@ -198,7 +208,7 @@ class SidecarStore:
         self.mine: set[str] = set()
         self.last_flush = time.monotonic()
         stale = None
-        for path in [self.main, *sorted(data_dir.glob(".sidecars.process-*.json"), key=lambda p: p.stat().st_mtime)]:
+        for path in [self.main, *_journals(data_dir)]:
             try:
                 saved = json.loads(path.read_text())
             except (OSError, json.JSONDecodeError):
@@ -253,7 +263,7 @@ class SidecarStore:
         self.flush(force=True)
         sync_processes("bltjax.entropy.journals")
         if jax.process_index() == 0:
-            journals = sorted(self.dir.glob(".sidecars.process-*.json"), key=lambda p: p.stat().st_mtime)
+            journals = _journals(self.dir)
             for path in journals:
                 saved = json.loads(path.read_text())
                 if saved.get("entropy_model") == self.identity:

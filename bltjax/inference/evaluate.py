@@ -41,7 +41,6 @@ import dataclasses
 import json
 import math
 import os
-import pathlib
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -49,13 +48,14 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
 from bltjax.config import ConfigError, validate
 from bltjax.data import pipeline
 from bltjax.data import shards as shard_format
 from bltjax.inference.restore import InferenceModel, load_for_inference
 from bltjax.patching import PatchingRule
-from bltjax.runtime import distributed
+from bltjax.runtime import distributed, paths
 from bltjax.runtime.atomic import write_atomic
 from bltjax.tokenizer import BOE_ID
 from bltjax.training import sharding
@@ -121,7 +121,7 @@ def _shard_windows(shard: pipeline.Shard, seq_len: int) -> Iterator[_Window]:
         raise pipeline.DataError(str(err)) from err
     starts = None
     if shard.starts_path is not None:
-        starts = np.memmap(shard.starts_path, dtype=np.uint8, mode="r", shape=((shard.n_tokens + 7) // 8,))
+        starts = shard_format.open_array(shard.starts_path, np.uint8, (shard.n_tokens + 7) // 8)
     total = int(tokens.shape[0])
     for offset in range(0, total - 1, seq_len):
         stop = min(offset + seq_len + 1, total)
@@ -229,7 +229,7 @@ def evaluate(
     """
     start_time = time.time()
     config = _eval_config(inference_model.config, patching_overrides)
-    data_dir = pathlib.Path(data_dir).absolute()
+    data_dir = paths.resolve(data_dir)
     if not data_dir.is_dir():
         raise pipeline.DataError(f"{data_dir}: no such data folder (expected one written by python -m bltjax.prepare)")
     if verify not in pipeline.VERIFY_MODES:
@@ -356,9 +356,9 @@ def _format_value(value: Any) -> str:
 
 def default_output_path(
     inference_model: InferenceModel, split: str, patching_overrides: Mapping[str, Any] | None = None
-) -> pathlib.Path:
+) -> epath.Path:
     """``WORKDIR/eval/<split>-step<N>[-<key><value>...].json``, or ``MODEL_DIR/eval/<split>...json``."""
-    source = pathlib.Path(inference_model.source)
+    source = paths.resolve(inference_model.source)
     name = split
     if inference_model.step is not None:
         root = source.parent.parent  # WORKDIR/checkpoints/<step>
@@ -370,9 +370,9 @@ def default_output_path(
     return root / EVAL_DIR / f"{name}.json"
 
 
-def write_result(result: EvalResult, path: str | os.PathLike) -> pathlib.Path:
+def write_result(result: EvalResult, path: str | os.PathLike) -> epath.Path:
     """Writes the result as JSON, atomically (process 0 only); returns the path."""
-    path = pathlib.Path(path)
+    path = paths.resolve(path)
     if jax.process_index() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, (json.dumps(result.to_json(), indent=2, allow_nan=True) + "\n").encode())
@@ -391,7 +391,7 @@ def evaluate_and_write(
     sidecar_tag: str | None = None,
     out: str | os.PathLike | None = None,
     devices: Sequence[jax.Device] | None = None,
-) -> tuple[EvalResult, pathlib.Path]:
+) -> tuple[EvalResult, epath.Path]:
     """Loads a training run (``workdir``) or a model folder, evaluates it, writes the JSON.
 
     Bad input fails before the model is loaded: both or neither source (EvalError), a missing
@@ -402,9 +402,9 @@ def evaluate_and_write(
     if model_dir is not None and step is not None:
         raise EvalError("--step applies to --workdir only (a model folder holds one model)")
     source = workdir if workdir is not None else model_dir
-    data = pathlib.Path(data_dir)
+    data = paths.resolve(data_dir)
     if not data.is_dir():
-        raise pipeline.DataError(f"{data.absolute()}: no such data folder (expected one written by python -m "
+        raise pipeline.DataError(f"{data}: no such data folder (expected one written by python -m "
                                  "bltjax.prepare)")  # fmt: skip
     pipeline.read_split(data, split)
     inference_model = load_for_inference(source, step=step, devices=devices)

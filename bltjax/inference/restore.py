@@ -32,6 +32,7 @@ from jax.sharding import Mesh
 
 from bltjax import checkpoints
 from bltjax.checkpoints import CHECKPOINTS_DIR, CONFIG_FILE, ITEMS, METADATA_FILE, PARAMS_DIR
+from bltjax.runtime import paths
 from bltjax.training import sharding
 
 EVAL_MESH = {"data": -1, "fsdp": 1, "tensor": 1}
@@ -56,7 +57,7 @@ def is_hf_dir(path: str | os.PathLike) -> bool:
     """True for a Hugging Face `transformers` BLT folder (config.json + model.safetensors)."""
     from bltjax.convert import hf
 
-    path = pathlib.Path(path)
+    path = paths.resolve(path)
     return (path / hf.CONFIG_FILE).is_file() and (path / hf.WEIGHTS_FILE).is_file()
 
 
@@ -136,6 +137,7 @@ def _load_hf_dir(
     """Imports a `transformers` BLT folder: weights read on the host (hf checks them), then placed on the mesh."""
     from bltjax.convert import hf
 
+    paths.require_local(path, "a Hugging Face model folder (its safetensors are memory-mapped)")
     try:
         config = hf.experiment_config_from_hf(path)
         model = checkpoints.build_saved_model(config, str(path / hf.CONFIG_FILE))
@@ -161,7 +163,7 @@ def load_for_inference(
     saved config this bltjax cannot build (the field is named), and parameters whose shapes
     differ from the model built from that config (the parameter is named).
     """
-    path = pathlib.Path(workdir).absolute()
+    path = paths.resolve(workdir)  # gs://... stays a URI
     if not path.is_dir():
         raise RestoreError(
             f"{path}: no such directory; expected a training workdir ({CHECKPOINTS_DIR}/), a model folder written by "

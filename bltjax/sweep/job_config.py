@@ -12,18 +12,18 @@ still apply on top, as with any experiment file.
 from __future__ import annotations
 
 import json
-import pathlib
 
 import ml_collections
 
 from bltjax.config import ConfigError
+from bltjax.runtime import paths
 from bltjax.sweep import stages
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if not arg:
         raise ConfigError("bltjax/sweep/job_config.py: expected ':SWEEP/jobs/NAME.json' after the file name")
-    path = pathlib.Path(arg)
+    path = paths.resolve(arg)  # the job file of a sweep folder, local or in a bucket
     try:
         job = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
@@ -32,7 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         ) from err
     if not isinstance(job, dict) or job.get("format") != "bltjax.sweep-job" or "config" not in job:
         raise ConfigError(f"{path}: field 'format': expected 'bltjax.sweep-job', got {job.get('format')!r}")
-    sweep_dir = path.absolute().parent.parent
+    sweep_dir = path.parent.parent
     config = ml_collections.ConfigDict(job["config"])
     config.data.path = str(stages.data_dir(sweep_dir, job["data"]))
     target = job.get("entropy_target")

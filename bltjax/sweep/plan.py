@@ -22,16 +22,17 @@ import dataclasses
 import hashlib
 import json
 import math
-import pathlib
 import sys
 from collections.abc import Mapping
 from typing import Any, TextIO
 
 import ml_collections
+from etils import epath
 
 from bltjax.config import ConfigError, model_config, validate
 from bltjax.models import flops
 from bltjax.models.configs import BLTConfig, TransformerConfig
+from bltjax.runtime import paths
 from bltjax.runtime.atomic import write_atomic
 from bltjax.sweep import scaling, spec, stages
 
@@ -240,8 +241,9 @@ def _schedule(sweep: ml_collections.ConfigDict, config: ml_collections.ConfigDic
 # --- the whole plan -------------------------------------------------------------------------------
 
 
-def make_plan(sweep: ml_collections.ConfigDict, sweep_dir: pathlib.Path, log: TextIO = sys.stdout) -> dict[str, Any]:
+def make_plan(sweep: ml_collections.ConfigDict, sweep_dir: paths.PathLike, log: TextIO = sys.stdout) -> dict[str, Any]:
     """Every job of ``sweep``; may prepare the data (space patching's mean is measured on it)."""
+    sweep_dir = paths.resolve(sweep_dir)
     spec.validate_sweep(sweep)
     base = spec.load_experiment(sweep.base, "base")
     validate(base)
@@ -331,16 +333,17 @@ def make_plan(sweep: ml_collections.ConfigDict, sweep_dir: pathlib.Path, log: Te
 # --- files ----------------------------------------------------------------------------------------
 
 
-def job_file(sweep_dir: pathlib.Path, name: str) -> pathlib.Path:
-    return sweep_dir / JOBS_DIR / f"{name}.json"
+def job_file(sweep_dir: paths.PathLike, name: str) -> epath.Path:
+    return paths.resolve(sweep_dir) / JOBS_DIR / f"{name}.json"
 
 
 def _dump(value: Any) -> bytes:
     return (json.dumps(value, indent=1, sort_keys=True) + "\n").encode()
 
 
-def write_plan(plan: Mapping[str, Any], sweep_dir: pathlib.Path, *, force: bool = False) -> pathlib.Path:
+def write_plan(plan: Mapping[str, Any], sweep_dir: paths.PathLike, *, force: bool = False) -> epath.Path:
     """Writes plan.json, plan.md and jobs/*.json atomically; refuses to replace a different plan."""
+    sweep_dir = paths.resolve(sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     path = sweep_dir / PLAN_FILE
     data = _dump(plan)
@@ -370,9 +373,9 @@ def write_plan(plan: Mapping[str, Any], sweep_dir: pathlib.Path, *, force: bool 
     return path
 
 
-def load_plan(sweep_dir: pathlib.Path) -> dict[str, Any]:
+def load_plan(sweep_dir: paths.PathLike) -> dict[str, Any]:
     """plan.json of a sweep folder, checked."""
-    path = pathlib.Path(sweep_dir) / PLAN_FILE
+    path = paths.resolve(sweep_dir) / PLAN_FILE
     if not path.is_file():
         raise PlanError(f"{path}: no plan; write one with `python -m bltjax.sweep plan --out {sweep_dir}`")
     try:

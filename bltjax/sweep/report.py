@@ -26,13 +26,14 @@ import dataclasses
 import io
 import json
 import math
-import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
+from etils import epath
 
 from bltjax.models import flops
+from bltjax.runtime import paths
 from bltjax.runtime.atomic import write_atomic
 from bltjax.sweep.plan import load_plan
 from bltjax.sweep.runner import LAUNCHES_FILE, LOG_FILE, read_done, run_dir
@@ -108,15 +109,13 @@ def _spent(windows: Sequence[tuple[int, int, Mapping[str, Any]]], step: int, byt
     return total
 
 
-def wall_time(workdir: pathlib.Path) -> float:
+def wall_time(workdir: epath.Path) -> float:
     """Seconds over the runner's launches; an unfinished launch ends at the run's last log write."""
     path = workdir / LAUNCHES_FILE
     if not path.is_file():
         return 0.0
     events = read_jsonl(path)
-    last_write = max(
-        (p.stat().st_mtime for p in (workdir / LOG_FILE, workdir / METRICS_FILE) if p.is_file()), default=0.0
-    )
+    last_write = max((p.stat().mtime for p in (workdir / LOG_FILE, workdir / METRICS_FILE) if p.is_file()), default=0.0)
     total, start = 0.0, None
     for event in events:
         if event.get("event") == "start":
@@ -136,7 +135,7 @@ def _stack_text(job: Mapping[str, Any]) -> str:
     return f"{stack['n_layers']}x{stack['dim']}"
 
 
-def gather_run(sweep_dir: pathlib.Path, job: Mapping[str, Any]) -> RunResult:
+def gather_run(sweep_dir: epath.Path, job: Mapping[str, Any]) -> RunResult:
     """The report row of one planned job, from whatever its run folder holds."""
     workdir = run_dir(sweep_dir, job["name"])
     records = read_jsonl(workdir / METRICS_FILE) if (workdir / METRICS_FILE).is_file() else []
@@ -187,9 +186,9 @@ def gather_run(sweep_dir: pathlib.Path, job: Mapping[str, Any]) -> RunResult:
     )
 
 
-def gather(sweep_dir: str | pathlib.Path) -> list[RunResult]:
+def gather(sweep_dir: paths.PathLike) -> list[RunResult]:
     """One `RunResult` per job of the plan, in plan order."""
-    sweep_dir = pathlib.Path(sweep_dir).absolute()
+    sweep_dir = paths.resolve(sweep_dir)
     return [gather_run(sweep_dir, job) for job in load_plan(sweep_dir)["jobs"]]
 
 
@@ -257,11 +256,11 @@ def _colour(r: RunResult, sizes: list[float]):
     return colours(0.1 + 0.75 * rank / max(1, len(set(sizes + [size])) - 1))
 
 
-def _save(figure, path: pathlib.Path) -> None:
+def _save(figure, path: epath.Path) -> None:
     write_atomic(path, lambda temp: figure.savefig(temp, format="png", dpi=120, bbox_inches="tight"))
 
 
-def write_plots(results: Sequence[RunResult], sweep_dir: pathlib.Path, budget: float) -> list[pathlib.Path]:
+def write_plots(results: Sequence[RunResult], sweep_dir: epath.Path, budget: float) -> list[epath.Path]:
     """The two PNGs of the module docstring; runs without validation points are left out."""
     import matplotlib
 
@@ -269,7 +268,7 @@ def write_plots(results: Sequence[RunResult], sweep_dir: pathlib.Path, budget: f
     import matplotlib.pyplot as plt
 
     sizes = [r.patch_size for r in results if r.patch_size is not None]
-    paths = []
+    written = []
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for r in results:
         if not r.curve:
@@ -284,8 +283,8 @@ def write_plots(results: Sequence[RunResult], sweep_dir: pathlib.Path, budget: f
     axis.grid(True, which="both", alpha=0.3)
     if axis.lines:
         axis.legend(fontsize=8)
-    paths.append(sweep_dir / PLOT_TRAIN)
-    _save(figure, paths[-1])
+    written.append(sweep_dir / PLOT_TRAIN)
+    _save(figure, written[-1])
     plt.close(figure)
 
     figure, axis = plt.subplots(figsize=(7, 4.5))
@@ -316,15 +315,15 @@ def write_plots(results: Sequence[RunResult], sweep_dir: pathlib.Path, budget: f
     axis.set_ylabel("final validation bits per byte")
     axis.set_title("bpb vs inference FLOPs per byte")
     axis.grid(True, alpha=0.3)
-    paths.append(sweep_dir / PLOT_INFERENCE)
-    _save(figure, paths[-1])
+    written.append(sweep_dir / PLOT_INFERENCE)
+    _save(figure, written[-1])
     plt.close(figure)
-    return paths
+    return written
 
 
-def write_report(sweep_dir: str | pathlib.Path) -> dict[str, pathlib.Path]:
+def write_report(sweep_dir: paths.PathLike) -> dict[str, epath.Path]:
     """Gathers every run and writes the table, CSV, JSON and plots into the sweep folder."""
-    sweep_dir = pathlib.Path(sweep_dir).absolute()
+    sweep_dir = paths.resolve(sweep_dir)
     plan = load_plan(sweep_dir)
     budget = float(plan["budget"]["inference_flops_per_byte"])
     results = gather(sweep_dir)

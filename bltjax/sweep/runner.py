@@ -9,6 +9,9 @@ continues from its latest complete checkpoint. On top of it the runner keeps, pe
     runs/NAME/launches.jsonl   {"event": "start"/"end", "time", "pid", "rc"} per launch (the report's wall time)
     runs/NAME/done.json        written when the job exits 0: later launches skip the job
 
+The sweep folder may be a bucket (gs://...): the jobs still run here, and the two logs, which an
+object store cannot append to, are rewritten whole (`AppendedText`), at most every few seconds.
+
 A job that fails stops the sweep (``--keep-going`` goes on with the next), naming its log; a
 SIGTERM to the runner is passed to the running job, which saves a checkpoint and exits 143, and
 the runner then exits 143 too, so relaunching the same command continues where it stopped.
@@ -25,6 +28,9 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
+from etils import epath
+
+from bltjax.runtime import paths
 from bltjax.runtime.atomic import write_atomic
 from bltjax.sweep import job_config, launchers, stages
 from bltjax.sweep.plan import PlanError, job_file, load_plan
@@ -39,8 +45,8 @@ PREEMPTED = 143
 OVERFLOW_WARNING = 0.01  # fraction of rows the pipeline truncates before the runner warns
 
 
-def run_dir(sweep_dir: pathlib.Path, name: str) -> pathlib.Path:
-    return sweep_dir / RUNS_DIR / name
+def run_dir(sweep_dir: paths.PathLike, name: str) -> epath.Path:
+    return paths.resolve(sweep_dir) / RUNS_DIR / name
 
 
 def select_jobs(plan: Mapping[str, Any], only: Sequence[str] | None) -> list[dict[str, Any]]:
@@ -56,7 +62,7 @@ def select_jobs(plan: Mapping[str, Any], only: Sequence[str] | None) -> list[dic
 
 
 def train_command(
-    sweep_dir: pathlib.Path | str, name: str, *, python: str = "python", job_config: str | None = None
+    sweep_dir: paths.PathLike, name: str, *, python: str = "python", job_config: str | None = None
 ) -> list[str]:
     """argv of one job's training (``python -m bltjax.train ...``)."""
     sweep = str(sweep_dir)
@@ -72,7 +78,7 @@ def train_command(
     ]
 
 
-def read_done(sweep_dir: pathlib.Path, job: Mapping[str, Any]) -> dict[str, Any] | None:
+def read_done(sweep_dir: paths.PathLike, job: Mapping[str, Any]) -> dict[str, Any] | None:
     """The job's done.json if it belongs to this job (same config hash), else None."""
     path = run_dir(sweep_dir, job["name"]) / DONE_FILE
     try:
@@ -82,13 +88,53 @@ def read_done(sweep_dir: pathlib.Path, job: Mapping[str, Any]) -> dict[str, Any]
     return done if isinstance(done, dict) and done.get("hash") == job["hash"] else None
 
 
-def _append(path: pathlib.Path, record: Mapping[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as file:
+class AppendedText:
+    """A text file that grows by appends: a local file in append mode, or an object rewritten whole.
+
+    An object store has no append, so a remote file keeps its text here and re-uploads it at
+    most every ``every`` seconds and on `close`; a crash loses at most those seconds of log.
+    """
+
+    def __init__(self, path: epath.Path, every: float = 10.0) -> None:
+        self.path, self.every = path, every
+        self.remote = paths.is_uri(path)
+        self._text = (path.read_text(encoding="utf-8") if path.exists() else "") if self.remote else None
+        self._file = None if self.remote else open(path, "a", encoding="utf-8")
+        self._uploaded = time.monotonic()
+
+    def write(self, text: str) -> None:
+        if not self.remote:
+            self._file.write(text)
+            self._file.flush()
+            return
+        self._text += text
+        if time.monotonic() - self._uploaded >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.remote:
+            write_atomic(self.path, self._text.encode("utf-8"))
+            self._uploaded = time.monotonic()
+
+    def close(self) -> None:
+        if self.remote:
+            self.flush()
+        else:
+            self._file.close()
+
+    def __enter__(self) -> AppendedText:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _append(path: epath.Path, record: Mapping[str, Any]) -> None:
+    with AppendedText(path) as file:
         file.write(json.dumps(record) + "\n")
-        file.flush()
 
 
-def final_validation(workdir: pathlib.Path, steps: int) -> float | None:
+def final_validation(workdir: epath.Path, steps: int) -> float | None:
     """Validation bpb recorded at the final step, if any."""
     path = workdir / METRICS_FILE
     if not path.is_file():
@@ -117,7 +163,7 @@ class _Forward:
             self.child.send_signal(signal.SIGTERM)
 
 
-def run_job(sweep_dir: pathlib.Path, job: Mapping[str, Any], log: TextIO, forward: _Forward) -> int:
+def run_job(sweep_dir: epath.Path, job: Mapping[str, Any], log: TextIO, forward: _Forward) -> int:
     """Runs (or resumes) one job to its end; returns the training command's exit status."""
     name = job["name"]
     workdir = run_dir(sweep_dir, name)
@@ -125,16 +171,14 @@ def run_job(sweep_dir: pathlib.Path, job: Mapping[str, Any], log: TextIO, forwar
     command = train_command(sweep_dir, name, python=sys.executable)
     print(f"sweep: {name}: {launchers.shell_line(command)}", file=log, flush=True)
     start = time.time()
-    with open(workdir / LOG_FILE, "a", encoding="utf-8") as out:
+    with AppendedText(workdir / LOG_FILE) as out:
         out.write(f"\n=== launch at {time.strftime('%Y-%m-%d %H:%M:%S')}: {launchers.shell_line(command)}\n")
-        out.flush()
         child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
         forward.child = child
         _append(workdir / LAUNCHES_FILE, {"event": "start", "time": start, "pid": child.pid})
         try:
             for line in child.stdout:
                 out.write(line)
-                out.flush()
                 print(f"[{name}] {line}", end="", file=log, flush=True)
             rc = child.wait()
         finally:
@@ -153,9 +197,7 @@ def run_job(sweep_dir: pathlib.Path, job: Mapping[str, Any], log: TextIO, forwar
     return rc
 
 
-def run_stages(
-    sweep_dir: pathlib.Path, plan: Mapping[str, Any], jobs: Sequence[Mapping[str, Any]], log: TextIO
-) -> None:
+def run_stages(sweep_dir: epath.Path, plan: Mapping[str, Any], jobs: Sequence[Mapping[str, Any]], log: TextIO) -> None:
     """The shared stages the selected jobs need: data always, the entropy stage for entropy jobs."""
     data = stages.ensure_data(sweep_dir, plan["stages"]["data"], log)
     entropy_jobs = [job for job in jobs if job["mode"] == "entropy"]
@@ -177,7 +219,7 @@ def run_stages(
 
 
 def run_sweep(
-    sweep_dir: str | pathlib.Path,
+    sweep_dir: paths.PathLike,
     *,
     only: Sequence[str] | None = None,
     stages_only: bool = False,
@@ -185,7 +227,7 @@ def run_sweep(
     log: TextIO = sys.stdout,
 ) -> int:
     """Runs the shared stages, then every selected unfinished job in plan order; returns an exit status."""
-    sweep_dir = pathlib.Path(sweep_dir).absolute()
+    sweep_dir = paths.resolve(sweep_dir)
     plan = load_plan(sweep_dir)
     jobs = select_jobs(plan, only)
     run_stages(sweep_dir, plan, jobs, log)
@@ -245,7 +287,7 @@ def launch_commands(
     launcher_args: Sequence[str] = (),
 ) -> list[str]:
     """Shell lines: the shared stages, then one launch command per selected job (paths as given)."""
-    plan = load_plan(pathlib.Path(sweep_dir))
+    plan = load_plan(sweep_dir)
     jobs = select_jobs(plan, only)
     try:
         job_config = str(JOB_CONFIG.relative_to(pathlib.Path.cwd().resolve()))

@@ -25,8 +25,10 @@ from typing import Any, TextIO
 
 import ml_collections
 import numpy as np
+from etils import epath
 
 from bltjax.config import ConfigError
+from bltjax.runtime import paths
 from bltjax.runtime.atomic import write_atomic
 
 CORPUS_DIR = pathlib.Path(__file__).resolve().parents[1] / "data" / "corpus"
@@ -40,37 +42,37 @@ class StageError(RuntimeError):
     """A shared stage cannot run or its record disagrees with the plan; the message names the file."""
 
 
-def _write_json(path: pathlib.Path, value: Any) -> None:
+def _write_json(path: epath.Path, value: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, (json.dumps(value, indent=1, sort_keys=True) + "\n").encode())
 
 
-def _read_json(path: pathlib.Path) -> Any:
+def _read_json(path: epath.Path) -> Any:
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise StageError(f"{path}: unreadable ({err}); delete it to redo the stage") from err
 
 
-def corpus_inputs(corpus: Sequence[str]) -> list[pathlib.Path]:
-    """Corpus entries as paths: as given, or a file of the bundled corpus (bltjax/data/corpus)."""
-    paths = []
+def corpus_inputs(corpus: Sequence[str]) -> list[epath.Path]:
+    """Corpus entries as paths: as given (local or a URI), or a file of the bundled corpus (bltjax/data/corpus)."""
+    found = []
     for entry in corpus:
-        path = pathlib.Path(entry)
-        if not path.exists() and (CORPUS_DIR / entry).exists():
-            path = CORPUS_DIR / entry
+        path = paths.resolve(entry)
+        if not paths.is_uri(entry) and not path.exists() and (CORPUS_DIR / entry).exists():
+            path = paths.resolve(CORPUS_DIR / entry)
         if not path.exists():
             raise ConfigError(f"sweep.data.corpus: {entry!r} is neither a path nor a file of {CORPUS_DIR}")
-        paths.append(path.absolute())
-    return paths
+        found.append(path)
+    return found
 
 
-def data_dir(sweep_dir: pathlib.Path, data: Mapping[str, Any]) -> pathlib.Path:
+def data_dir(sweep_dir: paths.PathLike, data: Mapping[str, Any]) -> epath.Path:
     """Where the sweep's prepared data lives: ``data.path`` if given, else SWEEP/data."""
-    return pathlib.Path(data["path"]).absolute() if data.get("path") else sweep_dir / DATA_DIR
+    return paths.resolve(data["path"]) if data.get("path") else paths.resolve(sweep_dir) / DATA_DIR
 
 
-def ensure_data(sweep_dir: pathlib.Path, data: Mapping[str, Any], log: TextIO = sys.stdout) -> pathlib.Path:
+def ensure_data(sweep_dir: epath.Path, data: Mapping[str, Any], log: TextIO = sys.stdout) -> epath.Path:
     """Prepares ``data.corpus`` into SWEEP/data once (recorded in stages/data.json); returns the folder."""
     from bltjax.data import prepare
     from bltjax.data import shards as shard_format
@@ -98,7 +100,7 @@ def ensure_data(sweep_dir: pathlib.Path, data: Mapping[str, Any], log: TextIO = 
     return out
 
 
-def measure_patch_size(config: ml_collections.ConfigDict, data: pathlib.Path, batches: int = 32) -> dict[str, float]:
+def measure_patch_size(config: ml_collections.ConfigDict, data: paths.PathLike, batches: int = 32) -> dict[str, float]:
     """Mean patch size (tokens per patch, training convention) and patches per row, on the train split.
 
     Rows are patched exactly as training patches them (`bltjax.data.pipeline`), with room for
@@ -128,13 +130,13 @@ def measure_patch_size(config: ml_collections.ConfigDict, data: pathlib.Path, ba
     }
 
 
-def entropy_model_dir(sweep_dir: pathlib.Path) -> pathlib.Path:
+def entropy_model_dir(sweep_dir: epath.Path) -> epath.Path:
     return sweep_dir / STAGES_DIR / "entropy_model"
 
 
-def read_thresholds(sweep_dir: pathlib.Path) -> dict[str, dict[str, Any]]:
+def read_thresholds(sweep_dir: paths.PathLike) -> dict[str, dict[str, Any]]:
     """{target patch size as written by `target_key`: {"threshold": t, ...}} of stages/entropy.json."""
-    path = sweep_dir / STAGES_DIR / ENTROPY_RECORD
+    path = paths.resolve(sweep_dir) / STAGES_DIR / ENTROPY_RECORD
     if not path.is_file():
         return {}
     return _read_json(path).get("targets", {})
@@ -146,9 +148,9 @@ def target_key(patch_size: float) -> str:
 
 
 def ensure_entropy(
-    sweep_dir: pathlib.Path,
+    sweep_dir: epath.Path,
     entropy: Mapping[str, Any],
-    data: pathlib.Path,
+    data: epath.Path,
     targets: Sequence[float],
     log: TextIO = sys.stdout,
 ) -> dict[str, float]:
@@ -168,7 +170,7 @@ def ensure_entropy(
     if not missing:
         return {key: float(value["threshold"]) for key, value in done.items()}
     if entropy.get("model"):
-        export = pathlib.Path(entropy["model"]).absolute()
+        export = paths.resolve(entropy["model"])
     else:
         export = _train_entropy_model(sweep_dir, entropy, data, log)
     for target in missing:
@@ -194,8 +196,8 @@ def ensure_entropy(
 
 
 def _train_entropy_model(
-    sweep_dir: pathlib.Path, entropy: Mapping[str, Any], data: pathlib.Path, log: TextIO
-) -> pathlib.Path:
+    sweep_dir: epath.Path, entropy: Mapping[str, Any], data: epath.Path, log: TextIO
+) -> epath.Path:
     """The quickstart's steps 2-3: train the entropy model, export its final parameters."""
     import jax
 

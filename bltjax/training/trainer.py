@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import pathlib
+import os
 import signal
 import sys
 import time
@@ -43,13 +43,14 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 
 from bltjax.checkpoints import Checkpointer
 from bltjax.config import ConfigError, validate
 from bltjax.data import pipeline
 from bltjax.models import flops
 from bltjax.models.factory import build_model
-from bltjax.runtime import distributed, peaks
+from bltjax.runtime import distributed, paths, peaks
 from bltjax.runtime.atomic import write_atomic
 from bltjax.training import sharding
 from bltjax.training.metrics import MetricsWriter, bits_per_byte
@@ -89,7 +90,7 @@ def config_differences(stored: Mapping[str, Any], current: Mapping[str, Any]) ->
     return [n for n in names if a.get(n) != b.get(n) and not n.startswith(RESUMABLE_CHANGES)]
 
 
-def resolve_workdir_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> ml_collections.ConfigDict:
+def resolve_workdir_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> ml_collections.ConfigDict:
     """Checks a relaunch against the stored config; takes over fields fixed at the first launch."""
     stored_path = workdir / "config.json"
     if not stored_path.is_file():
@@ -187,7 +188,7 @@ class TrainResult:
     final_step: int
     preempted: bool
     validation_bpb: float | None  # of the final step (None if pre-empted before it)
-    workdir: pathlib.Path
+    workdir: epath.Path
     state: TrainState
 
 
@@ -197,11 +198,11 @@ class Trainer:
     def __init__(
         self,
         config: ml_collections.ConfigDict,
-        workdir: str | pathlib.Path,
+        workdir: str | os.PathLike,
         console: TextIO = sys.stdout,
         devices: Sequence[jax.Device] | None = None,
     ):
-        self.workdir = pathlib.Path(workdir).absolute()
+        self.workdir = paths.resolve(workdir)  # gs://... stays a URI; a local path becomes absolute
         self.console = console
         validate(config)
         if not config.data.path:
@@ -453,7 +454,7 @@ class Trainer:
 
 def train(
     config: ml_collections.ConfigDict,
-    workdir: str | pathlib.Path,
+    workdir: str | os.PathLike,
     console: TextIO = sys.stdout,
     devices: Sequence[jax.Device] | None = None,
 ) -> TrainResult:

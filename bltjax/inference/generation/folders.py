@@ -15,24 +15,25 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
 import jax
+from etils import epath
 
 from bltjax.inference.generation.decode import GenerationResult, generate
 from bltjax.inference.restore import is_hf_dir, load_for_inference
 from bltjax.patching.incremental import IncrementalRule
+from bltjax.runtime import paths
 
 
 class GenerateError(ValueError):
     """A command line that cannot run; the message names the flag or file and what is expected."""
 
 
-def default_entropy_model(workdir: str | os.PathLike, config: Any) -> pathlib.Path | None:
+def default_entropy_model(workdir: str | os.PathLike, config: Any) -> epath.Path | None:
     """The entropy model that goes with ``workdir`` when it can be proven, else None.
 
     A Hugging Face BLT folder carries its own patcher. For a training run, the quickstart's
@@ -44,11 +45,11 @@ def default_entropy_model(workdir: str | os.PathLike, config: Any) -> pathlib.Pa
     from bltjax.data.sidecars import SIDECARS_FILE
 
     if is_hf_dir(workdir):
-        return pathlib.Path(workdir).absolute()
+        return paths.resolve(workdir)
 
-    candidate = pathlib.Path(workdir).absolute().parent / "entropy_model" / "export"
+    candidate = paths.resolve(workdir).parent / "entropy_model" / "export"
     data_path = config.get("data", {}).get("path") if hasattr(config, "get") else None
-    sidecars = pathlib.Path(data_path or "") / SIDECARS_FILE
+    sidecars = paths.resolve(data_path or ".") / SIDECARS_FILE
     if not data_path or not candidate.is_dir() or not sidecars.is_file():
         return None
     try:
