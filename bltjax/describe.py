@@ -8,12 +8,15 @@ Nothing is allocated: shapes come from `jax.eval_shape`, so the 8B config prints
 from __future__ import annotations
 
 import math
+import sys
+from collections.abc import Sequence
 
 import jax
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
+from bltjax.config import ConfigError
 from bltjax.models.factory import parameter_shapes
+from bltjax.runtime import cli
 
 
 def count_parameters(shapes: dict) -> dict[str, int]:
@@ -27,23 +30,29 @@ def count_parameters(shapes: dict) -> dict[str, int]:
     return counts
 
 
-def define_flags() -> None:
-    """Command-line flags, defined only when this module is the program."""
-    config_flags.DEFINE_config_file("config", None, "Experiment config file (path.py[:variant]).")
+def define_flags(values: flags.FlagValues) -> None:
+    """Command-line flags (see `bltjax.runtime.cli` for the conventions every program shares)."""
+    cli.define_config_file("config", "Experiment config file (path.py[:variant]).", values)
 
 
-def main(argv: list[str]) -> None:
-    del argv
-    config = flags.FLAGS.config
-    if config is None:
-        raise app.UsageError("--config is required, e.g. --config experiments/blt_tiny.py")
+def _main(command_line: cli.CommandLine) -> int:
+    config = command_line.flags.config
+    cli.require(command_line.flags, "config")
     counts = count_parameters(parameter_shapes(config))
     print(config)
     print("| component | parameters |\n|---|---:|")
     for name, count in counts.items():
         print(f"| {name} | {count:,} |")
+    return 0
+
+
+PROGRAM = cli.Program("python -m bltjax.describe", define_flags, _main, doc=__doc__, errors=(ConfigError,))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bltjax.describe``; ``argv`` without the program name (default: the command line)."""
+    return PROGRAM.run(argv)
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    sys.exit(main())

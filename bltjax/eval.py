@@ -1,6 +1,6 @@
 r"""Bits-per-byte of a trained model over a whole data split: every byte counted exactly once.
 
-  python -m bltjax.eval --workdir runs/tiny --data data/bundled [--step 500] [--split validation] \
+  python -m bltjax.eval --model runs/tiny --data data/bundled [--step 500] [--split validation] \
       [--batch-size 16] [--patching.threshold 1.3]
   python -m bltjax.eval --model MODEL_DIR --data data/bundled      # a save_model folder / HF import
 
@@ -8,23 +8,25 @@ Prints a markdown table and writes the same numbers as JSON: ``WORKDIR/eval/<spl
 for a workdir, ``MODEL_DIR/eval/<split>.json`` for a model folder, or ``--out FILE``. The
 conventions (windows, patching, patch columns, batches) are those of `bltjax.inference.evaluate`,
 which this command runs. ``--patching.*`` overrides the saved config (e.g. another threshold,
-whose sidecars must exist). Exit status 1 with a message naming the flag, field or file for
-bad input.
+whose sidecars must exist). ``--model`` is a training workdir, a `save_model` folder or a
+Hugging Face BLT folder (``--workdir`` is its deprecated old name). Exit status 1 with a message
+naming the field or file for bad input, 2 for a bad command line.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 
 import jax
-from absl import app, flags, logging
+from absl import flags
 
 from bltjax.config import ConfigError
 from bltjax.data import pipeline
 from bltjax.inference.evaluate import EvalError, evaluate_and_write, format_table
 from bltjax.inference.restore import RestoreError
-from bltjax.runtime import compile_cache, distributed
-from bltjax.runtime.cli import normalise_argv
+from bltjax.runtime import cli, compile_cache, distributed
+from bltjax.runtime.paths import resolve
 from bltjax.training import sharding
 
 PATCHING_FLAGS = {
@@ -37,52 +39,70 @@ PATCHING_FLAGS = {
 }
 
 
-def define_flags() -> None:
-    """Command-line flags, defined only when this module is the program."""
-    flags.DEFINE_string("workdir", None, "Training run directory (its checkpoints/ are read).")
-    flags.DEFINE_string("model", None, "Alternatively: an exported model folder or a Hugging Face BLT folder.")
-    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest complete one).")
-    flags.DEFINE_string("data", None, "Data folder written by python -m bltjax.prepare.")
-    flags.DEFINE_string("split", "validation", "Split to evaluate.")
-    flags.DEFINE_integer("batch_size", None, "Rows per batch (default: the config's data.batch_size).")
-    flags.DEFINE_string("sidecar_tag", None, "Entropy sidecar tag (default: the one of the threshold).")
-    flags.DEFINE_string("out", None, "JSON output path (default: DIR/eval/<split>[-step<N>].json).")
-    distributed.define_flags()  # --coordinator / --num-processes / --process-id (or the environment)
+def define_flags(values: flags.FlagValues) -> None:
+    """Command-line flags (see `bltjax.runtime.cli` for the conventions every program shares)."""
+    flags.DEFINE_string("model", None, "Model to read: a training workdir (its checkpoints/), a save_model folder or "
+                        "a Hugging Face BLT folder.", flag_values=values)  # fmt: skip
+    flags.DEFINE_integer("step", None, "Checkpoint step of a workdir (default: the latest complete one).",
+                         flag_values=values)  # fmt: skip
+    flags.DEFINE_string("data", None, "Data folder written by python -m bltjax.prepare.", flag_values=values)
+    flags.DEFINE_string("split", "validation", "Split to evaluate.", flag_values=values)
+    flags.DEFINE_integer("batch_size", None, "Rows per batch (default: the config's data.batch_size).",
+                         flag_values=values)  # fmt: skip
+    flags.DEFINE_string("sidecar_tag", None, "Entropy sidecar tag (default: the one of the threshold).",
+                        flag_values=values)  # fmt: skip
+    flags.DEFINE_string("out", None, "JSON output path (default: DIR/eval/<split>[-step<N>].json).", flag_values=values)
+    distributed.define_flags(values)  # --coordinator / --num-processes / --process-id (or the environment)
     for key, kind in PATCHING_FLAGS.items():
-        getattr(flags, f"DEFINE_{kind}")(f"patching.{key}", None, f"Override config.patching.{key}.")
+        getattr(flags, f"DEFINE_{kind}")(f"patching.{key}", None, f"Override config.patching.{key}.",
+                                         flag_values=values)  # fmt: skip
 
 
-def main(argv: list[str]) -> None:
-    del argv
-    FLAGS = flags.FLAGS
-    if not FLAGS.data or (FLAGS.workdir is None) == (FLAGS.model is None):
-        raise app.UsageError("--data and exactly one of --workdir / --model are required")
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO
+def _main(command_line: cli.CommandLine) -> int:
+    values = command_line.flags
+    cli.require(values, "model", "data")
     compile_cache.enable()
-    overrides = {key: FLAGS[f"patching.{key}"].value for key in PATCHING_FLAGS if FLAGS[f"patching.{key}"].present}
-    try:
-        distributed.initialize_from_flags()  # joins the other processes, if any, before any device work
-        result, path = evaluate_and_write(
-            workdir=FLAGS.workdir,
-            model_dir=FLAGS.model,
-            data_dir=FLAGS.data,
-            step=FLAGS.step,
-            split=FLAGS.split,
-            batch_size=FLAGS.batch_size,
-            patching_overrides=overrides,
-            sidecar_tag=FLAGS.sidecar_tag,
-            out=FLAGS.out,
-        )
-    except (EvalError, RestoreError, ConfigError, pipeline.DataError, sharding.MeshError,
-            distributed.DistributedError) as err:  # fmt: skip
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    overrides = {key: values[f"patching.{key}"].value for key in PATCHING_FLAGS if values[f"patching.{key}"].present}
+    distributed.initialize_from_flags(values)  # joins the other processes, if any, before any device work
+    result, path = evaluate_and_write(
+        # Any model, as typed: load_for_inference tells a workdir, a model folder and a Hub id apart.
+        workdir=values.model,
+        model_dir=None,
+        data_dir=resolve(values.data),
+        step=values.step,
+        split=values.split,
+        batch_size=values.batch_size,
+        patching_overrides=overrides,
+        sidecar_tag=values.sidecar_tag,
+        out=resolve(values.out) if values.out else None,
+    )
     if jax.process_index() == 0:
         print(format_table(result))
         print(f"\nwritten: {path}", flush=True)
+    return 0
+
+
+PROGRAM = cli.Program(
+    "python -m bltjax.eval",
+    define_flags,
+    _main,
+    doc=__doc__,
+    errors=(
+        EvalError,
+        RestoreError,
+        ConfigError,
+        pipeline.DataError,
+        sharding.MeshError,
+        distributed.DistributedError,
+    ),  # fmt: skip
+    aliases={"workdir": "model"},
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bltjax.eval``; ``argv`` without the program name (default: the command line)."""
+    return PROGRAM.run(argv)
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main, argv=normalise_argv(sys.argv))
+    sys.exit(main())

@@ -11,12 +11,13 @@ Llama and a byte-level transformer of the same shape. The counts live in `bltjax
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 import ml_collections
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
+from bltjax.config import ConfigError
 from bltjax.models.configs import ByteLMConfig
 from bltjax.models.flops import (
     TRAIN_MULTIPLIER,
@@ -27,6 +28,7 @@ from bltjax.models.flops import (
     record_and_patch_size,
     token_lm_flops_per_byte,
 )
+from bltjax.runtime import cli
 
 _ROWS = (
     # table row, FlopBreakdown field, parameter components
@@ -101,32 +103,35 @@ def format_breakdown(
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str]) -> None:
-    del argv
-    values = flags.FLAGS
-    config = values.config
-    if config is None:
-        raise SystemExit("python -m bltjax.flops: --config is required, e.g. --config experiments/blt_1b.py")
-    try:
-        table = format_breakdown(
-            config,
-            mean_patch_size=values["patch-size"].value,
-            bytes_per_token=values["bytes-per-token"].value,
-            vocab=values["vocab"].value,
-        )
-    except ValueError as err:  # ConfigError included: the message names the field
-        raise SystemExit(f"error: {err}") from err
+def define_flags(values: flags.FlagValues) -> None:
+    """Command-line flags (see `bltjax.runtime.cli` for the conventions every program shares)."""
+    cli.define_config_file("config", "Experiment config file (path.py[:variant]).", values)
+    flags.DEFINE_float("patch_size", None, "Mean patch size n_p (default: the config's expectation).",
+                       flag_values=values)  # fmt: skip
+    flags.DEFINE_float("bytes_per_token", None, "Also print a token-level Llama of the same shape at this n_bpe.",
+                       flag_values=values)  # fmt: skip
+    flags.DEFINE_integer("vocab", 32000, "Vocabulary of that token-level Llama (Llama 2: 32000, Llama 3: 128256).",
+                         flag_values=values)  # fmt: skip
+
+
+def _main(command_line: cli.CommandLine) -> int:
+    values = command_line.flags
+    cli.require(values, "config")
+    table = format_breakdown(
+        values.config, mean_patch_size=values.patch_size, bytes_per_token=values.bytes_per_token, vocab=values.vocab
+    )
     print(table)
+    return 0
 
 
-def define_flags() -> None:
-    """Command-line flags, defined only when this module is the program."""
-    config_flags.DEFINE_config_file("config", None, "Experiment config file (path.py[:variant]).")
-    flags.DEFINE_float("patch-size", None, "Mean patch size n_p (default: the config's expectation).")
-    flags.DEFINE_float("bytes-per-token", None, "Also print a token-level Llama of the same shape at this n_bpe.")
-    flags.DEFINE_integer("vocab", 32000, "Vocabulary of that token-level Llama (Llama 2: 32000, Llama 3: 128256).")
+# ValueError: the counts name the field they cannot use (ConfigError is one).
+PROGRAM = cli.Program("python -m bltjax.flops", define_flags, _main, doc=__doc__, errors=(ConfigError, ValueError))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bltjax.flops``; ``argv`` without the program name (default: the command line)."""
+    return PROGRAM.run(argv)
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    sys.exit(main())

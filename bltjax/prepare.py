@@ -1,18 +1,21 @@
 """``python -m bltjax.prepare``: raw text -> byte shards + manifest.json, the first step of the data's way.
 
-    python -m bltjax.prepare --input bltjax/data/corpus --output /tmp/bltjax-data
-    python -m bltjax.prepare --input corpus/ more.jsonl.gz --output DATA [--val-fraction 0.01] [--seed 0]
+    python -m bltjax.prepare --input bltjax/data/corpus --out /tmp/bltjax-data
+    python -m bltjax.prepare --input corpus/ more.jsonl.gz --out DATA [--val-fraction 0.01] [--seed 0]
 
 This module is the command line only; the work is `bltjax.data.prepare.prepare` and the format
-`bltjax.data.shards` (docs/data.md). Exit status 0 when done, 2 for unusable inputs or settings.
+`bltjax.data.shards` (docs/data.md). ``--input`` takes one or more paths (repeat the flag or list
+them after it); ``--output`` is the deprecated old name of ``--out``. Exit status 0 when done, 2
+for unusable inputs, settings or command line.
 """
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from collections.abc import Sequence
+
+from absl import flags
 
 from bltjax.data.prepare import (
     DEFAULT_INCLUDE,
@@ -22,74 +25,77 @@ from bltjax.data.prepare import (
     PrepareError,
     prepare,
 )
+from bltjax.runtime import cli
+from bltjax.runtime.paths import resolve
 
 
 def parse_size(text: str) -> int:
     """``64MiB``, ``64M``, ``512k``, ``1000`` -> bytes (binary multiples)."""
     match = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(i?b)?\s*", text, flags=re.IGNORECASE)
     if not match:
-        raise argparse.ArgumentTypeError(f"expected a size like 64MiB, 512k or 1000, got {text!r}")
+        raise ValueError(f"expected a size like 64MiB, 512k or 1000, got {text!r}")
     return int(match.group(1)) * 1024 ** "_kmgt".index(match.group(2).lower() or "_")
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m bltjax.prepare",
-        description="Raw text (files, folders, JSONL, .gz/.zst) -> byte shards + manifest.json (docs/data.md).",
-    )
-    parser.add_argument(
-        "--input",
-        nargs="+",
-        action="extend",
-        required=True,
-        metavar="PATH",
-        help="text files, JSONL files (one document per line) or folders of them (recursive)",
-    )
-    parser.add_argument("--output", required=True, metavar="DIR", help="the shard folder to write or resume")
-    parser.add_argument(
-        "--val-fraction",
-        type=float,
-        default=DEFAULT_VAL_FRACTION,
-        help="fraction of documents, chosen by a keyed hash of their bytes, for validation",
-    )
-    parser.add_argument(
-        "--shard-bytes",
-        type=parse_size,
-        default=DEFAULT_SHARD_BYTES,
-        help="close a shard once its .tokens file reaches this size (default 64MiB)",
-    )
-    parser.add_argument("--text-field", default=DEFAULT_TEXT_FIELD, help="JSONL field that holds the text")
-    parser.add_argument("--seed", type=int, default=0, help="key of the train/validation hash")
-    parser.add_argument(
-        "--include",
-        default=",".join(DEFAULT_INCLUDE),
-        help="comma-separated name patterns taken from folders (files named directly always are)",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
-    return parser
+class _SizeParser(flags.ArgumentParser):
+    """absl parser of `parse_size` values (``--shard-bytes 64MiB``)."""
+
+    def parse(self, argument):
+        return argument if isinstance(argument, int) else parse_size(argument)
+
+    def flag_type(self) -> str:
+        return "a size like 64MiB, 512k or 1000"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m bltjax.prepare``: returns the exit status (0 ok, 2 unusable inputs or settings)."""
-    args = _parser().parse_args(argv)
-    include = [p.strip() for p in args.include.split(",") if p.strip()]
-    try:
-        result = prepare(
-            args.input,
-            args.output,
-            val_fraction=args.val_fraction,
-            shard_bytes=args.shard_bytes,
-            text_field=args.text_field,
-            seed=args.seed,
-            include=include,
-            progress=not args.no_progress,
-        )
-    except PrepareError as err:
-        print(f"prepare: error: {err}", file=sys.stderr)
-        return 2
+def define_flags(values: flags.FlagValues) -> None:
+    """Command-line flags (see `bltjax.runtime.cli` for the conventions every program shares)."""
+    flags.DEFINE_multi_string("input", [], "Text files, JSONL files (one document per line) or folders of them "
+                              "(recursive); several may follow one --input.", flag_values=values)  # fmt: skip
+    flags.DEFINE_string("out", None, "The shard folder to write or resume.", flag_values=values)
+    flags.DEFINE_float("val_fraction", DEFAULT_VAL_FRACTION, "Fraction of documents, chosen by a keyed hash of their "
+                       "bytes, for validation.", flag_values=values)  # fmt: skip
+    flags.DEFINE(_SizeParser(), "shard_bytes", DEFAULT_SHARD_BYTES, "Close a shard once its .tokens file reaches "
+                 "this size (default 64MiB).", flag_values=values)  # fmt: skip
+    flags.DEFINE_string("text_field", DEFAULT_TEXT_FIELD, "JSONL field that holds the text.", flag_values=values)
+    flags.DEFINE_integer("seed", 0, "Key of the train/validation hash.", flag_values=values)
+    flags.DEFINE_list("include", list(DEFAULT_INCLUDE), "Comma-separated name patterns taken from folders (files "
+                      "named directly always are).", flag_values=values)  # fmt: skip
+    flags.DEFINE_bool("progress", True, "A progress line on stderr (--no-progress: none).", flag_values=values)
+
+
+def _main(command_line: cli.CommandLine) -> int:
+    values = command_line.flags
+    cli.require(values, "input", "out")
+    result = prepare(
+        [resolve(path) for path in values.input],
+        resolve(values.out),
+        val_fraction=values.val_fraction,
+        shard_bytes=values.shard_bytes,
+        text_field=values.text_field,
+        seed=values.seed,
+        include=[p.strip() for p in values.include if p.strip()],
+        progress=values.progress,
+    )
     print(result.summary())
     return 0
 
 
+PROGRAM = cli.Program(
+    "python -m bltjax.prepare",
+    define_flags,
+    _main,
+    doc=__doc__,
+    errors=(PrepareError,),
+    error_status=2,
+    aliases={"output": "out"},
+    multi_word=("input",),
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bltjax.prepare``: the exit status (0 ok, 2 unusable inputs, settings or command line)."""
+    return PROGRAM.run(argv)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -22,20 +22,23 @@ from the repository root (as `launch/quickstart.sh` does). The corpus ships insi
 
 from __future__ import annotations
 
+import os
 import pathlib
 import sys
 import time
+from collections.abc import Sequence
 
 import jax
 import ml_collections
-from absl import app, flags, logging
+from absl import flags
 
 from bltjax.checkpoints import save_model
 from bltjax.config import ConfigError, load_config
 from bltjax.data import entropy, prepare
 from bltjax.data import shards as shard_format
 from bltjax.inference.generation.folders import generate_from_folder
-from bltjax.runtime import compile_cache
+from bltjax.runtime import cli, compile_cache
+from bltjax.runtime.paths import resolve
 from bltjax.training.trainer import train
 
 DEFAULT_CONFIG = "experiments/quickstart.py"
@@ -67,7 +70,7 @@ def resolve_config_file(path: str) -> pathlib.Path:
 
 
 def experiment_config(
-    config_file: pathlib.Path, variant: str, data: pathlib.Path, steps: int | None
+    config_file: pathlib.Path, variant: str, data: str | os.PathLike, steps: int | None
 ) -> ml_collections.ConfigDict:
     """One variant of the quickstart's experiment file, pointed at ``data`` (``steps`` shortens it)."""
     config = load_config(f"{config_file}:{variant}")
@@ -90,7 +93,7 @@ def _done(start: float) -> None:
 
 
 def run(
-    workdir: pathlib.Path,
+    workdir: str | os.PathLike,
     *,
     config_file: str = DEFAULT_CONFIG,
     corpus: tuple[str, ...] = DEFAULT_CORPUS,
@@ -101,6 +104,7 @@ def run(
 ) -> dict[str, float]:
     """Runs (or completes) every stage; returns the validation bits-per-byte of both models."""
     config_path = resolve_config_file(config_file)  # before any work: a bad flag fails at once
+    workdir = resolve(workdir)
     began = time.time()
     data = workdir / "data"
     started = _stage(1, f"prepare the bundled corpus -> {data}")
@@ -139,7 +143,7 @@ def run(
     print(f"   checkpoints: {workdir / 'blt' / 'checkpoints'}  (entropy model: {workdir / 'entropy_model'})")
     print(f"   tensorboard --logdir {workdir}")
     if sample_bytes > 0:
-        # The same path as `python -m bltjax.generate --workdir WORKDIR/blt`: the entropy model is
+        # The same path as `python -m bltjax.generate --model WORKDIR/blt`: the entropy model is
         # found next to the run and accepted because the sidecars name its fingerprint.
         print(f"   greedy samples ({sample_bytes} bytes each):")
         generate_from_folder(workdir=workdir / "blt", prompts=list(SAMPLE_PROMPTS), max_bytes=sample_bytes)
@@ -147,38 +151,43 @@ def run(
     return {"entropy_model_bpb": entropy_run.validation_bpb, "blt_bpb": blt_run.validation_bpb}
 
 
-def define_flags() -> None:
-    """Command-line flags, defined only when this module is the program."""
-    flags.DEFINE_string("workdir", "runs/quickstart", "Where data, models and logs go.")
-    flags.DEFINE_string("config", DEFAULT_CONFIG, "Experiment file with entropy and blt variants (from the cwd).")
-    flags.DEFINE_integer("entropy_steps", None, "Override the entropy model's training steps.")
-    flags.DEFINE_integer("blt_steps", None, "Override the BLT's training steps.")
-    flags.DEFINE_float("patch_size", 4.5, "Mean patch size the entropy threshold is calibrated to.")
-    flags.DEFINE_integer("sample_bytes", 96, "Bytes generated per sample prompt at the end; 0 = none.")
-    flags.DEFINE_list("corpus", list(DEFAULT_CORPUS), "Files of bltjax/data/corpus to train on.")
+def define_flags(values: flags.FlagValues) -> None:
+    """Command-line flags (see `bltjax.runtime.cli` for the conventions every program shares)."""
+    flags.DEFINE_string("workdir", "runs/quickstart", "Run folder to write: data, models and logs.",
+                        flag_values=values)  # fmt: skip
+    flags.DEFINE_string("config", DEFAULT_CONFIG, "Experiment file with entropy and blt variants (from the cwd).",
+                        flag_values=values)  # fmt: skip
+    flags.DEFINE_integer("entropy_steps", None, "Override the entropy model's training steps.", flag_values=values)
+    flags.DEFINE_integer("blt_steps", None, "Override the BLT's training steps.", flag_values=values)
+    flags.DEFINE_float("patch_size", 4.5, "Mean patch size the entropy threshold is calibrated to.",
+                       flag_values=values)  # fmt: skip
+    flags.DEFINE_integer("sample_bytes", 96, "Bytes generated per sample prompt at the end; 0 = none.",
+                         flag_values=values)  # fmt: skip
+    flags.DEFINE_list("corpus", list(DEFAULT_CORPUS), "Files of bltjax/data/corpus to train on.", flag_values=values)
 
 
-def main(argv: list[str]) -> None:
-    del argv
-    FLAGS = flags.FLAGS
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+def _main(command_line: cli.CommandLine) -> int:
+    values = command_line.flags
     compile_cache.enable()
-    try:
-        run(
-            pathlib.Path(FLAGS.workdir).absolute(),
-            config_file=FLAGS.config,
-            corpus=tuple(FLAGS.corpus),
-            entropy_steps=FLAGS.entropy_steps,
-            blt_steps=FLAGS.blt_steps,
-            patch_size=FLAGS.patch_size,
-            sample_bytes=FLAGS.sample_bytes,
-        )
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    run(
+        values.workdir,
+        config_file=values.config,
+        corpus=tuple(values.corpus),
+        entropy_steps=values.entropy_steps,
+        blt_steps=values.blt_steps,
+        patch_size=values.patch_size,
+        sample_bytes=values.sample_bytes,
+    )
+    return 0
+
+
+PROGRAM = cli.Program("python -m bltjax.quickstart", define_flags, _main, doc=__doc__, errors=(ConfigError,))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bltjax.quickstart``; ``argv`` without the program name (default: the command line)."""
+    return PROGRAM.run(argv)
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    sys.exit(main())

@@ -210,7 +210,13 @@ def test_an_unreachable_coordinator_is_a_clear_error():
 
 
 def test_dashed_flag_names_are_accepted():
+    from absl import flags
+
+    values = flags.FlagValues()
+    distributed.define_flags(values)
     argv = ["prog", "--num-processes=2", "--process-id", "1", "--config.data.path=a-b", "--coordinator=h:1"]
-    assert normalise_argv(argv) == [
+    assert normalise_argv(argv, values) == ([
         "prog", "--num_processes=2", "--process_id", "1", "--config.data.path=a-b", "--coordinator=h:1"
-    ]  # fmt: skip
+    ], [])  # fmt: skip
+    values(normalise_argv(argv, values)[0][:2] + ["--process_id=1", "--coordinator=h:1"])
+    assert (values.num_processes, values.process_id, values.coordinator) == (2, 1, "h:1")

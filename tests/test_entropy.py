@@ -379,7 +379,7 @@ def _cli(*args: str, devices: int = 2) -> subprocess.CompletedProcess:
 def test_cli_writes_sidecars_and_calibrates(tiny, prepared, tmp_path):
     rng = np.random.default_rng(5)
     folder = write_shards(tmp_path / "data", {"train": [_random_documents(rng, 6, 200)]})
-    result = _cli("--data", str(folder), "--checkpoint", str(tiny[3]), "--target-patch-size", "2.5")
+    result = _cli("--data", str(folder), "--entropy-model", str(tiny[3]), "--target-patch-size", "2.5")
     assert result.returncode == 0, result.stderr
     assert "calibrated threshold" in result.stdout and "bytes/s" in result.stdout  # the summary
     assert "entropy: 100%" in result.stderr and "tokens/s" in result.stderr  # the progress bar, finished
@@ -394,7 +394,7 @@ def test_cli_writes_sidecars_and_calibrates(tiny, prepared, tmp_path):
         rtol=1e-3,
         atol=1e-3,
     )
-    bad = _cli("--data", str(folder), "--checkpoint", str(folder))
+    bad = _cli("--data", str(folder), "--entropy-model", str(folder))
     assert bad.returncode == 2 and "neither a bltjax model folder" in bad.stderr
 
 
@@ -407,7 +407,7 @@ def test_two_processes_split_the_shards_and_merge_one_manifest(tiny, prepared, t
         path.unlink()
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
     port = portpicker.pick_unused_port()
-    args = ["--data", str(folder), "--checkpoint", str(tiny[3]), "--threshold", str(THRESHOLD)]
+    args = ["--data", str(folder), "--entropy-model", str(tiny[3]), "--threshold", str(THRESHOLD)]
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "bltjax.entropy", *args, "--coordinator", f"127.0.0.1:{port}"]

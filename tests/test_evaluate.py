@@ -12,6 +12,7 @@ import io
 import json
 import math
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -29,7 +30,8 @@ from bltjax.inference.evaluate import evaluate, evaluate_and_write
 from bltjax.inference.restore import RestoreError, load_for_inference
 from bltjax.models.factory import build_model, example_inputs
 from bltjax.tokenizer import OFFSET
-from bltjax.training import sharding
+from bltjax.training import sharding, wandb_tracker
+from bltjax.training.metrics import read_jsonl
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BYTE_LM = str(REPO / "experiments" / "byte_lm.py")
@@ -242,7 +244,7 @@ def _eval_cli(*args: str) -> subprocess.CompletedProcess:
 def test_cli_prints_the_table_and_writes_json(run_dir, data_dir, eval_all_devices, byte_lm_dir):
     workdir = run_dir[0]
     # The README's command.
-    done = _eval_cli("--workdir", str(workdir), "--data", str(data_dir), "--batch-size", "8")
+    done = _eval_cli("--model", str(workdir), "--data", str(data_dir), "--batch-size", "8")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| bits per byte (all targets, BOS/EOS incl.) |" in done.stdout and "| patches |" in done.stdout
     written = json.loads((workdir / "eval" / "validation-step6.json").read_text())
@@ -257,11 +259,11 @@ def test_cli_prints_the_table_and_writes_json(run_dir, data_dir, eval_all_device
     assert "| patches | n/a |" in done.stdout
     assert json.loads(out.read_text())["n_patches"] is None
 
-    failed = _eval_cli("--workdir", str(workdir), "--data", str(data_dir), "--step", "99")
+    failed = _eval_cli("--model", str(workdir), "--data", str(data_dir), "--step", "99")
     assert failed.returncode == 1
     assert f"{workdir / 'checkpoints'}: no complete checkpoint for step 99; available steps: [6]" in failed.stderr
     assert "Traceback" not in failed.stderr
-    failed = _eval_cli("--workdir", str(workdir), "--data", str(data_dir), "--patching.threshold", "1.3")
+    failed = _eval_cli("--model", str(workdir), "--data", str(data_dir), "--patching.threshold", "1.3")
     assert failed.returncode == 1 and "Traceback" not in failed.stderr
     assert "config.patching.threshold: expected None when patching.mode='space'" in failed.stderr
 
@@ -339,3 +341,50 @@ def test_hugging_face_folder_evaluates_like_its_saved_import(byte_lm_dir, fixtur
     assert math.isfinite(a.bpb) and a.bpb == pytest.approx(b.bpb, rel=1e-6)
     with pytest.raises(RestoreError, match="Hugging Face folder holds one model"):
         load_for_inference(hf_dir, step=3)
+
+
+@pytest.mark.slow
+def test_a_workdir_evaluation_lands_in_the_run_writers_with_progress(run_dir, data_dir, eval_all_devices, tmp_path,
+                                                                     capsys):  # fmt: skip
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    workdir = tmp_path / "run"
+    shutil.copytree(run_dir[0], workdir)  # the shared run stays as it is
+    result, _ = evaluate_and_write(workdir=workdir, model_dir=None, data_dir=data_dir, batch_size=8)
+    progress = capsys.readouterr().err
+    targets = f"{result.n_targets / 1000:.1f}k/{result.n_targets / 1000:.1f}k"  # tqdm's SI units
+    assert re.search(rf"eval validation: 100%.*{re.escape(targets)} \[\d+:\d\d<\d+:\d\d, ", progress), progress  # ETA
+
+    (record,) = [r for r in read_jsonl(workdir / "metrics.jsonl") if r["split"] == "eval/validation"]
+    assert record["step"] == 6 and record["n_targets"] == eval_all_devices.n_targets
+    assert record["bpb"] == pytest.approx(eval_all_devices.bpb, rel=1e-5)
+    events = EventAccumulator(str(workdir / "tensorboard" / "eval" / "validation"))
+    events.Reload()
+    assert [(e.step, pytest.approx(e.value, rel=1e-5)) for e in events.Scalars("bpb")] == [(6, result.bpb)]
+
+
+def test_eval_results_reach_wandb_as_an_eval_run_of_the_training_run(tmp_path, monkeypatch):
+    """W&B offline (test_metrics reads its transaction log): keys eval/<split>/..., one run per (split, step)."""
+    import test_metrics
+
+    from bltjax.config import base_blt_config
+    from bltjax.inference.evaluate import EvalResult, write_to_run
+
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    config = base_blt_config()
+    config.metrics.backends = "jsonl,wandb"
+    numbers = dict(bpb=1.25, bpb_bytes=1.5, loss=0.9, nats=9.0, nats_bytes=8.0, n_targets=10, n_bytes=8)
+    result = EvalResult(source=str(tmp_path / "run" / "checkpoints" / "6"), step=6, data_dir="d", split="validation",
+                        model_type="blt", patching=None, n_patches=3, mean_patch_size=3.3, n_windows=1, n_shards=1,
+                        steps=1, batch_size=8, seq_len=16, max_patches=8, devices=1, seconds=0.5,
+                        **numbers)  # fmt: skip
+    write_to_run(result, tmp_path / "run", config, {"threshold": 1.5})
+    group = wandb_tracker.run_id(tmp_path / "run")
+    history, _ = test_metrics._wandb_run(tmp_path, f"{group}-eval-validation-threshold1.5-step6")
+    assert history[6]["eval/validation-threshold1.5/bpb"] == 1.25
+    assert history[6]["eval/validation-threshold1.5/mean_patch_size"] == 3.3
+    (record,) = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert record["split"] == "eval/validation-threshold1.5" and record["step"] == 6 and record["bpb"] == 1.25

@@ -454,7 +454,7 @@ def test_cli_rejects_bad_input(fixture_b, tmp_path):
         generate_cli.generate_from_folder(workdir=tmp_path / "blt", prompts=["ok"], entropy_model=tmp_path / "missing")
     # As a program: the message on stderr and exit status 1.
     proc = subprocess.run(
-        [sys.executable, "-m", "bltjax.generate", "--workdir", str(tmp_path), "--prompt", "", "--max-bytes", "4"],
+        [sys.executable, "-m", "bltjax.generate", "--model", str(tmp_path), "--prompt", "", "--max-bytes", "4"],
         capture_output=True, text=True, timeout=120, cwd=REPO,
         env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1"),
     )  # fmt: skip

@@ -746,7 +746,7 @@ def test_calibration_command_line(tmp_path):
             str(tmp_path / "many.npy"),
             "--target-patch-size",
             "4.5",
-            "--json",
+            "--out",
             str(out_json),
         ],
         cwd=REPO_ROOT,

@@ -190,7 +190,7 @@ def test_a_shorter_rerun_removes_shards_the_manifest_no_longer_lists(tmp_path):
 @pytest.mark.slow
 def test_cli_on_the_bundled_corpus(tmp_path):
     out = tmp_path / "bundled"
-    command = [sys.executable, "-m", "bltjax.prepare", "--input", str(CORPUS_DIR), "--output", str(out)]
+    command = [sys.executable, "-m", "bltjax.prepare", "--input", str(CORPUS_DIR), "--out", str(out)]
     run = subprocess.run([*command, "--shard-bytes", "1MiB"], cwd=REPO_ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert "skipped    nothing" in run.stdout
@@ -268,8 +268,8 @@ def test_missing_path_fails_before_anything_is_written(tmp_path, capsys):
         prep.prepare([good_file(tmp_path), missing], out, progress=False)
     assert not out.exists()
 
-    assert program.main(["--input", str(missing), "--output", str(out)]) == 2
-    assert f"prepare: error: --input: path does not exist: {missing}" in capsys.readouterr().err
+    assert program.main(["--input", str(missing), "--out", str(out)]) == 2
+    assert f"error: --input: path does not exist: {missing}" in capsys.readouterr().err
     assert not out.exists()
 
 

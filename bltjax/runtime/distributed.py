@@ -331,23 +331,25 @@ def primary_console(stream: TextIO | None = None) -> TextIO:
 # --- command line ---------------------------------------------------------------------------
 
 
-def define_flags() -> None:
-    """absl flags --coordinator / --num_processes / --process_id.
+def define_flags(flag_values=None) -> None:
+    """absl flags --coordinator / --num_processes / --process_id (into ``flag_values``, default absl's FLAGS).
 
-    Dashed spellings are accepted through `bltjax.runtime.cli.normalise_argv`.
+    Dashed spellings are accepted through `bltjax.runtime.cli`.
     """
     from absl import flags
 
-    if "coordinator" in flags.FLAGS:
+    flag_values = flags.FLAGS if flag_values is None else flag_values
+    if "coordinator" in flag_values:
         return
-    flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0 of a multi-process run.")
-    flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
-    flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+    flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0 of a multi-process run.", flag_values=flag_values)
+    flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.", flag_values=flag_values)
+    flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).", flag_values=flag_values)
 
 
-def initialize_from_flags() -> Topology:
+def initialize_from_flags(flag_values=None) -> Topology:
     """`initialize` with the values of `define_flags`' flags (unset flags defer to the environment)."""
     from absl import flags
 
-    values = [flags.FLAGS[name].value for name in FLAG_NAMES]
+    flag_values = flags.FLAGS if flag_values is None else flag_values
+    values = [flag_values[name].value for name in FLAG_NAMES]
     return initialize(*values)

@@ -1,63 +1,83 @@
-"""Command line of `bltjax.sweep`: plan, run, report (see the package docstring)."""
+"""Command line of `bltjax.sweep`: plan, run, report (see the package docstring).
+
+    python -m bltjax.sweep plan --out SWEEP [--sweep FILE.py[:variant]] [--modes entropy space] [--patch-sizes 4 6 8]
+    python -m bltjax.sweep run SWEEP [--only NAME ...] [--stages-only] [--keep-going]
+    python -m bltjax.sweep run SWEEP --print-commands [--launcher xpk] [-- LAUNCHER FLAGS]
+    python -m bltjax.sweep report SWEEP
+
+One absl program whose first positional argument is the sub-command (the flags of every
+sub-command are defined, and a flag given to a sub-command it does not belong to is refused);
+flag spellings as everywhere (`bltjax.runtime.cli`). Exit status 1 for a plan, stage or launcher
+error, 2 for a bad command line.
+"""
 
 from __future__ import annotations
 
-import argparse
-import pathlib
 import sys
 from collections.abc import Sequence
 
+from absl import flags
+
 from bltjax.config import ConfigError
+from bltjax.runtime import cli
+from bltjax.runtime.paths import resolve
+from bltjax.sweep.launchers import LauncherError
+from bltjax.sweep.plan import PlanError
+from bltjax.sweep.stages import StageError
+
+# Which flags each sub-command reads: the others are refused for it.
+COMMAND_FLAGS = {
+    "plan": ("out", "sweep", "base", "baseline", "modes", "patch_sizes", "budget_flops_per_byte",
+             "budget_train_flops", "force"),
+    "run": ("only", "stages_only", "keep_going", "print_commands", "launcher"),
+    "report": (),
+}  # fmt: skip
+USAGE = "expected a sub-command: plan --out SWEEP ..., run SWEEP ... or report SWEEP"
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bltjax.sweep", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    plan = commands.add_parser("plan", help="derive one config per patching mode and patch size at a fixed budget")
-    plan.add_argument("--out", required=True, help="the sweep folder (plan.json, plan.md, jobs/, later runs/)")
-    plan.add_argument("--sweep", default=None, help="sweep file path.py[:variant] with get_sweep() (defaults below)")
-    plan.add_argument("--base", default=None, help="BLT experiment path.py[:variant] whose latent model is scaled")
-    plan.add_argument("--baseline", default=None, help="byte-LM experiment for the byte baseline; 'none' for none")
-    plan.add_argument("--modes", nargs="+", default=None, help="patching modes: entropy space static")
-    plan.add_argument("--patch-sizes", nargs="+", type=float, default=None, help="target mean patch sizes")
-    plan.add_argument("--budget-flops-per-byte", type=float, default=None, help="inference budget, forward FLOPs/byte")
-    plan.add_argument("--budget-train-flops", type=float, default=None, help="training FLOPs of each run")
-    plan.add_argument("--force", action="store_true", help="replace a different plan in --out")
-
-    run = commands.add_parser("run", help="run the plan's jobs here one after another (resumable), or print commands")
-    run.add_argument("sweep_dir")
-    run.add_argument("--only", nargs="+", default=None, help="job names to run (default: all)")
-    run.add_argument("--stages-only", action="store_true", help="only the shared stages (data, entropy model)")
-    run.add_argument("--keep-going", action="store_true", help="go on with the next job when one fails")
-    run.add_argument("--print-commands", action="store_true", help="print launch commands instead of running")
-    run.add_argument("--launcher", default="local", help="local, tpu_vm, xpk or slurm (with --print-commands)")
-
-    report = commands.add_parser("report", help="gather results into report.md / .csv / .json and two PNG plots")
-    report.add_argument("sweep_dir")
-    return parser
+def define_flags(values: flags.FlagValues) -> None:
+    """The flags of every sub-command (see `COMMAND_FLAGS`)."""
+    string, multi = flags.DEFINE_string, flags.DEFINE_multi_string
+    string("out", None, "plan: the sweep folder (plan.json, plan.md, jobs/, later runs/).", flag_values=values)
+    string("sweep", None, "plan: sweep file path.py[:variant] with get_sweep() (default: the built-in sweep).",
+           flag_values=values)  # fmt: skip
+    string("base", None, "plan: BLT experiment path.py[:variant] whose latent model is scaled.", flag_values=values)
+    string("baseline", None, "plan: byte-LM experiment for the byte baseline; 'none' for none.", flag_values=values)
+    multi("modes", None, "plan: patching modes (entropy space static); several may follow one --modes.",
+          flag_values=values)  # fmt: skip
+    flags.DEFINE_multi_float("patch_sizes", None, "plan: target mean patch sizes; several may follow one flag.",
+                             flag_values=values)  # fmt: skip
+    flags.DEFINE_float("budget_flops_per_byte", None, "plan: inference budget, forward FLOPs/byte.", flag_values=values)
+    flags.DEFINE_float("budget_train_flops", None, "plan: training FLOPs of each run.", flag_values=values)
+    flags.DEFINE_bool("force", False, "plan: replace a different plan in --out.", flag_values=values)
+    multi("only", None, "run: job names to run (default: all); several may follow one --only.", flag_values=values)
+    flags.DEFINE_bool("stages_only", False, "run: only the shared stages (data, entropy model).", flag_values=values)
+    flags.DEFINE_bool("keep_going", False, "run: go on with the next job when one fails.", flag_values=values)
+    flags.DEFINE_bool("print_commands", False, "run: print launch commands instead of running.", flag_values=values)
+    string("launcher", "local", "run: local, tpu_vm, xpk or slurm (with --print-commands).", flag_values=values)
 
 
-def _plan(args: argparse.Namespace) -> int:
+def _plan(values: flags.FlagValues) -> int:
     from bltjax.sweep import plan as planning
     from bltjax.sweep import spec
 
-    sweep = spec.load_sweep(args.sweep)
+    cli.require(values, "out")
+    sweep = spec.load_sweep(values.sweep)
     overrides = {
-        "base": args.base,
-        "baseline": "" if args.baseline == "none" else args.baseline,
-        "modes": args.modes,
-        "patch_sizes": args.patch_sizes,
-        "budget_flops_per_byte": args.budget_flops_per_byte,
-        "budget_train_flops": args.budget_train_flops,
+        "base": values.base,
+        "baseline": "" if values.baseline == "none" else values.baseline,
+        "modes": values.modes,
+        "patch_sizes": values.patch_sizes,
+        "budget_flops_per_byte": values.budget_flops_per_byte,
+        "budget_train_flops": values.budget_train_flops,
     }
     with sweep.ignore_type():
         for key, value in overrides.items():
             if value is not None:
                 sweep[key] = value
-    out = pathlib.Path(args.out)
-    plan = planning.make_plan(sweep, out.absolute())
-    path = planning.write_plan(plan, out, force=args.force)
+    out = resolve(values.out)
+    plan = planning.make_plan(sweep, out)
+    path = planning.write_plan(plan, out, force=values.force)
     print(planning.format_plan(plan))
     print(
         f"\nwrote {path}, {out / planning.PLAN_TABLE} and {len(plan['jobs'])} job file(s) in {out / planning.JOBS_DIR}"
@@ -66,49 +86,66 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(args: argparse.Namespace, launcher_args: Sequence[str]) -> int:
+def _run(values: flags.FlagValues, sweep_dir: str, launcher_args: Sequence[str]) -> int:
     from bltjax.sweep import runner
 
-    if args.print_commands:
-        lines = runner.launch_commands(
-            args.sweep_dir, only=args.only, launcher=args.launcher, launcher_args=launcher_args
-        )
+    if values.print_commands:
+        only, launcher = values.only, values.launcher
+        lines = runner.launch_commands(sweep_dir, only=only, launcher=launcher, launcher_args=launcher_args)
         print("\n".join(lines))
         return 0
-    if launcher_args or args.launcher != "local":
+    if launcher_args or values.launcher != "local":
         raise ConfigError("--launcher and arguments after -- only apply with --print-commands")
-    return runner.run_sweep(args.sweep_dir, only=args.only, stages_only=args.stages_only, keep_going=args.keep_going)
+    return runner.run_sweep(sweep_dir, only=values.only, stages_only=values.stages_only, keep_going=values.keep_going)
 
 
-def _report(args: argparse.Namespace) -> int:
+def _report(sweep_dir: str) -> int:
     from bltjax.sweep import report
 
-    files = report.write_report(args.sweep_dir)
+    files = report.write_report(sweep_dir)
     print(files["table"].read_text(), end="")
     print("\nwrote " + ", ".join(str(path) for path in files.values()))
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    launcher_args: list[str] = []
-    if "--" in argv:
-        split = argv.index("--")
-        argv, launcher_args = argv[:split], argv[split + 1 :]
-    args = _parser().parse_args(argv)
-    from bltjax.sweep.launchers import LauncherError
-    from bltjax.sweep.plan import PlanError
-    from bltjax.sweep.stages import StageError
+def _main(command_line: cli.CommandLine) -> int:
+    values, args = command_line.flags, command_line.args
+    if not args or args[0] not in COMMAND_FLAGS:
+        raise cli.CommandLineError(f"{USAGE}; got {args[0]!r}" if args else USAGE)
+    command, operands = args[0], args[1:]
+    for name in (n for names in COMMAND_FLAGS.values() for n in names):
+        if values[name].present and name not in COMMAND_FLAGS[command]:
+            owner = next(c for c, names in COMMAND_FLAGS.items() if name in names)
+            raise cli.CommandLineError(f"--{name} is a flag of 'sweep {owner}', not of 'sweep {command}'")
+    if command_line.after_dashes and command != "run":
+        raise cli.CommandLineError(f"'sweep {command}' takes no arguments after --")
+    if command == "plan":
+        if operands:
+            raise cli.CommandLineError(f"'sweep plan' takes flags only (the folder is --out), got {operands[0]!r}")
+        return _plan(values)
+    if len(operands) != 1:
+        raise cli.CommandLineError(f"'sweep {command}' takes one sweep folder, got {len(operands)}: {operands}")
+    sweep_dir = resolve(operands[0])
+    if command == "run":
+        return _run(values, sweep_dir, command_line.after_dashes)
+    return _report(sweep_dir)
 
-    try:
-        if args.command == "plan":
-            return _plan(args)
-        if args.command == "run":
-            return _run(args, launcher_args)
-        return _report(args)
-    except (ConfigError, PlanError, StageError, LauncherError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+
+PROGRAM = cli.Program(
+    "python -m bltjax.sweep",
+    define_flags,
+    _main,
+    doc=__doc__,
+    errors=(ConfigError, PlanError, StageError, LauncherError, FileNotFoundError),
+    multi_word=("modes", "patch_sizes", "only"),
+    positional=True,
+    passthrough=True,
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bltjax.sweep``; ``argv`` without the program name (default: the command line)."""
+    return PROGRAM.run(argv)
 
 
 if __name__ == "__main__":
