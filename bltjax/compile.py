@@ -9,7 +9,7 @@ prints its per-device memory, what is live at the memory peak (largest buffers w
 op that made them, totals per layer kind) and a roofline estimate of the step time and MFU on
 the target; nothing runs and nothing is allocated. Exit status 1 with a clear
 message when the mesh does not fit the devices or the batch, when compilation fails, or when
-the peak estimate exceeds the device's HBM times --hbm-fraction. The target table (v4-N,
+the peak estimate exceeds the device's HBM times --hbm-fraction; 2 for a bad command line. The target table (v4-N,
 v5p-N, v5e-N, v6e-N, h100-N, ... or a TPU layout such as v5p:4x4x8), the two compilers
 (--backend tpu: libtpu's, cpu: a fake CPU mesh) and what the memory numbers mean are
 described in `bltjax/runtime/aot.py`, which this command runs.
@@ -18,60 +18,69 @@ described in `bltjax/runtime/aot.py`, which this command runs.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags
 
 from bltjax.config import ConfigError, recorded_topology
-from bltjax.runtime import compile_cache
+from bltjax.runtime import cli, compile_cache
 from bltjax.runtime.aot import DEFAULT_HBM_FRACTION, CompileError, compile_for_target
-from bltjax.runtime.cli import normalise_argv
+from bltjax.runtime.paths import resolve
 from bltjax.training import sharding
 
 
-def define_flags() -> None:
-    """Command-line flags, defined only when this module is the program."""
-    config_flags.DEFINE_config_file("config", None, "Experiment config file (path.py[:variant]).")
-    flags.DEFINE_string("topology", None, "Target, e.g. v5p-128 or v5p:4x4x8 (default: the config's topology).")
-    flags.DEFINE_integer("devices", None, "Instead of --topology: a device count (fake CPU mesh).")
-    flags.DEFINE_integer("num_slices", 1, "Slices of the TPU topology (multi-slice).")
-    flags.DEFINE_float("hbm_gib", None, "Memory per device in GiB (default: the target's nominal HBM).")
-    flags.DEFINE_float("hbm_fraction", DEFAULT_HBM_FRACTION, "Fraction of the memory the step may use.")
-    flags.DEFINE_enum("backend", "auto", ["auto", "tpu", "cpu"], "tpu: libtpu's compiler; cpu: fake CPU devices.")
-    flags.DEFINE_string("out", None, "Also write the report as JSON here.")
+def define_flags(values: flags.FlagValues) -> None:
+    """Command-line flags (see `bltjax.runtime.cli` for the conventions every program shares)."""
+    cli.define_config_file("config", "Experiment config file (path.py[:variant]).", values)
+    flags.DEFINE_string("topology", None, "Target, e.g. v5p-128 or v5p:4x4x8 (default: the config's topology).",
+                        flag_values=values)  # fmt: skip
+    flags.DEFINE_integer("devices", None, "Instead of --topology: a device count (fake CPU mesh).", flag_values=values)
+    flags.DEFINE_integer("num_slices", 1, "Slices of the TPU topology (multi-slice).", flag_values=values)
+    flags.DEFINE_float("hbm_gib", None, "Memory per device in GiB (default: the target's nominal HBM).",
+                       flag_values=values)  # fmt: skip
+    flags.DEFINE_float("hbm_fraction", DEFAULT_HBM_FRACTION, "Fraction of the memory the step may use.",
+                       flag_values=values)  # fmt: skip
+    flags.DEFINE_enum("backend", "auto", ["auto", "tpu", "cpu"], "tpu: libtpu's compiler; cpu: fake CPU devices.",
+                      flag_values=values)  # fmt: skip
+    flags.DEFINE_string("out", None, "Also write the report as JSON here.", flag_values=values)
     flags.DEFINE_bool(
-        "explain", True, "List what is live at the memory peak (compiles afresh); --noexplain: a cache lookup."
+        "explain",
+        True,
+        "List what is live at the memory peak (compiles afresh); --noexplain: a cache lookup.",
+        flag_values=values,
     )
 
 
-def main(argv: list[str]) -> None:
-    del argv
-    FLAGS = flags.FLAGS
-    if FLAGS.config is None:
-        raise app.UsageError("--config is required")
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+def _main(command_line: cli.CommandLine) -> int:
+    values = command_line.flags
+    cli.require(values, "config")
     compile_cache.enable()  # a rerun of the same check is a cache lookup
-    topology = FLAGS.topology
-    if topology is None and FLAGS.devices is None:
-        topology = recorded_topology(FLAGS.config)  # a pod variant (blt_1b.py:v5p-128) names its slice
-    try:
-        compile_for_target(
-            FLAGS.config,
-            topology=topology,
-            devices=FLAGS.devices,
-            num_slices=FLAGS.num_slices,
-            hbm_gib=FLAGS.hbm_gib,
-            hbm_fraction=FLAGS.hbm_fraction,
-            backend=FLAGS.backend,
-            out=FLAGS.out,
-            explain=FLAGS.explain,
-        )
-    except (CompileError, ConfigError, sharding.MeshError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    topology = values.topology
+    if topology is None and values.devices is None:
+        topology = recorded_topology(values.config)  # a pod variant (blt_1b.py:v5p-128) names its slice
+    compile_for_target(
+        values.config,
+        topology=topology,
+        devices=values.devices,
+        num_slices=values.num_slices,
+        hbm_gib=values.hbm_gib,
+        hbm_fraction=values.hbm_fraction,
+        backend=values.backend,
+        out=resolve(values.out) if values.out else None,
+        explain=values.explain,
+    )
+    return 0
+
+
+PROGRAM = cli.Program(
+    "python -m bltjax.compile", define_flags, _main, doc=__doc__, errors=(CompileError, ConfigError, sharding.MeshError)
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bltjax.compile``; ``argv`` without the program name (default: the command line)."""
+    return PROGRAM.run(argv)
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main, argv=normalise_argv(sys.argv))
+    sys.exit(main())
