@@ -1,6 +1,6 @@
 """Raw text -> byte shards, the first step of ``raw text -> shards -> sidecars -> batches``.
 
-  python -m bltjax.prepare --input corpus/ more.jsonl.gz --output DATA [--val-fraction 0.01] [--seed 0]
+  python -m bltjax.prepare --input corpus/ more.jsonl.gz --out DATA [--val-fraction 0.01] [--seed 0]
 
 Writes the shard format of ``docs/data.md`` (the contract with ``entropy`` and ``pipeline``):
 ``{split}-{index:05d}.tokens`` (little-endian uint16 ids, every document ``BOS + (bytes + 4) +
@@ -475,7 +475,7 @@ def prepare(
     files = expand_inputs(inputs, include)
     out = paths.resolve(output)
     if out.exists() and not out.is_dir():
-        raise PrepareError(f"--output: {out} exists and is not a folder")
+        raise PrepareError(f"--out: {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)  # in a bucket: a no-op, a folder exists once it holds an object
     for leftover in out.iterdir() if out.is_dir() else ():
         if _TEMP_FILE.match(leftover.name):
