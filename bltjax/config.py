@@ -14,6 +14,7 @@ import pathlib
 from typing import Any
 
 import ml_collections
+from ml_collections import config_dict
 
 from bltjax.models.configs import (
     ATTENTION_IMPLEMENTATIONS,
@@ -27,6 +28,7 @@ from bltjax.models.configs import (
     TransformerConfig,
 )
 from bltjax.patching.rule import PatchingError, PatchingRule
+from bltjax.runtime import observability
 
 MODEL_TYPES = ("blt", "byte_lm")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -118,8 +120,10 @@ def _common() -> ml_collections.ConfigDict:
             keep_every=0,  # also keep every step divisible by this; 0 = none
             async_checkpoint=True,
             data_threads=0,  # grain read threads; 0 is fastest on small hosts
+            profile_steps=config_dict.placeholder(tuple),  # (first_step, count): a trace in WORKDIR/profile
         )
     )
+    config.metrics = observability.metrics_defaults()  # where metrics go: TensorBoard, JSONL, W&B
     return config
 
 
@@ -524,6 +528,10 @@ def _validate_training(config: ml_collections.ConfigDict) -> None:
         _require(isinstance(value, int) and value >= 0, f"{w}.{name}", "an integer >= 0", value)
     _require(_positive_int(train.eval_batches), f"{w}.eval_batches", "a positive integer", train.eval_batches)
     _require(_positive_int(train.keep), f"{w}.keep", "a positive integer", train.keep)
+    try:
+        observability.check(config)
+    except observability.ObservabilityError as error:
+        raise ConfigError(str(error)) from error
     _require(config.data.verify in ("eager", "lazy", "size"), "config.data.verify", "eager, lazy or size",
              config.data.verify)  # fmt: skip
 

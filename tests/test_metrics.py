@@ -8,6 +8,8 @@ from __future__ import annotations
 import io
 import json
 import math
+import struct
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -173,7 +175,7 @@ def test_truncate_drops_a_torn_line_and_appends_cleanly(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
-def test_hparams_go_to_tensorboard_flattened(tmp_path):
+def test_config_goes_to_every_backend(tmp_path):
     config = {"model": {"stack": {"n_layers": 2, "window": None}, "dtype": "bfloat16"}, "train": {"lr": 3e-4}}
     with metrics.MetricsWriter(tmp_path, console=None) as writer:
         writer.write_hparams(config)
@@ -186,7 +188,42 @@ def test_hparams_go_to_tensorboard_flattened(tmp_path):
     assert hparams["model.stack.window"].string_value == "null"
     assert hparams["model.dtype"].string_value == "bfloat16"
     assert hparams["train.lr"].number_value == pytest.approx(3e-4)
-    assert [r["step"] for r in metrics.read_jsonl(tmp_path / "metrics.jsonl")] == [1]  # the JSONL holds metrics only
+    text = accumulator.Tensors("config/text_summary")[0]  # the Text tab: the whole config as JSON
+    assert text.step == 0
+    shown = text.tensor_proto.string_val[0].decode()
+    assert json.loads("\n".join(line.removeprefix("    ") for line in shown.splitlines())) == config
+    records = metrics.read_jsonl(tmp_path / "metrics.jsonl")
+    assert [(r["step"], r["split"]) for r in records] == [(0, "config"), (1, "train")]
+    assert records[0]["config"] == config
+
+
+def test_a_relaunch_records_its_config_at_the_step_it_starts_from(tmp_path):
+    with metrics.MetricsWriter(tmp_path, console=None) as writer:
+        writer.write_config({"train": {"steps": 4}})
+        _write_steps(writer, [1, 2, 3])
+    with metrics.MetricsWriter(tmp_path, console=None) as writer:
+        writer.truncate_after(2)
+        writer.write_config({"train": {"steps": 8}})
+    records = metrics.read_jsonl(tmp_path / "metrics.jsonl")
+    configs = [(r["step"], r["config"]["train"]["steps"]) for r in records if r["split"] == "config"]
+    assert configs == [(0, 4), (2, 8)]
+    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2]
+
+
+def test_backends_are_chosen_by_config(tmp_path):
+    from bltjax.config import base_byte_lm_config
+
+    config = base_byte_lm_config()
+    config.metrics.backends = "jsonl"
+    with metrics.MetricsWriter.from_config(config, tmp_path, console=None) as writer:
+        writer.write_config(config.to_dict())
+        writer.write(1, dict(loss=1.0))
+    assert (tmp_path / "metrics.jsonl").is_file() and not (tmp_path / "tensorboard").exists()
+    config.metrics.backends = "tensorboard"
+    with metrics.MetricsWriter.from_config(config, tmp_path / "tb", console=None) as writer:
+        writer.write(1, dict(loss=1.0))
+    assert not (tmp_path / "tb" / "metrics.jsonl").exists()
+    assert _tensorboard_scalars(tmp_path / "tb" / "tensorboard" / "train") == {"loss": [(1, 1.0)]}
 
 
 def test_writer_is_a_clu_metric_writer(tmp_path):
@@ -212,3 +249,106 @@ def test_console_defaults_to_stdout(tmp_path, capsys):
     with metrics.MetricsWriter(tmp_path, tensorboard=False) as writer:
         writer.write(5, dict(loss=1.5))
     assert capsys.readouterr().out.startswith("step 5 | loss 1.500 | 0:00:00")
+
+
+def test_backend_names_are_validated_naming_the_field():
+    from bltjax.config import ConfigError, base_byte_lm_config, validate
+
+    config = base_byte_lm_config()
+    config.metrics.backends = "tensorboard, jsonl,wandb"
+    validate(config)  # spaces and order do not matter
+    config.metrics.backends = "tensorboard,mlflow"
+    with pytest.raises(ConfigError, match=r"^config\.metrics\.backends: expected names from .*'wandb'.*mlflow"):
+        validate(config)
+
+
+def test_wandb_requested_but_not_installed_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb now raises ImportError
+    with pytest.raises(ImportError, match=r"config\.metrics\.backends: 'wandb' needs .*pip install 'bltjax\[track\]'"):
+        metrics.MetricsWriter(tmp_path, console=None, backends=("jsonl", "wandb"))
+
+
+# --- Weights & Biases, offline: its transaction log read back with its own protobufs -------------------------
+
+WANDB_BLOCK, WANDB_HEADER = 32768, 7  # the LevelDB-style log format of wandb's run-<id>.wandb file
+
+
+def _wandb_records(path) -> list:
+    """Every record of an offline run's ``.wandb`` file (wandb ships no Python reader for it any more)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    records, position, pending = [], WANDB_HEADER, b""
+    while position + WANDB_HEADER <= len(data):
+        left = WANDB_BLOCK - position % WANDB_BLOCK
+        if left < WANDB_HEADER:  # a block's tail too short for a header is padding
+            position += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position : position + WANDB_HEADER])
+        if length == 0 and kind == 0:
+            position += left
+            continue
+        pending += data[position + WANDB_HEADER : position + WANDB_HEADER + length]
+        position += WANDB_HEADER + length
+        if kind in (1, 4):  # a FULL record, or the LAST chunk of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+def _wandb_key(item) -> str:
+    return item.key or "/".join(item.nested_key)
+
+
+def _wandb_run(wandb_dir, run_id):
+    """(history rows, config) of one offline run: {step: {key: value}}, {key: value}."""
+    (path,) = wandb_dir.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb")
+    history, config = {}, {}
+    for record in _wandb_records(path):
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            row = {_wandb_key(item): json.loads(item.value_json) for item in record.history.item}
+            history[row.pop("_step")] = {k: v for k, v in row.items() if not k.startswith("_")}
+        elif kind == "config":
+            config.update({_wandb_key(item): json.loads(item.value_json) for item in record.config.update})
+    return history, config
+
+
+@pytest.fixture
+def wandb_offline(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    wandb_dir = tmp_path / "wandb_files"
+    wandb_dir.mkdir()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(wandb_dir))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    return wandb_dir
+
+
+def test_wandb_run_holds_the_scalars_and_config_and_a_relaunch_resumes_it(tmp_path, wandb_offline):
+    workdir = tmp_path / "run"
+    config = {"model": {"dim": 8}, "train": {"steps": 4}}
+    options = dict(project="bltjax-test", name="tiny")
+    with metrics.MetricsWriter(workdir, console=None, backends=("jsonl", "wandb"), wandb=options) as writer:
+        writer.write_config(config)
+        _write_steps(writer, [1, 2])
+        writer.write(2, dict(bpb=0.7), split="validation")
+    run_id = (workdir / "wandb_run_id").read_text().strip()
+    history, logged_config = _wandb_run(wandb_offline, run_id)
+    train_rows = {1: {"train/loss": 1.0, "train/bpb": 0.5}, 2: {"train/loss": 2.0, "train/bpb": 1.0}}
+    for row in train_rows.values():
+        row["train/bytes_per_sec"] = 1e4
+    train_rows[2]["validation/bpb"] = 0.7  # keys are {split}/{name}; one row per step
+    assert history == train_rows
+    assert logged_config["model"] == {"dim": 8} and logged_config["train"] == {"steps": 4}
+    assert [r["split"] for r in metrics.read_jsonl(workdir / "metrics.jsonl")] == ["config", "train", "train",
+                                                                                   "validation"]  # fmt: skip
+
+    with metrics.MetricsWriter(workdir, console=None, backends=("wandb",), wandb=options) as writer:  # relaunch
+        writer.write(3, dict(loss=3.0))
+    assert (workdir / "wandb_run_id").read_text().strip() == run_id
+    runs = sorted(wandb_offline.glob("wandb/offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)  # the same W&B run, resumed

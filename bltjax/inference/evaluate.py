@@ -57,9 +57,10 @@ from bltjax.inference.restore import InferenceModel, load_for_inference
 from bltjax.patching import PatchingRule
 from bltjax.runtime import distributed, paths
 from bltjax.runtime.atomic import write_atomic
+from bltjax.runtime.progress import progress_bar
 from bltjax.tokenizer import BOE_ID
 from bltjax.training import sharding
-from bltjax.training.metrics import bits_per_byte
+from bltjax.training.metrics import MetricsWriter, bits_per_byte
 from bltjax.training.step import batch_fields, jit_eval_step, make_eval_step
 
 EVAL_DIR = "eval"
@@ -221,8 +222,11 @@ def evaluate(
     patching_overrides: Mapping[str, Any] | None = None,
     sidecar_tag: str | None = None,
     verify: str = "eager",
+    progress: bool = True,
 ) -> EvalResult:
     """Bits-per-byte over every target of `split` (see the module docstring for the conventions).
+
+    ``progress``: a line on stderr (process 0 only) with the targets done, their rate and an ETA.
 
     Raises ConfigError for bad patching overrides and pipeline.DataError for a missing or
     inconsistent data folder, split or sidecar, each naming the field or file.
@@ -273,8 +277,11 @@ def evaluate(
         for key, value in jax.device_get(stats).items():
             totals[key] += float(value) if key.startswith("nats") else int(value)
 
+    total_targets = sum(max(shard.n_tokens - 1, 0) for shard in shards)  # every token but a shard's first
+    bar = progress_bar(f"eval {split}", total=total_targets, unit=" targets", enabled=progress)
     for group in _batches(shards, seq_len, rows):
         element, real = _stack(group, rows)
+        bar.update(int(real.sum()))
         batch = builder(element)
         batch["loss_mask"] &= (real > 0)[:, None]  # filler rows count nothing
         if mode is not None:
@@ -290,6 +297,7 @@ def evaluate(
             consume(pending.pop(0))
     for stats in pending:
         consume(stats)
+    bar.close()
     if n_windows == 0:
         raise pipeline.DataError(f"{data_dir}: split {split!r} holds no token to predict")
 
@@ -365,8 +373,7 @@ def default_output_path(
         name += f"-step{inference_model.step}"
     else:
         root = source
-    for key, value in sorted((patching_overrides or {}).items()):
-        name += f"-{key}{_format_value(value)}"
+    name += split_label("", patching_overrides)
     return root / EVAL_DIR / f"{name}.json"
 
 
@@ -417,4 +424,36 @@ def evaluate_and_write(
         sidecar_tag=sidecar_tag,
     )
     path = write_result(result, out or default_output_path(inference_model, split, patching_overrides))
+    if inference_model.step is not None:  # a training run's checkpoint: its workdir has writers
+        run_root = paths.resolve(inference_model.source).parent.parent  # WORKDIR/checkpoints/<step>
+        write_to_run(result, run_root, inference_model.config, patching_overrides)
     return result, path
+
+
+RUN_METRICS = ("bpb", "bpb_bytes", "loss", "n_targets", "n_bytes", "mean_patch_size", "seconds")
+
+
+def write_to_run(
+    result: EvalResult,
+    workdir: str | os.PathLike,
+    config: ml_collections.ConfigDict,
+    patching_overrides: Mapping[str, Any] | None = None,
+) -> None:
+    """The numbers into the training run's own writers (``config.metrics.backends``), at the checkpoint's step.
+
+    Split ``eval/<split>[-<override>...]``: a JSONL line, TensorBoard scalars under
+    ``tensorboard/eval/<split>/`` (tag ``bpb`` etc., next to the training curves), and with wandb
+    an eval run in the training run's group (keys ``eval/<split>/bpb``).
+    """
+    label = split_label(result.split, patching_overrides)
+    values = {key: getattr(result, key) for key in RUN_METRICS if getattr(result, key) is not None}
+    suffix = f"eval-{label}-step{result.step}"
+    with MetricsWriter.from_config(
+        config, workdir, process_index=jax.process_index(), console=None, job_type="eval", run_suffix=suffix
+    ) as writer:
+        writer.write(int(result.step), values, split=f"{EVAL_DIR}/{label}")
+
+
+def split_label(split: str, patching_overrides: Mapping[str, Any] | None = None) -> str:
+    """``validation``, or ``validation-threshold1.3`` with patching overrides (as in the JSON file's name)."""
+    return split + "".join(f"-{key}{_format_value(value)}" for key, value in sorted((patching_overrides or {}).items()))

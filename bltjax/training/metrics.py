@@ -11,16 +11,25 @@ batches, hosts and evaluation shards combine exactly. Two counts are kept (docs/
 Use::
 
     summary = summarize_nll(token_nll(logits, targets), targets, loss_mask)   # inside jit
-    with MetricsWriter(workdir, total_steps=steps) as writer:
-        writer.write_hparams(config.to_dict())
+    with MetricsWriter.from_config(config, workdir, total_steps=steps) as writer:
+        writer.write_config(config.to_dict(), step=0)      # every backend, once per launch
         writer.write(step, loss_metrics(summary))          # split="validation" for evaluations
     records = read_jsonl(workdir / METRICS_FILE)
 
-`MetricsWriter` is a clu ``MetricWriter`` that sends each record, only on process 0, to an
-append-only ``metrics.jsonl`` (the durable record, one line per step and split: read it with
-`read_jsonl`), TensorBoard event files under ``tensorboard/{split}/`` and a compact progress
-line on the console. Known keys of the progress line: loss, bpb, bytes_per_sec,
-patches_per_sec, mean_patch_size, mfu (a fraction), learning_rate; any missing one is left out.
+`MetricsWriter` is a clu ``MetricWriter`` that sends each record, only on process 0, to the
+backends of ``config.metrics.backends`` and a compact progress line on the console:
+
+* ``jsonl``: an append-only ``metrics.jsonl``, the durable record (one line per step and split,
+  plus a ``"split": "config"`` line per launch holding the config): read it with `read_jsonl`.
+* ``tensorboard``: event files under ``tensorboard/{split}/``; the config as text and as the
+  HParams tab's session (nested keys flattened).
+* ``wandb``: one Weights & Biases run per workdir (`bltjax.training.wandb_tracker`), keys
+  ``{split}/{name}``, the config as the run's config.
+
+Known keys of the progress line: loss, bpb, bytes_per_sec, patches_per_sec, mean_patch_size,
+mfu (a fraction), learning_rate; any missing one is left out. Paths go through
+`bltjax.runtime.paths`, so a ``gs://`` workdir works (object stores cannot append: there the JSONL
+object is rewritten whole, atomically, per record).
 """
 
 from __future__ import annotations
@@ -30,22 +39,24 @@ import importlib.util
 import json
 import math
 import os
-import pathlib
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import IO, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bltjax.runtime import observability, paths
 from bltjax.runtime.atomic import write_atomic
 from bltjax.tokenizer import OFFSET
 
 LN2 = math.log(2.0)
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+CONFIG_SPLIT = "config"  # the JSONL line of a launch's config
+DEFAULT_BACKENDS = ("tensorboard", "jsonl")
 
 
 # --- loss and bits per byte (pure, jit-friendly) -----------------------------------------------
@@ -243,7 +254,10 @@ class _ScalarWriter(MetricWriter):
         self._unsupported("histograms")
 
     def write_hparams(self, hparams: Mapping[str, Any]):
-        """Ignored: only TensorBoard has a place for them (the config is also saved with every checkpoint)."""
+        """Ignored unless the backend has a place for them (the config is also saved with every checkpoint)."""
+
+    def write_config(self, step: int, config: Mapping[str, Any]) -> None:
+        """The launch's whole config, in the backend's own form; ignored where there is none (the console)."""
 
     def flush(self):
         pass
@@ -260,16 +274,27 @@ class JsonlLog:
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
-        self.path = pathlib.Path(path)
+        self.path = paths.resolve(path)
+        self.remote = paths.is_uri(path)
         self._file: IO[str] | None = None
+        self._text: str | None = None  # an object store's current object (it cannot be appended to)
 
     def append(self, record: Mapping[str, Any]) -> None:
+        line = json.dumps(record) + "\n"
+        if self.remote:
+            if self._text is None:
+                self._text = self.path.read_text(encoding="utf-8") if self.path.exists() else ""
+                if self._text and not self._text.endswith("\n"):
+                    self._text += "\n"
+            self._text += line
+            write_atomic(self.path, self._text.encode("utf-8"))
+            return
         if self._file is None:
-            torn = self.path.exists() and self.path.stat().st_size > 0 and not _ends_with_newline(self.path)
+            torn = self.path.exists() and os.path.getsize(self.path) > 0 and not _ends_with_newline(self.path)
             self._file = open(self.path, "a", encoding="utf-8")
             if torn:  # a crash mid-line: start a fresh line rather than glue the next record to it
                 self._file.write("\n")
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(line)
         self._file.flush()
 
     def truncate_after(self, step: int) -> int:
@@ -285,6 +310,7 @@ class JsonlLog:
         return dropped
 
     def close(self) -> None:
+        self._text = None
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -298,6 +324,10 @@ class JsonlWriter(_ScalarWriter):
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]):
         self.log.append({"step": int(step), "split": self.split, **scalars, "time": time.time()})
+
+    def write_config(self, step: int, config: Mapping[str, Any]) -> None:
+        """A ``{"step", "split": "config", "config": {...}}`` line: what each launch ran with (train.* may change)."""
+        self.log.append({"step": int(step), "split": CONFIG_SPLIT, "config": config, "time": time.time()})
 
 
 class TensorboardXWriter(_ScalarWriter):
@@ -331,6 +361,18 @@ class TensorboardXWriter(_ScalarWriter):
             self._writer.file_writer.add_summary(summary)
         self._writer.flush()
 
+    def write_texts(self, step: int, texts: Mapping[str, str]):
+        for key, text in texts.items():
+            self._writer.add_text(key, text, int(step))
+        self._writer.flush()
+
+    def write_config(self, step: int, config: Mapping[str, Any]) -> None:
+        """The config as JSON in the Text tab (tag ``config``) and as the HParams tab's session."""
+        text = json.dumps(config, indent=2, sort_keys=True, default=str)
+        # Indented four spaces: TensorBoard renders text as markdown, and this keeps it a code block.
+        self.write_texts(step, {"config": "\n".join("    " + line for line in text.splitlines())})
+        self.write_hparams(config)
+
     def flush(self):
         self._writer.flush()
 
@@ -354,18 +396,20 @@ RESERVED_KEYS = ("step", "split", "time")
 
 
 class MetricsWriter(_ScalarWriter):
-    """JSONL + TensorBoard + console for one run's ``workdir``; a no-op on processes other than 0.
+    """The chosen backends + console for one run's ``workdir``; a no-op on processes other than 0.
 
-    Each split ("train", "validation") gets a clu `MultiWriter` over a `JsonlWriter`, a
-    `TensorboardXWriter` on ``tensorboard/{split}/`` and a `ConsoleWriter`; `write` fans a record
-    out to them, and `write_scalars` / `write_hparams` make the whole a clu MetricWriter of the
-    train split. No AsyncWriter: the JSONL line must be on disk before the step's checkpoint is,
-    and tensorboardX already writes events from its own thread.
+    Each split ("train", "validation", "eval/<split>") gets a clu `MultiWriter` over a
+    `JsonlWriter`, a `TensorboardXWriter` on ``tensorboard/{split}/``, a wandb view and a
+    `ConsoleWriter`, as ``backends`` asks; `write` fans a record out to them, and
+    `write_scalars` / `write_hparams` make the whole a clu MetricWriter of the train split. No
+    AsyncWriter: the JSONL line must be on disk before the step's checkpoint is, and
+    tensorboardX and wandb already write from their own threads.
 
     After a restart at step s, call `truncate_after(s)` before writing: lines of the interrupted
     run past s leave ``metrics.jsonl`` and TensorBoard hides its events from step s + 1 on
     (tensorboardX's purge_step), so each step shows once. ``console=None`` silences the progress
     line (default: the current ``sys.stdout``); its clock starts when the writer is made.
+    ``wandb`` holds the keyword arguments of `wandb_tracker.WandbRun` (project, entity, name, ...).
     """
 
     def __init__(
@@ -376,37 +420,85 @@ class MetricsWriter(_ScalarWriter):
         console: IO[str] | None | object = _STDOUT,
         total_steps: int | None = None,
         tensorboard: bool = True,
+        backends: Sequence[str] | None = None,
+        wandb: Mapping[str, Any] | None = None,
     ) -> None:
-        self.workdir = pathlib.Path(workdir)
+        self.workdir = paths.resolve(workdir)
         self.active = process_index == 0
         self.console = sys.stdout if console is _STDOUT else console  # resolved now, not at import
         self.total_steps = total_steps
-        self.tensorboard = tensorboard
+        if backends is None:
+            backends = DEFAULT_BACKENDS if tensorboard else ("jsonl",)
+        self.backends = tuple(backends)
+        unknown = sorted(set(self.backends) - set(observability.METRIC_BACKENDS))
+        if unknown:
+            raise ValueError(f"metrics backends: unknown {unknown[0]!r}; expected tensorboard, jsonl or wandb")
+        self.tensorboard = "tensorboard" in self.backends
         self.path = self.workdir / METRICS_FILE
         self._start = time.monotonic()
         self._purge_step: int | None = None
+        self._resumed_step = 0
         self._log = JsonlLog(self.path)
         self._splits: dict[str, MetricWriter] = {}
+        self._members: dict[str, list[MetricWriter]] = {}
+        self._wandb = None
+        if "wandb" in self.backends:
+            from bltjax.training import wandb_tracker  # optional extra: imported only when asked for
+
+            wandb_tracker.require_wandb()  # a missing package fails here, before any training
+            if self.active:
+                self._wandb = wandb_tracker.WandbRun(self.workdir, **dict(wandb or {}))
         if self.active:
             self.workdir.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def from_config(
+        cls,
+        config: Any,
+        workdir: str | os.PathLike,
+        *,
+        job_type: str = "train",
+        run_suffix: str = "",
+        **kwargs: Any,
+    ) -> MetricsWriter:
+        """The writer ``config.metrics`` asks for (a config without that section: TensorBoard + JSONL).
+
+        ``job_type`` / ``run_suffix`` name a W&B run beside the training run's (evaluations).
+        """
+        section = config.get("metrics") if hasattr(config, "get") else None
+        if section is None:
+            return cls(workdir, **kwargs)
+        wandb = dict(
+            project=section.get("wandb_project", ""),
+            entity=section.get("wandb_entity", ""),
+            name=section.get("wandb_name", ""),
+            job_type=job_type,
+            run_suffix=run_suffix,
+        )
+        return cls(workdir, backends=observability.parse_backends(section.backends), wandb=wandb, **kwargs)
 
     def writer(self, split: str) -> MetricWriter:
         """The clu MetricWriter of one split (made on first use, after any `truncate_after`)."""
         if split not in self._splits:
-            writers: list[MetricWriter] = [JsonlWriter(self._log, split)]
+            writers: list[MetricWriter] = []
+            if "jsonl" in self.backends:
+                writers.append(JsonlWriter(self._log, split))
             if self.tensorboard:
                 logdir = self.workdir / TENSORBOARD_DIR / split
                 writers.append(TensorboardXWriter(logdir, purge_step=self._purge_step))
+            if self._wandb is not None:
+                writers.append(self._wandb.writer(split))
             if self.console is not None:
                 prefix = "" if split == "train" else f"[{split}] "
                 writers.append(
                     ConsoleWriter(self.console, total_steps=self.total_steps, start=self._start, prefix=prefix)
                 )
+            self._members[split] = writers
             self._splits[split] = MultiWriter(writers)
         return self._splits[split]
 
     def write(self, step: int, metrics: Mapping[str, Any], *, split: str = "train") -> None:
-        """Records scalar ``metrics`` of ``step`` for ``split`` ("train" or "validation")."""
+        """Records scalar ``metrics`` of ``step`` for ``split`` ("train", "validation", "eval/<split>")."""
         if not self.active:
             return
         reserved = sorted(set(metrics) & set(RESERVED_KEYS))
@@ -418,10 +510,21 @@ class MetricsWriter(_ScalarWriter):
     def write_scalars(self, step: int, scalars: Mapping[str, Any]):
         self.write(step, scalars, split="train")
 
+    def write_config(self, config: Mapping[str, Any], *, step: int | None = None) -> None:
+        """The launch's config to every backend: a JSONL line, TensorBoard text + HParams, the wandb run config.
+
+        ``step`` defaults to the step this launch starts at (`truncate_after`'s, else 0).
+        """
+        if not self.active:
+            return
+        step = self._resumed_step if step is None else int(step)
+        self.writer("train")
+        for member in self._members["train"]:
+            member.write_config(step, config)
+
     def write_hparams(self, hparams: Mapping[str, Any]):
-        """The run's config (nested dicts are flattened) to TensorBoard's HParams tab of the train split."""
-        if self.active:
-            self.writer("train").write_hparams(hparams)
+        """clu's name for `write_config` (nested dicts are flattened for TensorBoard's HParams tab)."""
+        self.write_config(hparams)
 
     def truncate_after(self, step: int) -> int:
         """Drops JSONL records with step > ``step`` (atomic rewrite); returns how many were dropped."""
@@ -429,12 +532,15 @@ class MetricsWriter(_ScalarWriter):
             return 0
         self._close_writers()
         self._purge_step = int(step) + 1
+        self._resumed_step = int(step)
+        if "jsonl" not in self.backends:
+            return 0
         return self._log.truncate_after(int(step))
 
     def _close_writers(self) -> None:
         for writer in self._splits.values():
             writer.close()
-        self._splits = {}
+        self._splits, self._members = {}, {}
         self._log.close()
 
     def flush(self):
@@ -442,8 +548,10 @@ class MetricsWriter(_ScalarWriter):
             writer.flush()
 
     def close(self) -> None:
-        """Flushes and closes every file (TensorBoard events are complete on disk after this)."""
+        """Flushes and closes every file (TensorBoard events are complete on disk, the wandb run finished)."""
         self._close_writers()
+        if self._wandb is not None:
+            self._wandb.finish()
 
     def __enter__(self) -> MetricsWriter:
         return self
@@ -462,7 +570,7 @@ def _line_step(line: str) -> int | None:
         return None
 
 
-def _ends_with_newline(path: pathlib.Path) -> bool:
+def _ends_with_newline(path: os.PathLike) -> bool:
     with open(path, "rb") as file:
         file.seek(-1, os.SEEK_END)
         return file.read(1) == b"\n"
@@ -474,7 +582,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     This is the library's way to read a run's metrics; TensorBoard's files are for TensorBoard.
     """
     records = []
-    with open(path, encoding="utf-8") as file:
+    with paths.resolve(path).open(encoding="utf-8") as file:
         for line in file:
             if not line.strip():
                 continue

@@ -12,6 +12,8 @@ plus the grain iterator state. What lands in the workdir:
     checkpoints/<s>/   orbax steps (bltjax/checkpoints.py)
     metrics.jsonl      one line per logged step / evaluation (train and validation)
     tensorboard/       event files: tensorboard --logdir WORKDIR/tensorboard
+    profile/           with config.train.profile_steps: a jax.profiler trace (training/profiling.py)
+    wandb_run_id       with the wandb backend (config.metrics.backends): the W&B run of this workdir
     shardings.txt      where every parameter lives on the mesh
 
 Order of work, so that bad input fails before any device work: validate the config and the
@@ -50,16 +52,18 @@ from bltjax.config import ConfigError, validate
 from bltjax.data import pipeline
 from bltjax.models import flops
 from bltjax.models.factory import build_model
-from bltjax.runtime import distributed, paths, peaks
+from bltjax.runtime import distributed, observability, paths, peaks
 from bltjax.runtime.atomic import write_atomic
 from bltjax.training import sharding
 from bltjax.training.metrics import MetricsWriter, bits_per_byte
 from bltjax.training.optimizer import learning_rate_schedule, make_optimizer
+from bltjax.training.profiling import PROFILE_DIR, StepProfiler
 from bltjax.training.state import TrainState, abstract_state, create_train_state, restore_target, state_placements
 from bltjax.training.step import batch_fields, jit_eval_step, jit_train_step, make_eval_step, train_step_of_config
+from bltjax.training.wandb_tracker import require_wandb
 
 # Fields a relaunch may change: where the data lives, how the run is laid out and reported.
-RESUMABLE_CHANGES = ("data.path", "data.verify", "mesh.", "train.")
+RESUMABLE_CHANGES = ("data.path", "data.verify", "mesh.", "train.", "metrics.")
 COMPILE_BARRIER_S = 3600  # multi-process: how long the fastest process waits for the others to compile
 
 
@@ -169,6 +173,7 @@ class _Window:
     steps: int = 0
     timed_steps: int = 0
     paused: float = 0.0  # seconds spent evaluating: not training throughput
+    data_wait: float = 0.0  # seconds blocked on the input iterator, within the window's time
     sums: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def add(self, values: Mapping[str, float], timed: bool = True) -> None:
@@ -210,6 +215,8 @@ class Trainer:
         self.config = resolve_workdir_config(ml_collections.ConfigDict(config.to_dict()), self.workdir)
         validate(self.config)
         cfg = self.config
+        if cfg.get("metrics") is not None and "wandb" in observability.parse_backends(cfg.metrics.backends):
+            require_wandb()  # a missing optional package fails before the data is read
         self.model_type = cfg.model_type
         process = dict(process_index=jax.process_index(), process_count=jax.process_count())
         self.train_data = pipeline.make_dataset(
@@ -313,8 +320,8 @@ class Trainer:
             "learning_rate": s["learning_rate"] / window.steps,
             "grad_norm": s["grad_norm"] / window.steps,
             "bytes_per_sec": s["bytes"] * processes / elapsed,
-            "step_time_s": elapsed / max(window.timed_steps, 1),
         }
+        values.update(step_times(elapsed, window.data_wait, window.timed_steps))
         mean_patch = None
         if "patches" in s:
             mean_patch = s["patch_bytes"] / max(s["patch_count"], 1.0)
@@ -351,14 +358,16 @@ class Trainer:
                 raise WorkdirError(f"{self.checkpointer.directory / str(start)}: step {start} holds data step "
                                    f"{meta['data_step']} and state step {int(state.step)}")  # fmt: skip
             print(f"resumed {self.workdir} at step {start}", file=self.console, flush=True)
-        writer = MetricsWriter(
-            self.workdir, process_index=jax.process_index(), console=self.console, total_steps=cfg.train.steps
+        writer = MetricsWriter.from_config(
+            cfg, self.workdir, process_index=jax.process_index(), console=self.console, total_steps=cfg.train.steps
         )
         writer.truncate_after(start)
-        writer.write_hparams(json.loads(self.config.to_json()))  # TensorBoard's HParams tab
+        writer.write_config(json.loads(self.config.to_json()), step=start)  # every backend, once per launch
+        profiler = StepProfiler(cfg.train.get("profile_steps"), self.workdir / PROFILE_DIR, console=self.console)
         try:
-            return self._loop(state, iterator, start, writer)
-        finally:  # also on divergence or an error: finish in-flight saves, flush the logs
+            return self._loop(state, iterator, start, writer, profiler)
+        finally:  # also on divergence or an error: stop a trace, finish in-flight saves, flush the logs
+            profiler.close()
             writer.close()
             self.checkpointer.close()
 
@@ -393,7 +402,9 @@ class Trainer:
             batch = self._global(pipeline.batch_at_step(self.eval_data, 0))
             distributed.compile_then_meet("eval step", self.eval_step, state.params, batch, timeout_s=COMPILE_BARRIER_S)
 
-    def _loop(self, state: TrainState, iterator: Iterator, start: int, writer: MetricsWriter) -> TrainResult:
+    def _loop(
+        self, state: TrainState, iterator: Iterator, start: int, writer: MetricsWriter, profiler: StepProfiler
+    ) -> TrainResult:
         cfg = self.config.train
         total = cfg.steps
         self._compile_together(state, train_too=start < total)
@@ -409,7 +420,7 @@ class Trainer:
             first_of_launch = done_step == start + 1
             window.add({**fetched, **host_stats}, timed=not first_of_launch)
             if first_of_launch:
-                window.start = time.time()
+                window.start, window.data_wait = time.time(), 0.0
             if done_step % cfg.log_every == 0 or done_step == total:
                 self._log_window(writer, done_step, window, time.time())
                 window.__init__(start=time.time())
@@ -424,10 +435,15 @@ class Trainer:
                     print(f"pre-empted: saved step {step}; relaunch the same command to continue",
                           file=self.console, flush=True)  # fmt: skip
                     return TrainResult(step, True, validation_bpb, self.workdir, state)
+                waited = time.time()
                 local = next(iterator)
+                window.data_wait += time.time() - waited
                 host_stats = _host_batch_stats(local)
-                state, device_metrics = self.train_step(state, self._global(local))
+                profiler.before_step(step + 1)
+                with profiler.annotation(step + 1):
+                    state, device_metrics = self.train_step(state, self._global(local))
                 step += 1
+                profiler.after_step(step, (state, device_metrics))
                 if pending is not None:
                     consume(pending)  # the previous step's metrics: this one is still running
                 pending = (step, device_metrics, host_stats)
@@ -450,6 +466,23 @@ class Trainer:
         if validation_bpb is None and self.eval_data is not None:  # relaunched after the last step: report
             validation_bpb = self.evaluate(state.params)["bpb"]
         return TrainResult(step, False, validation_bpb, self.workdir, state)
+
+
+def step_times(elapsed: float, data_wait: float, timed_steps: int) -> dict[str, float]:
+    """Seconds per step, split into waiting for the input pipeline and the rest (compute, dispatch, saves).
+
+    Steps run asynchronously, so the loop's wall time per step is what the device and the input
+    pipeline allow together; the time blocked in ``next(iterator)`` is the input's share of it.
+    """
+    steps = max(timed_steps, 1)
+    step_s = elapsed / steps
+    wait_s = min(data_wait / steps, step_s)
+    return {
+        "time/step_s": step_s,
+        "time/data_wait_s": wait_s,
+        "time/compute_s": step_s - wait_s,
+        "time/data_wait_fraction": wait_s / step_s if step_s > 0 else 0.0,
+    }
 
 
 def train(
