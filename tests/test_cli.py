@@ -404,12 +404,16 @@ def test_sweep_flags_belong_to_their_sub_command(capsys):
 
 
 def _documented_commands() -> list[tuple[str, str, str]]:
-    """(file, program, command text) of every ``python -m bltjax.X`` in the README and docs/ (continuations joined)."""
+    """(file, program, command text) of every ``python -m bltjax.X`` in the README, docs/, the experiment files,
+    launch/ and the package's own docstrings and messages (continuation lines joined)."""
     found = []
-    for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+    launch = sorted(p for p in (REPO / "launch").iterdir() if p.is_file())
+    sources = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *EXPERIMENTS, *launch,
+               *sorted((REPO / "bltjax").rglob("*.py"))]  # fmt: skip
+    for path in sources:
         text = path.read_text().replace("\\\n", " ")
         for match in re.finditer(r"python -m bltjax\.(\w+)([^\n`#|]*)", text):
-            found.append((path.name, match.group(1), match.group(2)))
+            found.append((str(path.relative_to(REPO)), match.group(1), match.group(2)))
     return found
 
 

@@ -1,6 +1,6 @@
 """The entropy pass: next-byte entropies of every shard by an entropy model, then start bits.
 
-    python -m bltjax.entropy --data DATA --checkpoint ENTROPY_MODEL_DIR [--threshold t | --target-patch-size s]
+    python -m bltjax.entropy --data DATA --entropy-model ENTROPY_MODEL_DIR [--threshold t | --target-patch-size s]
 
     from bltjax.data import entropy
     summary = entropy.run(DATA, ENTROPY_MODEL_DIR, target_patch_size=4.5)   # what the program calls
