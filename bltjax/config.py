@@ -82,9 +82,9 @@ def _common() -> ml_collections.ConfigDict:
     # Device mesh (bltjax/training/sharding.py): -1 on one axis = all remaining devices.
     # sequence: None, or the mesh axis over which long byte rows are split along their length
     # (activation sharding, bltjax/training/sharding.py); the batch then uses the other batch axes.
-    # num_slices: TPU slices joined over the data-center network (DCN); with more than one, the
-    # mesh axis dcn_axis spans the slices (one block of it per slice, sharding.make_mesh) and the
-    # other axes stay inside a slice's ICI. The dcn_axis size must be a multiple of num_slices.
+    # num_slices: TPU slices joined over the data-center network (DCN). With more than one, the
+    # sizes above describe one slice and the axis dcn_axis is multiplied by num_slices (one block
+    # of it per slice, sharding.make_mesh); the other axes stay inside a slice's ICI.
     config.mesh = ml_collections.ConfigDict(
         dict(data=-1, fsdp=1, tensor=1, sequence=None, num_slices=1, dcn_axis="data")
     )

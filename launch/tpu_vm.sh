@@ -6,8 +6,11 @@
 #
 # What it does, in order (each step is printed before it runs; --dry-run prints them only):
 #   1. create the slice as a queued resource (skipped when it already exists) and wait until it is ACTIVE;
-#   2. copy this checkout to ~/bltjax on every worker and install it there in a virtualenv with jax[tpu]
-#      (--no-copy skips both), then mount --mount BUCKET:DIR with gcsfuse on every worker;
+#   2. copy this checkout to ~/bltjax on every worker and install it there with launch/venv.sh (a
+#      virtualenv with the tpu extra, through constraints.txt; --no-copy skips both), then mount
+#      --mount BUCKET:DIR with gcsfuse on every worker. bltjax needs Python >= 3.11 and the Ubuntu
+#      22.04 TPU images have 3.10, so where python3 is older the workers first get uv
+#      (pip install --user uv), with which venv.sh makes a Python 3.11 venv;
 #   3. start the same command on all workers (gcloud ... ssh --worker=all) with BLTJAX_DISTRIBUTED=auto,
 #      so that bltjax joins the hosts through jax's TPU detection; the output streams here and is also
 #      kept in ~/bltjax-logs/NAME.log on each worker;
@@ -137,7 +140,7 @@ install() {
     run tar czf "$tarball" --exclude=./.git --exclude=./.venv --exclude=./runs --exclude=__pycache__ \
       --exclude=./.pytest_cache .
     run gcloud compute tpus tpu-vm scp "$tarball" "$name:bltjax-code.tar.gz" "${gcloud_scope[@]}" --worker=all
-    remote 'set -e; mkdir -p ~/bltjax && tar xzf ~/bltjax-code.tar.gz -C ~/bltjax && cd ~/bltjax && python3 -m venv .venv && .venv/bin/pip install --quiet -e . "jax[tpu]"'
+    remote 'set -e; mkdir -p ~/bltjax && tar xzf ~/bltjax-code.tar.gz -C ~/bltjax && cd ~/bltjax && { python3 -c "import sys; sys.exit(sys.version_info < (3, 11))" || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet --user uv; } && bash launch/venv.sh tpu'
   fi
   if [ -n "$setup" ]; then
     remote "set -e; cd ~/bltjax && source .venv/bin/activate && $setup"

@@ -6,9 +6,13 @@
 #
 # xpk builds a container from this checkout (--script-dir .) on top of --base-docker-image, or
 # uses a ready --docker-image, and starts a JobSet with one pod per TPU host. Each pod installs
-# bltjax with jax[tpu] (skipped with --docker-image: the image must already hold them) and runs
-# the command with BLTJAX_DISTRIBUTED=auto: jax joins the pods from the TPU_WORKER_* variables GKE
-# sets. --max-restarts makes the JobSet restart every pod after a failure or a pre-emption; the
+# bltjax with launch/venv.sh tpu (a Python >= 3.11 venv with the tpu extra, through constraints.txt;
+# skipped with --docker-image: the image must already hold them, and its python3 must be >= 3.11,
+# which the pod checks first) and runs the command with BLTJAX_DISTRIBUTED=auto: jax joins the pods
+# from the TPU_WORKER_* variables GKE sets. With --num-slices N > 1, xpk joins the slices over DCN
+# (its MEGASCALE_* variables) and a bltjax.train or bltjax.compile command gets
+# --config.mesh.num_slices=N appended (unless it sets it), so the mesh spans the slices on its DCN
+# axis (bltjax/training/sharding.py). --max-restarts makes the JobSet restart every pod after a failure or a pre-emption; the
 # workdir then resumes from its last checkpoint, so it must be on storage every pod sees and that
 # outlives them (a GCS FUSE or Filestore volume attached to the cluster).
 #
@@ -73,15 +77,20 @@ run() {
 scope=()
 [ -n "$project" ] && scope+=(--project "$project")
 [ -n "$zone" ] && scope+=(--zone "$zone")
-install='pip install --quiet -e . "jax[tpu]" && '
+# The venv lives outside the copied checkout (--script-dir . may carry this machine's own .venv).
+install='export BLTJAX_VENV=/opt/bltjax-venv && bash launch/venv.sh tpu && export PATH="$BLTJAX_VENV/bin:$PATH" && '
 image_args=(--base-docker-image "$base_image" --script-dir .)
 if [ -n "$image" ]; then
-  install=""
+  install='python3 -c "import sys; sys.exit(sys.version_info < (3, 11))" || { echo "launch/xpk.sh: the image'"'"'s python3 is older than 3.11, which bltjax needs" >&2; exit 2; } && '
   image_args=(--docker-image "$image")
+fi
+command=("$@")
+if [ "$num_slices" -gt 1 ] && [[ " $* " =~ " bltjax."(train|compile)" " ]] && [[ " $* " != *" --config.mesh.num_slices"* ]]; then
+  command+=("--config.mesh.num_slices=$num_slices")  # the mesh's DCN axis spans the slices
 fi
 extra=()
 [ -n "$priority" ] && extra+=(--priority "$priority")
-pod_command="set -e; ${install}BLTJAX_DISTRIBUTED=auto $(quote_all "$@")"
+pod_command="set -e; ${install}BLTJAX_DISTRIBUTED=auto $(quote_all "${command[@]}")"
 
 echo "# $prog: workload '$workload' on cluster '$cluster': $num_slices x $tpu_type, up to $restarts restarts"
 run xpk workload create --cluster "$cluster" --workload "$workload" --tpu-type "$tpu_type" \

@@ -40,6 +40,11 @@ CASES = {
         "launch/xpk.sh", "--cluster", "my-cluster", "--workload", "blt-1b", "--tpu-type", "v5p-128", "--dry-run",
         "--", *TRAIN_1B, "--workdir", "/mnt/bltjax/runs/blt-1b", "--config.data.path=/mnt/bltjax/data",
     ],
+    "xpk_two_slices": [
+        "launch/xpk.sh", "--cluster", "my-cluster", "--workload", "blt-1b-x2", "--tpu-type", "v5p-128", "--num-slices",
+        "2", "--dry-run", "--", *TRAIN_1B, "--workdir", "/mnt/bltjax/runs/blt-1b-x2",
+        "--config.data.path=/mnt/bltjax/data",
+    ],
     "xpk_image_follow": [
         "launch/xpk.sh", "--cluster", "c", "--workload", "w", "--tpu-type", "v6e-256", "--num-slices", "2",
         "--docker-image", "us-docker.pkg.dev/p/r/bltjax:1", "--project", "p", "--zone", "us-east1-d",
@@ -47,7 +52,7 @@ CASES = {
     ],
     "slurm_per_gpu": [
         "launch/slurm.sbatch", "--dry-run", *TRAIN_1B, "--workdir", "/shared/runs/blt-1b",
-        "--config.data.path=/shared/data", "--config.mesh.fsdp=8",
+        "--config.data.path=/shared/data", "--config.mesh.data=-1", "--config.mesh.fsdp=8",
     ],
     "slurm_per_node": [
         "launch/slurm.sbatch", "--dry-run", "--per-node", "--", *TRAIN_1B, "--workdir", "/shared/runs/blt 1b",
@@ -114,6 +119,49 @@ def test_the_printed_remote_command_is_the_given_command():
 def test_bad_invocations_say_what_is_wrong(args, message):
     result = _bash(args, env=_clean_env())
     assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_launchers_set_up_a_python_that_satisfies_python_requires():
+    """TPU VM images have python3 3.10: the workers get uv where python3 is older, then launch/venv.sh."""
+    tpu_vm = (SNAPSHOTS / "tpu_vm_v5p_128.txt").read_text()
+    assert 'sys.version_info < (3, 11))" || python3 -m uv --version' in tpu_vm and "bash launch/venv.sh tpu" in tpu_vm
+    assert "bash launch/venv.sh tpu && " in (SNAPSHOTS / "xpk_v5p_128.txt").read_text()  # outside the copied tree
+    assert "older than 3.11" in (SNAPSHOTS / "xpk_image_follow.txt").read_text()  # a ready image is checked
+    assert "bash launch/venv.sh cuda" in (SNAPSHOTS / "slurm_per_gpu.txt").read_text()
+
+
+def test_xpk_passes_the_slice_count_to_the_training_command():
+    two = (SNAPSHOTS / "xpk_two_slices.txt").read_text()
+    assert "--num-slices 2" in two and two.count("--config.mesh.num_slices=2") == 1
+    assert "--config.mesh.num_slices" not in (SNAPSHOTS / "xpk_v5p_128.txt").read_text()
+    given = ["launch/xpk.sh", "--cluster", "c", "--workload", "w", "--tpu-type", "v5p-8", "--num-slices", "3",
+             "--dry-run", "--", "python", "-m", "bltjax.train", "--config.mesh.num_slices=3"]  # fmt: skip
+    assert _bash(given, env=_clean_env()).stdout.count("num_slices=3") == 1  # not appended twice
+    other = [*given[:-4], "python", "-m", "bltjax.eval", "--workdir", "w"]
+    assert "num_slices" not in _bash(other, env=_clean_env()).stdout  # only programs with a mesh config
+
+
+def _fake_python(path: pathlib.Path, version: str) -> pathlib.Path:
+    """An executable that answers launch/venv.sh's version questions as Python ``version`` would."""
+    major, minor = version.split(".")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"#!/bin/sh\nexec {sys.executable} -c \"import sys; sys.version_info = ({major}, {minor}, 0); "
+                    f"exec(sys.argv[2]) if len(sys.argv) > 2 else None\" \"$@\"\n")  # fmt: skip
+    path.chmod(0o755)
+    return path
+
+
+def test_venv_refuses_a_python_older_than_python_requires(tmp_path):
+    old = _fake_python(tmp_path / "bin" / "python3.10", "3.10")
+    result = _bash(["-c", "source launch/venv.sh ''"], env=_clean_env(BLTJAX_VENV=str(tmp_path / "venv"),
+                                                                     BLTJAX_PYTHON=str(old)))  # fmt: skip
+    assert result.returncode == 2 and f"BLTJAX_PYTHON={old} is Python 3.10; expected >= 3.11" in result.stderr
+    assert not (tmp_path / "venv").exists()
+
+    _fake_python(tmp_path / "venv" / "bin" / "python", "3.10")  # a venv made earlier with the image's python3
+    result = _bash(["-c", "source launch/venv.sh ''"], env=_clean_env(BLTJAX_VENV=str(tmp_path / "venv")))
+    assert result.returncode == 2 and "has Python 3.10; bltjax needs >= 3.11 (setup.cfg python_requires)" in (
+        result.stderr)  # fmt: skip
 
 
 # --- the local supervisor, with commands that need no jax ---------------------------------------

@@ -44,18 +44,28 @@ def _config(**mesh):
     return config
 
 
-def test_layout_splits_the_dcn_axis_over_the_slices():
-    config = _config(data=4, fsdp=2, num_slices=2)
+def test_mesh_sizes_describe_one_slice_and_the_dcn_axis_multiplies_them():
+    config = _config(data=2, fsdp=2, num_slices=2)
+    assert sharding.mesh_shape(config, 8) == {"data": 4, "fsdp": 2, "tensor": 1}
     layout = sharding.slice_layout(config, sharding.mesh_shape(config, 8))
     assert layout.ici == {"data": 2, "fsdp": 2, "tensor": 1} and layout.dcn == {"data": 2, "fsdp": 1, "tensor": 1}
     assert layout.describe() == ("2 slices over DCN on axis 'data' (data 4 = 2 slices x 2); inside each slice "
                                  "(ICI): data 2 x fsdp 2 x tensor 1")  # fmt: skip
 
 
-def test_a_dcn_axis_the_slices_do_not_divide_is_refused_naming_the_fields():
-    config = _config(data=1, fsdp=-1, num_slices=2)
-    with pytest.raises(sharding.MeshError, match=r"config.mesh.data: expected a multiple of config.mesh.num_slices=2"):
-        sharding.make_mesh(config, jax.devices()[:8])
+def test_a_pod_config_runs_unchanged_on_two_slices_with_data_parallelism_across_them():
+    config = load_config("experiments/blt_1b.py")  # FSDP over every device of a slice: data 1, fsdp -1
+    config.mesh.num_slices = 2
+    assert sharding.mesh_shape(config, 128) == {"data": 2, "fsdp": 64, "tensor": 1}
+    config.mesh.dcn_axis = "fsdp"
+    assert sharding.mesh_shape(config, 128) == {"data": 1, "fsdp": 128, "tensor": 1}
+
+
+def test_devices_that_do_not_split_into_the_slices_or_a_slice_are_refused():
+    with pytest.raises(sharding.MeshError, match=r"config.mesh.num_slices: 6 devices do not split into 4 equal"):
+        sharding.mesh_shape(_config(num_slices=4), 6)
+    with pytest.raises(sharding.MeshError, match=r"data x fsdp x tensor = 8 devices .* but there are 4 devices per"):
+        sharding.mesh_shape(_config(data=4, fsdp=2, num_slices=2), 8)
 
 
 def test_devices_are_grouped_by_their_slice_index_in_slice_order():
@@ -68,11 +78,11 @@ def test_devices_are_grouped_by_their_slice_index_in_slice_order():
 
 def test_hybrid_array_stacks_one_block_per_slice_along_the_dcn_axis():
     devices = [FakeDevice(i, slice_index=i % 2) for i in range(8)]  # interleaved, as ids need not follow slices
-    for axis, sizes in (("data", dict(data=4, fsdp=2)), ("fsdp", dict(data=2, fsdp=4))):
-        config = _config(num_slices=2, dcn_axis=axis, **sizes)
+    for axis, shape in (("data", (4, 2, 1)), ("fsdp", (2, 4, 1))):
+        config = _config(data=2, fsdp=2, num_slices=2, dcn_axis=axis)  # one slice: 2 x 2
         layout = sharding.slice_layout(config, sharding.mesh_shape(config, 8))
         array = sharding.hybrid_device_array(devices, layout)
-        assert array.shape == (sizes["data"], sizes["fsdp"], 1)
+        assert array.shape == shape
         halves = np.split(array, 2, axis=sharding.MESH_AXES.index(axis))
         assert [{d.slice_index for d in half.flat} for half in halves] == [{0}, {1}]
 
@@ -120,7 +130,7 @@ def test_compile_for_two_v5p_slices_with_libtpu_shows_the_dcn_axis(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
     command = [sys.executable, "-m", "bltjax.compile", "--config", TINY, "--topology", "v5p-8", "--num-slices", "2",
-               "--backend", "tpu", "--noexplain", "--out", str(out), "--config.mesh.data=2",
+               "--backend", "tpu", "--noexplain", "--out", str(out), "--config.mesh.data=1",
                "--config.mesh.fsdp=-1", "--config.data.batch_size=16"]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]

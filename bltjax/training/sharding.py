@@ -21,8 +21,9 @@ Explicit axes that `jax.make_mesh` defaults to in this jax version.
 Multi-slice (``config.mesh.num_slices`` > 1): the slices of a TPU job talk over the data-center
 network (DCN), an order of magnitude slower than the chips' ICI links inside a slice. One mesh
 axis, ``config.mesh.dcn_axis`` ("data" by default: one gradient all-reduce per step crosses
-it), spans the slices: its size is slices x its per-slice size, and the device array is built
-as one ICI block per slice (`hybrid_device_array`). Every other axis stays inside a slice.
+it), spans the slices. The sizes in ``config.mesh`` describe one slice and the DCN axis is
+multiplied by the slice count (`mesh_shape`), so a config sized for a slice runs on several; the
+device array is one ICI block per slice (`hybrid_device_array`). Every other axis stays inside a slice.
 """
 
 from __future__ import annotations
@@ -86,20 +87,39 @@ def activation_rules(sequence_axis: str | None = None) -> tuple[tuple[str, Any],
 
 
 def mesh_shape(config: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
-    """Resolves `config.mesh` (-1 = the remaining devices) against the number of devices."""
+    """Resolves `config.mesh` (-1 = the remaining devices) against the number of devices.
+
+    With ``config.mesh.num_slices`` = S > 1 the sizes describe one slice (n_devices / S devices)
+    and the DCN axis is multiplied by S, so a config sized for one slice runs unchanged on S of them.
+    """
+    num_slices = int(config.mesh.get("num_slices", 1))
+    if n_devices % num_slices:
+        raise MeshError(f"config.mesh.num_slices: {n_devices} devices do not split into {num_slices} equal slices")
+    per_slice = n_devices // num_slices
+    where = f"{per_slice} devices per slice" if num_slices > 1 else f"{n_devices} devices"
     sizes = {axis: int(config.mesh[axis]) for axis in MESH_AXES}
     fixed = math.prod(size for size in sizes.values() if size != -1)
     for axis, size in sizes.items():
         if size == -1:
-            if n_devices % fixed:
-                raise MeshError(f"config.mesh: the fixed axes ({fixed} devices) do not divide {n_devices} devices")
-            sizes[axis] = n_devices // fixed
-    if math.prod(sizes.values()) != n_devices:
+            if per_slice % fixed:
+                raise MeshError(f"config.mesh: the fixed axes ({fixed} devices) do not divide {where}")
+            sizes[axis] = per_slice // fixed
+    if math.prod(sizes.values()) != per_slice:
         raise MeshError(
             f"config.mesh: data x fsdp x tensor = {math.prod(sizes.values())} devices {sizes}, but there are "
-            f"{n_devices}; set one axis to -1 to fill"
+            f"{where}; set one axis to -1 to fill"
         )
+    if num_slices > 1:
+        sizes[slice_axis(config)] *= num_slices
     return sizes
+
+
+def slice_axis(config: ml_collections.ConfigDict) -> str:
+    """The mesh axis that spans the slices (``config.mesh.dcn_axis``; configs from before it: "data")."""
+    axis = config.mesh.get("dcn_axis", "data")
+    if axis not in MESH_AXES:
+        raise MeshError(f"config.mesh.dcn_axis: expected one of {MESH_AXES}, got {axis!r}")
+    return axis
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,16 +140,9 @@ class SliceLayout:
 
 def slice_layout(config: ml_collections.ConfigDict, sizes: dict[str, int]) -> SliceLayout:
     """Splits resolved mesh ``sizes`` into per-slice (ICI) and across-slice (DCN) shapes."""
-    num_slices = int(config.mesh.get("num_slices", 1))
-    dcn_axis = config.mesh.get("dcn_axis", "data")
-    if dcn_axis not in MESH_AXES:
-        raise MeshError(f"config.mesh.dcn_axis: expected one of {MESH_AXES}, got {dcn_axis!r}")
+    num_slices, dcn_axis = int(config.mesh.get("num_slices", 1)), slice_axis(config)
     if sizes[dcn_axis] % num_slices:
-        raise MeshError(
-            f"config.mesh.{dcn_axis}: expected a multiple of config.mesh.num_slices={num_slices} (config.mesh.dcn_axis"
-            f"={dcn_axis!r} spans the slices), got {sizes[dcn_axis]}; e.g. --config.mesh.{dcn_axis}={num_slices} "
-            f"with another axis at -1, or another config.mesh.dcn_axis"
-        )
+        raise MeshError(f"config.mesh.{dcn_axis}: {sizes[dcn_axis]} is not a multiple of {num_slices} slices")
     ici = {axis: size // num_slices if axis == dcn_axis else size for axis, size in sizes.items()}
     dcn = {axis: num_slices if axis == dcn_axis else 1 for axis in MESH_AXES}
     return SliceLayout(num_slices, dcn_axis, ici, dcn)
@@ -143,8 +156,6 @@ def device_slices(devices: Sequence[Any], num_slices: int) -> list[list[Any]]:
     "slice" is a set of whole hosts, as on a cluster whose nodes are joined by a slower network.
     """
     devices = list(devices)
-    if len(devices) % num_slices:
-        raise MeshError(f"config.mesh.num_slices: {len(devices)} devices do not split into {num_slices} equal slices")
     if all(hasattr(d, "slice_index") for d in devices):
         groups: dict[int, list[Any]] = {}
         for device in devices:
@@ -159,6 +170,8 @@ def device_slices(devices: Sequence[Any], num_slices: int) -> list[list[Any]]:
         if len(sizes) != 1:
             raise MeshError(f"config.mesh.num_slices: the slices have different device counts {sorted(sizes)}")
         return slices
+    if len(devices) % num_slices:
+        raise MeshError(f"config.mesh.num_slices: {len(devices)} devices do not split into {num_slices} equal slices")
     ordered = sorted(devices, key=lambda d: (getattr(d, "process_index", 0), d.id))
     per_slice = len(ordered) // num_slices
     return [ordered[i * per_slice : (i + 1) * per_slice] for i in range(num_slices)]
