@@ -218,6 +218,11 @@ def _bad_inputs(tmp: pathlib.Path) -> dict[str, dict[str, list[str] | None]]:
             "missing_folder": ["--data", nodata, "--target-patch-size", "4"],
             "bad_value": ["--data", nodata, "--target-patch-size=abc"],
         },
+        "export": {
+            "missing_config": None,
+            "missing_folder": ["--model", nomodel, "--out", str(tmp / "export")],
+            "bad_value": ["--model", nomodel, "--out", str(tmp / "export"), "--step=abc"],
+        },
         "sweep": {
             "missing_config": ["plan", "--sweep", nofile, "--out", str(tmp / "sweep")],
             "missing_folder": ["run", str(tmp / "no-sweep")],
@@ -332,11 +337,14 @@ TWO_WORD_FLAGS = {
     "entropy": ("target-patch-size", "4.5", "target_patch_size", 4.5, []),
     "calibrate": ("max-tokens", "10", "max_tokens", 10, []),
     "sweep": ("patch-sizes", "6", "patch_sizes", [6.0], ["plan"]),
+    "export": ("shard-size", "7GB", "shard_size", "7GB", []),
 }
 
 
-@pytest.mark.parametrize("name", PROGRAMS)
+@pytest.mark.parametrize("name", [*PROGRAMS, *OPTIONAL_PROGRAMS])
 def test_both_spellings_of_a_two_word_flag(name):
+    if name not in _programs():
+        pytest.skip(f"bltjax/{name}.py is not there yet")
     dashed, value, attribute, expected, extra = TWO_WORD_FLAGS[name]
     program = _program(name)
     for spelling in (dashed, dashed.replace("-", "_")):
