@@ -8,8 +8,9 @@
 It writes the sidecars of `bltjax.data.sidecars` (``{shard}.entropy.f16``, ``{shard}.starts.{tag}.bits``,
 ``sidecars.json``) next to every shard of a prepared folder (`bltjax.data.shards`).
 `ENTROPY_MODEL_DIR` is a bltjax model folder (`bltjax.checkpoints.save_model`,
-model_type "byte_lm") or a Hugging Face BLT folder, whose entropy patcher and stored threshold
-are used. The flags live in the program, `bltjax.entropy`.
+model_type "byte_lm"), the training workdir of one (its newest complete step), a Hugging Face
+BLT folder, whose entropy patcher and stored threshold are used, or a Hub id of one. The flags
+live in the program, `bltjax.entropy`.
 
 Design
 ------
@@ -55,6 +56,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -124,18 +126,21 @@ def config_from_byte_lm(record: ByteLMConfig, seq_len: int = HF_DEFAULT_CONTEXT)
 
 
 def load_entropy_model(directory: str | os.PathLike) -> EntropyModel:
-    """A bltjax model folder (model_type byte_lm) or a Hugging Face BLT folder's entropy patcher."""
-    path = paths.resolve(directory)
+    """A bltjax model folder or training workdir (model_type byte_lm), or a Hugging Face BLT folder's patcher.
+
+    A training workdir (``python -m bltjax.train --config experiments/entropy_model.py``) gives its
+    newest complete step, a step folder (WORKDIR/checkpoints/<step>) that step; its fingerprint is
+    the one `save_model` of the same parameters would have. ``directory`` may be a Hugging Face
+    Hub id (`bltjax.convert.hub`).
+    """
+    from bltjax.convert.hub import resolve_model_source
+
+    path = resolve_model_source(directory)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such folder (expected an entropy model checkpoint)")
-    if (path / checkpoints.PARAMS_DIR).is_dir():
-        config = checkpoints.load_config_json(path)
-        if config.get("model_type") != "byte_lm":
-            raise SidecarError(
-                f"{path / checkpoints.CONFIG_FILE}: field 'model_type' is {config.get('model_type')!r}; "
-                "an entropy model must be a 'byte_lm'"
-            )
-        config, model, params = checkpoints.load_model(path)
+    is_run = checkpoints.is_complete_step(path) or bool(checkpoints.complete_steps(path))
+    if (path / checkpoints.PARAMS_DIR).is_dir() or is_run:
+        config, model, params = _load_training_step(path) if is_run else _load_model_folder(path)
         return EntropyModel(
             model,
             params,
@@ -149,8 +154,8 @@ def load_entropy_model(directory: str | os.PathLike) -> EntropyModel:
         )
     from bltjax.convert import hf
 
-    if (path / hf.WEIGHTS_FILE).is_file():
-        paths.require_local(directory, "a Hugging Face entropy model folder (safetensors are memory-mapped)")
+    if hf.has_weights(path):
+        paths.require_local(path, "a Hugging Face entropy model folder (safetensors are memory-mapped)")
         model, params, threshold = hf.load_hf_entropy_model(path)
         config = config_from_byte_lm(model.config)
         return EntropyModel(
@@ -166,9 +171,38 @@ def load_entropy_model(directory: str | os.PathLike) -> EntropyModel:
         )
     raise SidecarError(
         f"{path}: neither a bltjax model folder ({checkpoints.CONFIG_FILE} + {checkpoints.PARAMS_DIR}/, "
-        f"from bltjax.training.checkpoints.save_model) nor a Hugging Face BLT folder "
-        f"({hf.CONFIG_FILE} + {hf.WEIGHTS_FILE})"
+        f"from bltjax.checkpoints.save_model), nor a training workdir with a complete checkpoint "
+        f"({checkpoints.CHECKPOINTS_DIR}/<step>/, from python -m bltjax.train), nor a Hugging Face BLT folder "
+        f"({hf.CONFIG_FILE} + {hf.WEIGHTS_FILE} or {hf.INDEX_FILE})"
     )
+
+
+def _require_byte_lm(config: ml_collections.ConfigDict, source: str) -> None:
+    if config.get("model_type") != "byte_lm":
+        raise SidecarError(
+            f"{source}: field 'model_type' is {config.get('model_type')!r}; an entropy model must be a 'byte_lm'"
+        )
+
+
+def _load_model_folder(path) -> tuple[ml_collections.ConfigDict, ByteLM, Any]:
+    _require_byte_lm(checkpoints.load_config_json(path), str(path / checkpoints.CONFIG_FILE))
+    return checkpoints.load_model(path)
+
+
+def _load_training_step(path) -> tuple[ml_collections.ConfigDict, ByteLM, Any]:
+    """The parameters of a training step (the newest complete one of a workdir) on the first local device."""
+    if checkpoints.is_complete_step(path):
+        step_dir = path
+    else:
+        step_dir = checkpoints.checkpoints_dir(path) / str(checkpoints.complete_steps(path)[-1])
+    config, source = checkpoints.read_step_config(step_dir)
+    _require_byte_lm(config, source)
+    model = checkpoints.build_saved_model(config, source)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = nn.meta.unbox(checkpoints.abstract_params(model, config))
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
+    params = checkpoints.restore_params(step_dir / "state", target, source, subtree="params")
+    return config, model, params
 
 
 def default_overlap(record: ByteLMConfig, context: int) -> int:

@@ -2,7 +2,8 @@
 
     load_for_inference(path, step=None, devices=None, mesh_overrides=None) -> InferenceModel
 
-``path`` is one of three kinds of folder, told apart by what they hold:
+``path`` is one of three kinds of folder, told apart by what they hold (or a Hugging Face Hub
+id, whose cached snapshot is the third kind: `bltjax.convert.hub`):
 
     WORKDIR/checkpoints/<step>/{state,data,meta}   a training run; the newest complete step
                                                     unless ``step`` is given
@@ -54,11 +55,11 @@ class InferenceModel:
 
 
 def is_hf_dir(path: str | os.PathLike) -> bool:
-    """True for a Hugging Face `transformers` BLT folder (config.json + model.safetensors)."""
+    """True for a Hugging Face `transformers` BLT folder (config.json + model.safetensors, or an index and shards)."""
     from bltjax.convert import hf
 
     path = paths.resolve(path)
-    return (path / hf.CONFIG_FILE).is_file() and (path / hf.WEIGHTS_FILE).is_file()
+    return (path / hf.CONFIG_FILE).is_file() and hf.has_weights(path)
 
 
 def eval_mesh(
@@ -158,12 +159,20 @@ def load_for_inference(
 ) -> InferenceModel:
     """The model and parameters of a training workdir (latest or given step), a model folder or a Hugging Face folder.
 
+    ``workdir`` may also be a Hugging Face Hub id (``facebook/blt-1b``), read from huggingface_hub's
+    cache when no local folder has that name (`bltjax.convert.hub`).
+
     Raises RestoreError (a ValueError) naming the path for: a missing folder, a workdir without
     a complete checkpoint, a `step` that does not exist (the available ones are listed), a
     saved config this bltjax cannot build (the field is named), and parameters whose shapes
     differ from the model built from that config (the parameter is named).
     """
-    path = paths.resolve(workdir)  # gs://... stays a URI
+    from bltjax.convert.hub import ModelSourceError, resolve_model_source
+
+    try:  # gs://... stays a URI; a Hub id not found locally becomes its cached snapshot folder
+        path = resolve_model_source(workdir)
+    except ModelSourceError as err:
+        raise RestoreError(str(err)) from err
     if not path.is_dir():
         raise RestoreError(
             f"{path}: no such directory; expected a training workdir ({CHECKPOINTS_DIR}/), a model folder written by "

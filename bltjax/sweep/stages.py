@@ -170,7 +170,9 @@ def ensure_entropy(
     if not missing:
         return {key: float(value["threshold"]) for key, value in done.items()}
     if entropy.get("model"):
-        export = paths.resolve(entropy["model"])
+        from bltjax.convert.hub import resolve_model_source
+
+        export = resolve_model_source(entropy["model"])  # a folder, a training workdir or a Hub id
     else:
         export = _train_entropy_model(sweep_dir, entropy, data, log)
     for target in missing:

@@ -36,28 +36,39 @@ class GenerateError(ValueError):
 def default_entropy_model(workdir: str | os.PathLike, config: Any) -> epath.Path | None:
     """The entropy model that goes with ``workdir`` when it can be proven, else None.
 
-    A Hugging Face BLT folder carries its own patcher. For a training run, the quickstart's
-    exported entropy model next to ``workdir`` is accepted only when its fingerprint equals the
-    one in ``config.data.path``/sidecars.json, the model whose entropies placed the training
-    patches.
+    A Hugging Face BLT folder (or Hub id) carries its own patcher. For a training run, the
+    quickstart's entropy model next to ``workdir`` (its export, else its training workdir) is
+    accepted only when its fingerprint equals the one in ``config.data.path``/sidecars.json,
+    the model whose entropies placed the training patches.
     """
+    from bltjax.convert.hub import ModelSourceError, resolve_model_source
     from bltjax.data.entropy import load_entropy_model
     from bltjax.data.sidecars import SIDECARS_FILE
 
-    if is_hf_dir(workdir):
-        return paths.resolve(workdir)
+    try:
+        folder = resolve_model_source(workdir)
+    except ModelSourceError:
+        return None
+    if is_hf_dir(folder):
+        return folder
 
-    candidate = paths.resolve(workdir).parent / "entropy_model" / "export"
     data_path = config.get("data", {}).get("path") if hasattr(config, "get") else None
     sidecars = paths.resolve(data_path or ".") / SIDECARS_FILE
-    if not data_path or not candidate.is_dir() or not sidecars.is_file():
+    if not data_path or not sidecars.is_file():
         return None
     try:
         recorded = (json.loads(sidecars.read_text()).get("entropy_model") or {}).get("fingerprint")
-        found = load_entropy_model(candidate).fingerprint
-    except (OSError, ValueError):  # unreadable sidecars or model folder: no default
+    except (OSError, ValueError):  # unreadable sidecars: no default
         return None
-    return candidate if recorded and recorded == found else None
+    for candidate in (folder.parent / "entropy_model" / "export", folder.parent / "entropy_model"):
+        if not recorded or not candidate.is_dir():
+            continue
+        try:
+            if load_entropy_model(candidate).fingerprint == recorded:
+                return candidate
+        except (OSError, ValueError):  # an unreadable model folder or run is no default
+            continue
+    return None
 
 
 def check_arguments(prompts: Sequence[str], max_bytes: int, temperature: float, top_p: float) -> None:
