@@ -198,10 +198,11 @@ def _config_argument(argv: Sequence[str], name: str) -> str | None:
     return found
 
 
-def _missing_config_file(argument: str) -> str | None:
+def _missing_config_file(name: str, argument: str) -> str | None:
+    """The one-line error for ``--NAME path.py[:variant]`` whose file is not there, else None."""
     path = argument.split(":", 1)[0]
     if not os.path.isfile(path):
-        return (f"--config: no such config file {path} (relative paths are read from the current folder "
+        return (f"--{name}: no such config file {path} (relative paths are read from the current folder "
                 f"{os.getcwd()}); expected path.py or path.py:variant")  # fmt: skip
     return None
 
@@ -237,7 +238,7 @@ def _parse_configs(values: flags.FlagValues, configs: Sequence[str], argv: list[
     except (AttributeError, KeyError, OSError, TypeError, ValueError) as err:
         for name in configs:
             if (argument := _config_argument(argv, name)) is not None:
-                if message := _missing_config_file(argument):
+                if message := _missing_config_file(name, argument):
                     raise CommandLineError(message) from None
         if isinstance(err, (AttributeError, KeyError)) and (message := _unknown_config_key(values, configs, argv)):
             raise CommandLineError(message) from None
@@ -253,7 +254,7 @@ def _check_config_loaded(values: flags.FlagValues, configs: Sequence[str]) -> No
         flag = values[name]
         if flag.value is not None and not isinstance(flag.value, ml_collections.ConfigDict):
             argument = config_flags.get_config_filename(flag)
-            raise CommandLineError(_missing_config_file(argument) or f"--{name}: cannot load {argument}")
+            raise CommandLineError(_missing_config_file(name, argument) or f"--{name}: cannot load {argument}")
 
 
 def require(values: flags.FlagValues, *names: str) -> None:
