@@ -35,7 +35,12 @@ def define_flags(values: flags.FlagValues) -> None:
     flags.DEFINE_string("topology", None, "Target, e.g. v5p-128 or v5p:4x4x8 (default: the config's topology).",
                         flag_values=values)  # fmt: skip
     flags.DEFINE_integer("devices", None, "Instead of --topology: a device count (fake CPU mesh).", flag_values=values)
-    flags.DEFINE_integer("num_slices", 1, "Slices of the TPU topology (multi-slice).", flag_values=values)
+    flags.DEFINE_integer(
+        "num_slices",
+        None,
+        "Slices of the target joined over DCN (multi-slice; default: config.mesh.num_slices).",
+        flag_values=values,
+    )
     flags.DEFINE_float("hbm_gib", None, "Memory per device in GiB (default: the target's nominal HBM).",
                        flag_values=values)  # fmt: skip
     flags.DEFINE_float("hbm_fraction", DEFAULT_HBM_FRACTION, "Fraction of the memory the step may use.",

@@ -113,6 +113,16 @@ def test_num_slices_and_dcn_axis_are_validated():
             validate(config)
 
 
+def test_compile_takes_the_slice_count_from_the_config_unless_the_flag_gives_it():
+    from bltjax import compile as compile_program
+
+    line = compile_program.PROGRAM.parse(["bltjax.compile", "--config", TINY, "--config.mesh.num_slices=2"])
+    assert line.flags.num_slices is None  # so compile_for_target takes the config's 2 slices
+    assert line.flags.config.mesh.num_slices == 2
+    with pytest.raises(aot.CompileError, match=r"--num-slices 3 disagrees with config.mesh.num_slices=2"):
+        aot.compile_for_target(_config(num_slices=2), devices=4, num_slices=3, backend="cpu")
+
+
 @pytest.mark.slow
 def test_compile_report_on_a_fake_cpu_mesh_of_two_slices():
     config = _config(data=-1, num_slices=2)
