@@ -350,12 +350,15 @@ def test_a_workdir_evaluation_lands_in_the_run_writers_with_progress(run_dir, da
 
     workdir = tmp_path / "run"
     shutil.copytree(run_dir[0], workdir)  # the shared run stays as it is
+    shutil.rmtree(workdir / "tensorboard" / "eval", ignore_errors=True)  # written by an earlier test's eval
+    before = len(read_jsonl(workdir / "metrics.jsonl"))
     result, _ = evaluate_and_write(workdir=workdir, model_dir=None, data_dir=data_dir, batch_size=8)
     progress = capsys.readouterr().err
     targets = f"{result.n_targets / 1000:.1f}k/{result.n_targets / 1000:.1f}k"  # tqdm's SI units
     assert re.search(rf"eval validation: 100%.*{re.escape(targets)} \[\d+:\d\d<\d+:\d\d, ", progress), progress  # ETA
 
-    (record,) = [r for r in read_jsonl(workdir / "metrics.jsonl") if r["split"] == "eval/validation"]
+    (record,) = read_jsonl(workdir / "metrics.jsonl")[before:]
+    assert record["split"] == "eval/validation"
     assert record["step"] == 6 and record["n_targets"] == eval_all_devices.n_targets
     assert record["bpb"] == pytest.approx(eval_all_devices.bpb, rel=1e-5)
     events = EventAccumulator(str(workdir / "tensorboard" / "eval" / "validation"))

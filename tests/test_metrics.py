@@ -10,6 +10,7 @@ import json
 import math
 import struct
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -303,11 +304,22 @@ def _wandb_key(item) -> str:
     return item.key or "/".join(item.nested_key)
 
 
-def _wandb_run(wandb_dir, run_id):
-    """(history rows, config) of one offline run: {step: {key: value}}, {key: value}."""
-    (path,) = wandb_dir.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb")
+def _wandb_run(wandb_dir, run_id, timeout_s: float = 60.0):
+    """(history rows, config) of one offline run: {step: {key: value}}, {key: value}.
+
+    wandb-core writes the file from its own process, after `finish()` has returned: wait for
+    the run's exit record.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = list(wandb_dir.glob(f"wandb/offline-run-*-{run_id}*/run-{run_id}.wandb"))  # "-1": same second
+        records = _wandb_records(found[0]) if len(found) == 1 else []
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert len(found) == 1, found
     history, config = {}, {}
-    for record in _wandb_records(path):
+    for record in records:
         kind = record.WhichOneof("record_type")
         if kind == "history":
             row = {_wandb_key(item): json.loads(item.value_json) for item in record.history.item}
@@ -351,4 +363,4 @@ def test_wandb_run_holds_the_scalars_and_config_and_a_relaunch_resumes_it(tmp_pa
         writer.write(3, dict(loss=3.0))
     assert (workdir / "wandb_run_id").read_text().strip() == run_id
     runs = sorted(wandb_offline.glob("wandb/offline-run-*"))
-    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)  # the same W&B run, resumed
+    assert len(runs) == 2 and all((r / f"run-{run_id}.wandb").is_file() for r in runs)  # the same run, resumed
