@@ -18,6 +18,7 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 import test_trainer
@@ -29,6 +30,7 @@ from bltjax.convert import hf, hf_tokenizer, hub
 from bltjax.convert.export import ExportError, export_to_hf
 from bltjax.data.entropy import load_entropy_model
 from bltjax.data.sidecars import SidecarError
+from bltjax.inference.generation.folders import default_entropy_model
 from bltjax.inference.restore import RestoreError, load_for_inference
 from bltjax.models.factory import build_model, example_inputs
 
@@ -102,7 +104,7 @@ def test_an_id_neither_local_nor_cached_is_a_clear_error(hub_cache, tmp_path, mo
     monkeypatch.chdir(tmp_path)
     expected = (
         r"someone/missing: no such folder, and no snapshot of the Hugging Face model someone/missing "
-        r"\(revision main\) in the cache .*hf_cache; HF_HUB_OFFLINE is set"
+        r"\(revision main\) in the cache .*hf_cache; fetch it into that cache with `hf download someone/missing`"
     )
     with pytest.raises(RestoreError, match=expected):
         load_for_inference("someone/missing")
@@ -112,26 +114,24 @@ def test_an_id_neither_local_nor_cached_is_a_clear_error(hub_cache, tmp_path, mo
         load_for_inference("runs/a/b")
 
 
-def test_online_lookup_downloads_only_what_bltjax_reads(hub_cache, monkeypatch):
-    """Without HF_HUB_OFFLINE a missing id is fetched into the same cache (huggingface_hub's download mocked)."""
+def test_lookups_never_go_online(hub_cache, monkeypatch):
+    """Even without HF_HUB_OFFLINE, only the cache is read: a missing id is an error, not a download."""
     import huggingface_hub
-    from huggingface_hub.errors import LocalEntryNotFoundError
 
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     calls = []
+    real = huggingface_hub.snapshot_download
 
-    def fake_snapshot_download(repo_id, **kwargs):
-        calls.append((repo_id, kwargs))
-        if kwargs.get("local_files_only"):
-            raise LocalEntryNotFoundError("not cached")
-        return str(hub_cache)
+    def spy(repo_id, **kwargs):
+        calls.append(kwargs)
+        return real(repo_id, **kwargs)
 
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    assert pathlib.Path(hub.resolve_model_source("someone/other@v2")) == hub_cache
-    (first, cached), (_, download) = calls
-    assert first == "someone/other" and cached["local_files_only"] and cached["revision"] == "v2"
-    assert download["allow_patterns"] == hub.DOWNLOAD_PATTERNS and download["cache_dir"] == hub.hub_cache_dir()
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", spy)
+    assert pathlib.Path(hub.resolve_model_source(f"{REPO_ID}@main")) == hub_cache
+    with pytest.raises(hub.ModelSourceError, match=r"`hf download someone/other --revision v2`"):
+        hub.resolve_model_source("someone/other@v2")
+    assert [c["local_files_only"] for c in calls] == [True, True]
+    assert {str(c["cache_dir"]) for c in calls} == {os.environ["HF_HUB_CACHE"]}
 
 
 # --- the export ---------------------------------------------------------------------------------
@@ -309,12 +309,17 @@ def test_entropy_model_workdir_is_accepted_like_its_export(entropy_workdir):
     assert summary.tag is not None and summary.computed
     recorded = json.loads((data / "sidecars.json").read_text())["entropy_model"]
     assert recorded["fingerprint"] == from_export.fingerprint
+    # generate's default: the run's own entropy-model workdir next to the BLT's, proven by that fingerprint
+    config = ml_collections.ConfigDict({"data": {"path": str(data)}})
+    assert default_entropy_model(workdir.parent / "blt", config) == workdir
+    shutil.move(exported, workdir / "export")  # the quickstart's layout: its export comes first
+    assert default_entropy_model(workdir.parent / "blt", config) == workdir / "export"
 
 
 @pytest.mark.slow
 def test_entropy_cli_accepts_a_workdir_and_refuses_a_blt_run(entropy_workdir, data_dir, tmp_path):
     workdir, data = entropy_workdir
-    done = _run("bltjax.entropy", f"--data={data}", f"--checkpoint={workdir}", "--threshold=1.5")
+    done = _run("bltjax.entropy", f"--data={data}", f"--entropy-model={workdir}", "--threshold=1.5")
     assert done.returncode == 0, done.stderr
     assert "threshold=1.5" in done.stdout
     blt_run = _trained_blt(data_dir, tmp_path)

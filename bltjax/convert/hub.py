@@ -12,9 +12,10 @@ The rules, in order:
    up in huggingface_hub's own cache (``HF_HUB_CACHE``, else ``HF_HOME``/hub, as huggingface_hub
    reads them), the layout ``models--owner--name/{refs,snapshots,blobs}`` that `hf download`
    and `transformers` fill. The snapshot folder of the revision (default ``main``) is returned.
-3. Not cached: with ``HF_HUB_OFFLINE`` set, a `ModelSourceError` that says so; otherwise the
-   files bltjax reads (config, safetensors weights and index, tokenizer and generation files)
-   are downloaded into that cache by huggingface_hub, and any failure is a `ModelSourceError`.
+3. Not cached: a `ModelSourceError` naming the cache and the command that fills it
+   (``hf download owner/name``). Nothing is ever downloaded here: a mistyped relative path of
+   two parts would otherwise cost a network round trip (or a timeout on an offline cluster),
+   and a multi-gigabyte download should be a visible step (so HF_HUB_OFFLINE=1 changes nothing here).
 
 The environment is read at each call, not at import, so a program and its tests can point
 the cache elsewhere after start-up.
@@ -25,8 +26,6 @@ from __future__ import annotations
 import os
 import pathlib
 import re
-import sys
-from typing import TextIO
 
 from etils import epath
 
@@ -34,8 +33,6 @@ from bltjax.runtime import paths
 
 # owner/name with huggingface_hub's allowed characters, and an optional @revision (branch, tag, commit).
 _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95})(?:@(?P<revision>[\w./-]+))?$")
-DOWNLOAD_PATTERNS = ["*.json", "*.safetensors"]  # config, weights, index, tokenizer and generation files
-_TRUE = {"1", "ON", "YES", "TRUE"}
 
 
 class ModelSourceError(FileNotFoundError):
@@ -62,14 +59,7 @@ def hub_cache_dir() -> pathlib.Path:
     return pathlib.Path(constants.HF_HUB_CACHE)
 
 
-def hub_offline() -> bool:
-    """True when HF_HUB_OFFLINE asks for no network access (read now, and as huggingface_hub read it)."""
-    from huggingface_hub import constants
-
-    return os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE or bool(constants.HF_HUB_OFFLINE)
-
-
-def resolve_model_source(source: paths.PathLike, *, log: TextIO = sys.stderr) -> epath.Path:
+def resolve_model_source(source: paths.PathLike) -> epath.Path:
     """The folder ``source`` names: itself when it exists (or is a URI), else the Hub snapshot of that id."""
     text = os.fspath(source)
     if paths.is_uri(text):
@@ -78,18 +68,16 @@ def resolve_model_source(source: paths.PathLike, *, log: TextIO = sys.stderr) ->
     hub_id = parse_hub_id(text)
     if local.exists() or hub_id is None:
         return local
-    return hub_snapshot(*hub_id, given=text, log=log)
+    return hub_snapshot(*hub_id, given=text)
 
 
-def hub_snapshot(
-    repo_id: str, revision: str = "main", *, given: str | None = None, log: TextIO = sys.stderr
-) -> epath.Path:
-    """The cached snapshot folder of ``repo_id`` at ``revision``, downloaded first unless offline."""
+def hub_snapshot(repo_id: str, revision: str = "main", *, given: str | None = None) -> epath.Path:
+    """The cached snapshot folder of ``repo_id`` at ``revision``; ModelSourceError when it is not cached."""
     given = given or repo_id
     local = paths.resolve(given)
     try:
         from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+        from huggingface_hub.errors import HFValidationError, IncompleteSnapshotError, LocalEntryNotFoundError
     except ImportError:
         raise ModelSourceError(
             f"{local}: no such folder; as a Hugging Face Hub id ({repo_id}) it needs huggingface_hub, "
@@ -98,21 +86,15 @@ def hub_snapshot(
     cache = hub_cache_dir()
     try:
         return epath.Path(snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=True))
+    except IncompleteSnapshotError as err:  # a LocalEntryNotFoundError too: caught first
+        raise ModelSourceError(
+            f"{local}: no such folder, and the cached snapshot of {repo_id} in {cache} is incomplete ({err})"
+        ) from None
     except LocalEntryNotFoundError:
-        pass
+        fetch = f"hf download {repo_id}" + ("" if revision == "main" else f" --revision {revision}")
+        raise ModelSourceError(
+            f"{local}: no such folder, and no snapshot of the Hugging Face model {repo_id} (revision {revision}) "
+            f"in the cache {cache}; fetch it into that cache with `{fetch}`, or give a local folder"
+        ) from None
     except HFValidationError as err:
         raise ModelSourceError(f"{local}: no such folder, and {given!r} is not a valid Hub id ({err})") from None
-    where = f"no snapshot of the Hugging Face model {repo_id} (revision {revision}) in the cache {cache}"
-    if hub_offline():
-        raise ModelSourceError(
-            f"{local}: no such folder, and {where}; HF_HUB_OFFLINE is set, so nothing is downloaded "
-            f"(fetch it with `hf download {repo_id}`, or give a local folder)"
-        )
-    print(f"{given}: {where}; downloading it from the Hugging Face Hub", file=log, flush=True)
-    try:
-        folder = snapshot_download(repo_id, revision=revision, cache_dir=cache, allow_patterns=DOWNLOAD_PATTERNS)
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as err:
-        raise ModelSourceError(
-            f"{local}: no such folder, {where}, and the download failed ({type(err).__name__}: {err})"
-        ) from None
-    return epath.Path(folder)
