@@ -52,7 +52,7 @@ def _main(command_line: cli.CommandLine) -> int:
     try:
         max_shard_bytes = parse_size(values.shard_size)
     except ValueError as err:
-        raise cli.CommandLineError(f"--shard_size: {err}") from None
+        raise cli.CommandLineError(f"--shard-size: {err}") from None
     result = export_to_hf(
         values.model,  # as typed: a Hub id must not become a path under the current directory
         values.out,

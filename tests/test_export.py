@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -190,9 +191,24 @@ def test_export_refuses_bad_input_before_writing(fixtures_dir, tmp_path):
         export_to_hf(byte_lm, tmp_path / "out")
     with pytest.raises(ExportError, match=r"--dtype: expected one of \['bfloat16', 'float32'\], got 'fp8'"):
         export_to_hf(byte_lm, tmp_path / "out", dtype="fp8")
-    with pytest.raises(ExportError, match="--entropy_model: .*no such folder"):
+    with pytest.raises(ExportError, match="--entropy-model: .*no such folder"):
         export_to_hf(fixtures_dir / "hf_blt_tiny_b", tmp_path / "out", entropy_model=tmp_path / "nowhere")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["byte_lm"]
+    blt_config = load_config(f"{REPO / 'experiments' / 'blt_tiny.py'}")
+    blt_config.patching.mode, blt_config.patching.threshold = "entropy", 1.25
+    blt_config.model.document_mask = False
+    blt = build_model(blt_config)
+    blt_params = jax.jit(blt.init)(jax.random.key(1), *example_inputs(blt_config))["params"]
+    blt_dir = checkpoints.save_model(tmp_path / "blt", blt_config, blt_params)
+    with pytest.raises(ExportError, match=r"--entropy-model: .*blt is an entropy-patched BLT .* give its entropy"):
+        export_to_hf(blt_dir, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blt", "byte_lm"]
+    # With its entropy model: the byte LM becomes transformers' patcher, with the BLT's threshold.
+    result = export_to_hf(blt_dir, tmp_path / "out", entropy_model=byte_lm)
+    assert result.entropy_model == str(byte_lm)
+    patcher, patcher_params, threshold = hf.load_hf_entropy_model(tmp_path / "out")
+    shape = lambda s: (s.dim, s.n_layers, s.n_heads, s.hidden_dim, s.window, s.rope_theta)  # noqa: E731
+    assert threshold == 1.25 and shape(patcher.config.stack) == shape(build_model(config).config.stack)
+    jax.tree.map(np.testing.assert_array_equal, patcher_params, jax.device_get(nn.meta.unbox(params)))
 
 
 def _run(module: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:

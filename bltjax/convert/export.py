@@ -61,14 +61,14 @@ def _entropy_model(model_source: paths.PathLike, config, entropy_model: paths.Pa
     source = entropy_model or default_entropy_model(model_source, config)
     if source is None:
         raise ExportError(
-            f"--entropy_model: {model_source} is an entropy-patched BLT (config.patching.mode='entropy'); give its "
+            f"--entropy-model: {model_source} is an entropy-patched BLT (config.patching.mode='entropy'); give its "
             "entropy model (a save_model folder, its training workdir or a Hugging Face folder) so that "
             "transformers can patch"
         )
     try:
         return load_entropy_model(source)
     except (FileNotFoundError, ValueError) as err:
-        raise ExportError(f"--entropy_model: {err}") from err
+        raise ExportError(f"--entropy-model: {err}") from err
 
 
 def _threshold(config, entropy, log: TextIO) -> float | None:
@@ -122,7 +122,7 @@ def export_to_hf(
     if loaded.config.model_type != "blt":
         raise ExportError(
             f"--model: {loaded.source} holds a {loaded.config.model_type!r} model; a transformers BLT folder needs a "
-            "'blt' (an entropy model goes inside its BLT: --entropy_model)"
+            "'blt' (an entropy model goes inside its BLT: --entropy-model)"
         )
     entropy = _entropy_model(model_source, loaded.config, entropy_model, log)
     patcher = None if entropy is None else (entropy.model, jax.device_get(entropy.params))
