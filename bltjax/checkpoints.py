@@ -49,6 +49,7 @@ from bltjax.runtime import paths
 CHECKPOINTS_DIR = "checkpoints"
 ITEMS = ("state", "data", "meta")
 METADATA_FILE = "_CHECKPOINT_METADATA"  # orbax writes it last into every finished save
+COMMIT_SUCCESS_FILE = "commit_success.txt"  # orbax's mark of a finished save on an object store
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 # Replica-parallel saving slices each replicated array across its replicas with a jitted
@@ -92,7 +93,13 @@ def _register_array_handler() -> None:
 
 
 def is_complete_step(step_dir: epath.Path) -> bool:
-    """A step folder holds every item and orbax's metadata file (a half-copied folder does not)."""
+    """A step folder holds every item and orbax's metadata file (a half-copied folder does not).
+
+    In a bucket orbax writes the step under its final name (a folder rename would copy every
+    object) and marks it finished with ``commit_success.txt``, so that file is required there too.
+    """
+    if paths.is_uri(step_dir) and not (step_dir / COMMIT_SUCCESS_FILE).is_file():
+        return False
     return (step_dir / METADATA_FILE).is_file() and all((step_dir / item).is_dir() for item in ITEMS)
 
 
