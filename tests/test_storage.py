@@ -242,3 +242,40 @@ def test_paths_resolve_keeps_uris():
     assert os.fspath(paths.resolve("run")) == os.path.join(os.getcwd(), "run")
     with pytest.raises(paths.PathError, match="unsupported URI scheme 'nope://'"):
         paths.resolve("nope://bucket/x")
+
+
+def test_sweep_folder_in_a_bucket_plans_prepares_and_reports(bucket, tmp_path):
+    from test_sweep import TINY_SWEEP
+
+    from bltjax.sweep import job_config, plan, report, runner, spec, stages
+
+    sweep_file = tmp_path / "tiny_sweep.py"
+    sweep_file.write_text(TINY_SWEEP)
+    sweep = spec.load_sweep(str(sweep_file))
+    made = plan.make_plan(sweep, "gs://bucket/sweep")
+    plan.write_plan(made, "gs://bucket/sweep")
+    assert plan.load_plan("gs://bucket/sweep") == json.loads(bucket.file("bucket", "sweep/plan.json").read_text())
+    job = made["jobs"][0]
+    config = job_config.get_config(f"gs://bucket/sweep/jobs/{job['name']}.json")
+    assert config.data.path == "gs://bucket/sweep/data"
+    assert runner.train_command("gs://bucket/sweep", job["name"])[-1] == f"gs://bucket/sweep/runs/{job['name']}"
+    stages.ensure_data(paths.resolve("gs://bucket/sweep"), made["stages"]["data"])
+    assert "sweep/data/manifest.json" in _objects(bucket) and "sweep/stages/data.json" in _objects(bucket)
+    log = runner.AppendedText(runner.run_dir("gs://bucket/sweep", job["name"]) / runner.LOG_FILE)
+    log.write("first line\n")
+    log.close()
+    with runner.AppendedText(runner.run_dir("gs://bucket/sweep", job["name"]) / runner.LOG_FILE) as log:
+        log.write("second line\n")
+    assert bucket.file("bucket", f"sweep/runs/{job['name']}/train.log").read_text() == "first line\nsecond line\n"
+    files = report.write_report("gs://bucket/sweep")
+    assert {os.fspath(p) for p in files.values()} >= {"gs://bucket/sweep/report.md", "gs://bucket/sweep/report.csv"}
+    assert all(os.fspath(p).removeprefix("gs://bucket/") in _objects(bucket) for p in files.values())
+
+
+def test_python_files_of_sweeps_and_experiments_must_be_local():
+    from bltjax.sweep import spec
+
+    with pytest.raises(paths.PathError, match="gs://b/s.py: --sweep .* must be a local path"):
+        spec.load_sweep("gs://b/s.py")
+    with pytest.raises(paths.PathError, match="gs://b/e.py: sweep.base .* must be a local path"):
+        spec.load_experiment("gs://b/e.py", "base")

@@ -18,6 +18,7 @@ import pathlib
 import ml_collections
 
 from bltjax.config import ConfigError, load_config
+from bltjax.runtime import paths
 
 SWEEP_MODES = ("entropy", "space", "static")
 # English prose and Python code of the bundled corpus (bltjax/data/corpus): the default data.
@@ -70,6 +71,7 @@ def resolve_path(path: str) -> pathlib.Path:
 
 def load_experiment(spec: str, field: str) -> ml_collections.ConfigDict:
     """``path.py[:variant]`` -> its validated-later ConfigDict; errors name the sweep field."""
+    paths.require_local(spec, f"sweep.{field} (an experiment file, imported as Python)")
     path, sep, arg = spec.partition(":")
     file = resolve_path(path)
     if not file.is_file():
@@ -117,6 +119,7 @@ def load_sweep(spec: str | None) -> ml_collections.ConfigDict:
     sweep = default_sweep()
     if not spec:
         return sweep
+    paths.require_local(spec, "--sweep (a sweep file, imported as Python)")
     path, _, arg = spec.partition(":")
     file = resolve_path(path)
     if not file.is_file():
