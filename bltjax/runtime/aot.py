@@ -69,7 +69,7 @@ import ml_collections
 from bltjax import kernels
 from bltjax.config import validate
 from bltjax.models.factory import build_model
-from bltjax.runtime import hlo_loops, memory_report
+from bltjax.runtime import hlo_loops, memory_report, paths
 from bltjax.runtime.atomic import write_atomic
 from bltjax.runtime.roofline import Roofline, chip_peaks, estimate, model_flops_per_step
 from bltjax.training import sharding
@@ -540,7 +540,7 @@ def compile_for_target(
     )
     print(report.table(), file=console, flush=True)
     if out:
-        path = pathlib.Path(out)
+        path = paths.resolve(out)  # the report may go to a bucket next to the run
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, (json.dumps(report.to_json(), indent=2) + "\n").encode())
     check_fits(report, config)
