@@ -20,6 +20,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.compat.proto.event_pb2 import SessionLog
 from tensorboard.plugins.hparams import plugin_data_pb2
+from test_storage import bucket  # noqa: F401, F811 - the fixture: gs://bucket served by tests/fake_gcs.py
 
 from bltjax.tokenizer import BOE_ID, BOS_ID, EOS_ID, OFFSET
 from bltjax.training import metrics
@@ -364,3 +365,27 @@ def test_wandb_run_holds_the_scalars_and_config_and_a_relaunch_resumes_it(tmp_pa
     assert (workdir / "wandb_run_id").read_text().strip() == run_id
     runs = sorted(wandb_offline.glob("wandb/offline-run-*"))
     assert len(runs) == 2 and all((r / f"run-{run_id}.wandb").is_file() for r in runs)  # the same run, resumed
+
+
+# --- a run folder in a bucket (tests/fake_gcs.py, through the clients a real job uses) ----------------------
+
+
+def test_metrics_in_a_bucket_jsonl_and_tensorboard(bucket, tmp_path):  # noqa: F811 - pytest's fixture
+    workdir = "gs://bucket/run"
+    with metrics.MetricsWriter(workdir, console=None) as writer:
+        writer.write_config({"train": {"steps": 3}})
+        _write_steps(writer, [1, 2, 3])
+    with metrics.MetricsWriter(workdir, console=None) as writer:  # relaunched from step 2
+        assert writer.truncate_after(2) == 1
+        _write_steps(writer, [3], scale=10.0)
+    records = metrics.read_jsonl(f"{workdir}/metrics.jsonl")
+    assert [(r["split"], r["step"], r.get("loss")) for r in records] == [
+        ("config", 0, None), ("train", 1, 1.0), ("train", 2, 2.0), ("train", 3, 30.0)]  # fmt: skip
+    events = [name for name in bucket.objects("bucket") if name.startswith("run/tensorboard/train/events.out")]
+    assert len(events) == 2  # one event file per launch, each uploaded whole
+    local = tmp_path / "events"
+    local.mkdir()
+    for name in events:
+        (local / name.rsplit("/", 1)[1]).write_bytes(bucket.file("bucket", name).read_bytes())
+    assert _tensorboard_scalars(local)["loss"] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+    assert not list(tmp_path.parent.glob("**/gs:"))  # nothing written to a local "gs:" folder

@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bltjax.runtime import observability, paths
+from bltjax.runtime import event_files, observability, paths
 from bltjax.runtime.atomic import write_atomic
 from bltjax.tokenizer import OFFSET
 
@@ -340,6 +340,8 @@ class TensorboardXWriter(_ScalarWriter):
     def __init__(self, logdir: str | os.PathLike, *, purge_step: int | None = None) -> None:
         from tensorboardX import SummaryWriter  # imported on first use: seconds when torch is installed
 
+        if paths.is_uri(logdir):
+            event_files.register(os.fspath(logdir))  # a bucket's events through epath, like every other file
         # tensorboardX names files by the second and opens them with "wb", so two writers in one
         # second (a quick restart) would clobber each other; time_ns first keeps names in creation order.
         self._writer = SummaryWriter(
