@@ -91,6 +91,16 @@ def test_hub_id_resolves_to_the_cached_snapshot(hub_cache, fixtures_dir):
     assert entropy.source == "huggingface" and entropy.path == os.fspath(hub_cache)
 
 
+def test_eval_results_of_a_hub_model_stay_out_of_the_cache(hub_cache, tmp_path, monkeypatch):
+    from bltjax.inference.evaluate import default_output_path
+
+    monkeypatch.chdir(tmp_path)
+    loaded = load_for_inference(REPO_ID, devices=jax.local_devices()[:1])
+    path = pathlib.Path(default_output_path(loaded, "validation"))
+    assert path == tmp_path / "eval" / ("models--" + REPO_ID.replace("/", "--")) / "validation.json"
+    assert hub.cached_repo_folder_name(tmp_path / "run") is None
+
+
 def test_a_local_folder_named_like_a_hub_id_wins(hub_cache, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = load_config(f"{REPO / 'experiments' / 'byte_lm.py'}:tiny")

@@ -71,6 +71,19 @@ def resolve_model_source(source: paths.PathLike) -> epath.Path:
     return hub_snapshot(*hub_id, given=text)
 
 
+def cached_repo_folder_name(path: paths.PathLike) -> str | None:
+    """``models--owner--name`` when ``path`` lies in a Hub cache snapshot, else None.
+
+    Outputs that default to "next to the model" must not land inside the cache, which
+    huggingface_hub owns and may delete or share between users.
+    """
+    parts = paths.resolve(path).parts
+    for part, after in zip(parts, parts[1:], strict=False):
+        if part.startswith("models--") and after == "snapshots":
+            return part
+    return None
+
+
 def hub_snapshot(repo_id: str, revision: str = "main", *, given: str | None = None) -> epath.Path:
     """The cached snapshot folder of ``repo_id`` at ``revision``; ModelSourceError when it is not cached."""
     given = given or repo_id

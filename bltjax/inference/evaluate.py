@@ -365,12 +365,21 @@ def _format_value(value: Any) -> str:
 def default_output_path(
     inference_model: InferenceModel, split: str, patching_overrides: Mapping[str, Any] | None = None
 ) -> epath.Path:
-    """``WORKDIR/eval/<split>-step<N>[-<key><value>...].json``, or ``MODEL_DIR/eval/<split>...json``."""
+    """``WORKDIR/eval/<split>-step<N>[-<key><value>...].json``, or ``MODEL_DIR/eval/<split>...json``.
+
+    A model read from the Hugging Face Hub cache gets ``./eval/models--owner--name/<split>...json``
+    in the current folder instead: the cache is huggingface_hub's, not a place for results.
+    """
+    from bltjax.convert.hub import cached_repo_folder_name  # as in restore.py: convert's exporter imports inference
+
     source = paths.resolve(inference_model.source)
     name = split
+    cached_repo = cached_repo_folder_name(source)
     if inference_model.step is not None:
         root = source.parent.parent  # WORKDIR/checkpoints/<step>
         name += f"-step{inference_model.step}"
+    elif cached_repo is not None:
+        return paths.resolve(".") / EVAL_DIR / cached_repo / f"{name}{split_label('', patching_overrides)}.json"
     else:
         root = source
     name += split_label("", patching_overrides)
