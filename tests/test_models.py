@@ -103,6 +103,22 @@ def test_padding_gives_finite_values_and_gradients(blt_tiny):
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
 
 
+def test_ambiguous_padded_row_warns_and_reads_first_zero_as_empty_last_patch(blt_tiny):
+    """A row adding up to N with two zero columns: the model warns, and its last byte reads the
+    global output of its last real patch, as the row with the next token in a patch of its own
+    (docs/architecture.md §3.3)."""
+    from bltjax.models.patch_ids import AmbiguousPaddingWarning
+
+    model, params, apply, tokens, _ = blt_tiny
+    ambiguous = np.array([[1, 5, 3, 9, 1, 12, 7, 10, 0, 0]], np.int32)  # adds up to N = 48
+    explicit = np.array([[1, 5, 3, 9, 1, 12, 7, 10, 1, 0]], np.int32)  # N + 1, token N opens a patch
+    continued = np.array([[1, 5, 3, 9, 1, 12, 7, 11, 0, 0]], np.int32)  # N + 1, token N continues it
+    with pytest.warns(AmbiguousPaddingWarning, match="row 0 adds up to N = 48 and has 2 zero columns"):
+        got = np.asarray(model.apply({"params": params}, tokens, ambiguous))
+    np.testing.assert_allclose(got, np.asarray(apply(params, tokens, explicit)), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(got[0, -1], np.asarray(apply(params, tokens, continued))[0, -1])
+
+
 @pytest.mark.parametrize("implementation", ["dense", "xla_blockwise"])
 def test_attention_implementations_give_the_same_blt_logits(blt_tiny, implementation):
     """``model.attention`` picks how attention is computed, never what: the logits of "auto"."""

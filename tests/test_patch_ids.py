@@ -1,5 +1,7 @@
 """Conformance for patch ids and masks: the worked examples of docs/architecture.md §5.4, §6.5 and §8.2."""
 
+import warnings
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -7,7 +9,13 @@ import pytest
 from bltjax.kernels.masks import local_causal_mask
 from bltjax.models.layers import eos_segment_ids
 from bltjax.models.local_encoder import encoder_cross_attn_mask, pool_patches
-from bltjax.models.patch_ids import check_patch_lengths, decoder_patch_ids, patch_ids, with_next_token
+from bltjax.models.patch_ids import (
+    AmbiguousPaddingWarning,
+    check_patch_lengths,
+    decoder_patch_ids,
+    patch_ids,
+    with_next_token,
+)
 
 EXAMPLE = jnp.array([[1, 3, 2, 5]])  # N = 10 tokens, lengths add up to N + 1 = 11
 
@@ -39,6 +47,33 @@ def test_with_next_token_conventions():
     out = np.asarray(with_next_token(lengths, 10)).tolist()
     assert out == [[1, 3, 2, 4, 1], [1, 3, 2, 4, 1], [1, 9, 1, 0, 0]]
     assert np.asarray(with_next_token(jnp.array([[1, 3, 6]]), 10)).tolist() == [[1, 3, 7]]
+
+
+@pytest.mark.parametrize(
+    "lengths, converted, dpid",
+    [  # the table of docs/architecture.md §3.3, N = 6
+        ([1, 5], [1, 6], [0, 0, 0, 0, 0, 0]),
+        ([1, 5, 0], [1, 5, 1], [0, 0, 0, 0, 0, 1]),
+        ([1, 5, 0, 0], [1, 5, 1, 0], [0, 0, 0, 0, 0, 1]),
+        ([1, 2, 3, 0, 0], [1, 2, 3, 1, 0], [0, 0, 1, 1, 1, 2]),
+    ],
+)
+def test_zero_padded_row_in_n_convention_reads_first_zero_as_empty_last_patch(lengths, converted, dpid):
+    """The rule for the ambiguous padded row: the first zero column is the patcher's empty last patch."""
+    row = with_next_token(jnp.array([lengths]), 6)
+    assert np.asarray(row)[0].tolist() == converted
+    assert np.asarray(decoder_patch_ids(row, 6))[0].tolist() == dpid
+
+
+def test_ambiguous_padding_warns_and_unambiguous_rows_do_not():
+    # Two or more zero columns on a row adding up to N: padded for certain, the last byte's patch is a guess.
+    with pytest.warns(AmbiguousPaddingWarning, match=r"row 1 adds up to N = 6 and has 2 zero columns.*N \+ 1 = 7"):
+        check_patch_lengths(np.array([[1, 2, 3, 0], [1, 5, 0, 0]]), 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_patch_lengths(np.array([[1, 5, 0]]), 6)  # one zero: the patcher's empty last patch
+        check_patch_lengths(np.array([[1, 5]]), 6)
+        check_patch_lengths(np.array([[1, 5, 1, 0, 0], [1, 6, 0, 0, 0]]), 6)  # N + 1: padding is plain padding
 
 
 @pytest.mark.parametrize(

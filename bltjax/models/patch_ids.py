@@ -7,6 +7,8 @@ document (global mask). They are derived with static shapes from the zero-padded
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,11 +52,23 @@ def decoder_patch_ids(patch_lengths_BP: jax.Array, n_tokens: int) -> jax.Array:
     return patch_ids(patch_lengths_BP[:, 1:], n_tokens)
 
 
+class AmbiguousPaddingWarning(UserWarning):
+    """A row adding up to N carries two or more zero columns (docs/architecture.md §3.3).
+
+    A patcher writes at most one empty last patch, so such a row is padded for certain, and
+    whether token N opens a patch cannot be read from its lengths: the model takes the first
+    zero as the patcher's empty last patch, `transformers` reads the column before the last, and the row
+    run alone may have meant neither. Rows adding up to N + 1 carry the decision explicitly.
+    """
+
+
 def check_patch_lengths(patch_lengths, n_tokens: int, *, name: str = "patch_lengths") -> None:
     """Raises ValueError unless every row is a valid BLT patching of n_tokens tokens.
 
     Valid: non-negative; no non-zero length after a zero; first length exactly 1 (§3.2, the
-    decoder shift needs it); row sum N (HF convention) or N + 1 (training convention).
+    decoder shift needs it); row sum N (HF convention) or N + 1 (training convention). Warns
+    (AmbiguousPaddingWarning) on a row adding up to N with two or more zero columns: a valid
+    input whose last byte's patch is a guess (docs/architecture.md §3.3).
     """
     lengths = np.asarray(patch_lengths)
     if lengths.ndim != 2 or not np.issubdtype(lengths.dtype, np.integer):
@@ -77,4 +91,17 @@ def check_patch_lengths(patch_lengths, n_tokens: int, *, name: str = "patch_leng
         raise ValueError(
             f"{name}: row {int(bad[0])} adds up to {int(sums[bad[0]])}; expected N = {n_tokens} "
             f"or N + 1 = {n_tokens + 1} (with the next token)"
+        )
+    zero_columns = (lengths == 0).sum(axis=-1)
+    ambiguous = np.flatnonzero((sums == n_tokens) & (zero_columns >= 2))
+    if ambiguous.size:
+        row = int(ambiguous[0])
+        warnings.warn(
+            f"{name}: row {row} adds up to N = {n_tokens} and has {int(zero_columns[row])} zero columns, so it is "
+            "padded and whether token N opens a patch is ambiguous; the model reads its first zero column as the "
+            "patcher's empty last patch (transformers reads column P - 2). Pass lengths adding up to "
+            f"N + 1 = {n_tokens + 1} (patching.patch_lengths(..., include_next_token=True)) to remove the doubt; "
+            "docs/architecture.md §3.3",
+            AmbiguousPaddingWarning,
+            stacklevel=2,
         )
