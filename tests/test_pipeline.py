@@ -331,6 +331,20 @@ def test_entropy_errors_name_the_file(data_dir, tmp_path):
     dataset(altered, config, verify="size")  # sizes still fine: content not hashed
 
 
+@pytest.mark.parametrize(
+    "rule, message",
+    [
+        ({"monotonicity": True}, r"global threshold rule .* monotonicity=True"),
+        ({"threshold_add": 0.5}, r"global threshold rule .* threshold_add=0\.5"),
+        ({"threshold": None, "patch_size": 4}, r"needs a threshold \(top-k"),
+    ],
+)
+def test_entropy_rules_other_than_the_global_threshold_are_refused(data_dir, rule, message):
+    """Training trains entropy patching with the global threshold only: the sidecars hold no other rule."""
+    with pytest.raises(DataError, match=message):
+        dataset(data_dir, make_config("entropy", **rule))
+
+
 def test_shard_errors_name_the_file(data_dir, tmp_path):
     config = make_config("space")
     bad = _copy_data(data_dir, tmp_path / "bad")
