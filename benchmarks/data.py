@@ -19,6 +19,7 @@ benchmarks/data.json. Never run by the unit tests.
 from __future__ import annotations
 
 import argparse
+import datetime
 import hashlib
 import json
 import os
@@ -35,6 +36,7 @@ from bltjax.data import prepare
 from bltjax.data import shards as shard_format
 from bltjax.data.pipeline import make_dataset, make_iterator
 from bltjax.data.sidecars import start_mask, threshold_tag
+from bltjax.runtime.atomic import write_atomic
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 THETA = 1.335442066192627
@@ -324,19 +326,21 @@ def main() -> None:
             f"| {r['executed_flops_per_s'] / r['matmul_peak_flops']:.1%} |"
         )
     out = pathlib.Path(__file__).with_suffix(".json")
-    out.write_text(
+    write_atomic(
+        out,
         json.dumps(
             {
                 "unit": "bytes/s = target tokens (bytes incl. BOS/EOS) per second",
                 "target": f"pipeline >= {TARGET_RATIO:.0f}x the forward+backward consumption of the same batch shape",
+                "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
                 "machine": f"{platform.machine()}, {os.cpu_count()} cores",
                 "reader": "make_iterator(num_threads=0), one process",
                 "results": rows,
                 "entropy_precompute": entropy_rows,
             },
             indent=2,
-        )
-        + "\n"
+        ).encode()
+        + b"\n",
     )
     print(f"\nwrote {out}")
 

@@ -10,6 +10,7 @@ are also written to benchmarks/patching.json. Never run by the unit tests.
 from __future__ import annotations
 
 import argparse
+import datetime
 import functools
 import json
 import os
@@ -20,6 +21,7 @@ import time
 import numpy as np
 
 from bltjax.patching import PatchingRule, patch_lengths
+from bltjax.runtime.atomic import write_atomic
 
 THETA = 1.335442066192627
 TARGET_MB_PER_S = 200.0
@@ -111,18 +113,20 @@ def main() -> None:
         )
 
     out = pathlib.Path(__file__).with_suffix(".json")
-    out.write_text(
+    write_atomic(
+        out,
         json.dumps(
             {
                 "shape": [args.rows, args.cols],
                 "unit": "MB/s = 1e6 bytes of text (positions) patched per second",
-                "machine": platform.processor() or platform.machine(),
+                "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
                 "numpy": np.__version__,
                 "results": results,
             },
             indent=2,
-        )
-        + "\n"
+        ).encode()
+        + b"\n",
     )
     print(f"\nwrote {out}")
 

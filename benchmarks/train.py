@@ -57,6 +57,7 @@ of the byte LM baseline's achieved FLOP/s. Never run by the unit tests at full s
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import pathlib
@@ -649,8 +650,11 @@ def main() -> None:
         print(f"\nBLT step time shares: failed: {components['error']}")
 
     if args.out:
+        from bltjax.runtime.atomic import write_atomic
+
         out = pathlib.Path(args.out)
-        out.write_text(
+        write_atomic(
+            out,
             json.dumps(
                 {
                     "unit": "bytes/s = B x N target bytes per second of a full training step (fwd + bwd + AdamW)",
@@ -663,6 +667,7 @@ def main() -> None:
                         "memory_vs_hf": TARGET_MEMORY,
                         "flops_vs_byte_lm": TARGET_FLOPS_RATIO,
                     },  # fmt: skip
+                    "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
                     "machine": f"{platform.machine()}, {os.cpu_count()} cores",
                     "model": args.model,
                     "remat": args.remat,
@@ -673,8 +678,8 @@ def main() -> None:
                     "ratios": ratios,
                 },
                 indent=2,
-            )
-            + "\n"
+            ).encode()
+            + b"\n",
         )
         print(f"\nwrote {out}")
 
