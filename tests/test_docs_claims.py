@@ -1,0 +1,80 @@
+"""README and docs point at the tests that show their claims, and those tests exist.
+
+A claim in README.md or docs/*.md names its test as `tests/test_x.py::test_name`. These tests
+fail when a named test is renamed or removed (the reference would silently point nowhere) and
+when a row of the README's status table names no test at all.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import pathlib
+import re
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+TEST_REFERENCE = re.compile(r"tests/(test_\w+\.py)::(\w+)")
+TEST_FILE = re.compile(r"tests/(test_\w+\.py)\b")
+
+
+@functools.cache
+def _test_functions(file_name: str) -> frozenset[str]:
+    """Names of the module-level test functions a test file defines (pytest collects them)."""
+    tree = ast.parse((ROOT / "tests" / file_name).read_text(encoding="utf-8"))
+    functions = (ast.FunctionDef, ast.AsyncFunctionDef)
+    return frozenset(node.name for node in tree.body if isinstance(node, functions) and node.name.startswith("test"))
+
+
+def _references(text: str) -> list[tuple[int, str, str]]:
+    """(line number, test file, test name) for every `tests/test_x.py::name` in a document."""
+    return [
+        (line_number, match.group(1), match.group(2))
+        for line_number, line in enumerate(text.splitlines(), start=1)
+        for match in TEST_REFERENCE.finditer(line)
+    ]
+
+
+def _status_rows(readme: str) -> list[tuple[str, str]]:
+    """(part, whole row) for each body row of the table under README's '## Status' heading."""
+    section = re.split(r"^## Status\n", readme, maxsplit=1, flags=re.MULTILINE)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ")]
+    assert rows and rows[0].startswith("| part |"), "README's Status section lost its table"
+    return [(row.split("|")[1].strip(), row) for row in rows[1:]]
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda path: path.relative_to(ROOT).as_posix())
+def test_every_test_a_document_names_exists(doc):
+    text = doc.read_text(encoding="utf-8")
+    missing = []
+    for line_number, file_name, name in _references(text):
+        if not (ROOT / "tests" / file_name).is_file():
+            missing.append(f"{doc.name}:{line_number}: tests/{file_name} does not exist")
+        elif name not in _test_functions(file_name):
+            missing.append(f"{doc.name}:{line_number}: tests/{file_name} defines no test {name!r}")
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        for match in TEST_FILE.finditer(line):
+            if not (ROOT / "tests" / match.group(1)).is_file():
+                missing.append(f"{doc.name}:{line_number}: tests/{match.group(1)} does not exist")
+    assert not missing, "\n".join(missing)
+
+
+def test_every_status_row_names_a_test():
+    rows = _status_rows((ROOT / "README.md").read_text(encoding="utf-8"))
+    assert len(rows) >= 10
+    untested = [part for part, row in rows if not TEST_REFERENCE.search(row)]
+    assert not untested, f"README status rows without a `tests/test_x.py::name` reference: {untested}"
+
+
+def test_the_checks_catch_a_renamed_test_and_an_untested_row():
+    """The parsers above see what they must: a reference to a missing test, a row without one."""
+    assert _references("see `tests/test_patch_ids.py::test_spec_pid_dpid_example` and x") == [
+        (1, "test_patch_ids.py", "test_spec_pid_dpid_example")
+    ]
+    assert "test_spec_pid_dpid_example" in _test_functions("test_patch_ids.py")
+    assert "test_no_such_test" not in _test_functions("test_patch_ids.py")
+    readme = "## Status\n\n| part | state |\n|---|---|\n| a | b (`tests/test_a.py::test_b`) |\n| c | d |\n\n## Next\n"
+    rows = _status_rows(readme)
+    assert [part for part, row in rows if not TEST_REFERENCE.search(row)] == ["c"]
