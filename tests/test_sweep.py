@@ -4,6 +4,7 @@ resumed and reported (runs `python -m bltjax.sweep run` in subprocesses, as a us
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import os
@@ -418,3 +419,50 @@ def test_plan_from_flags_alone(sweep_file, tmp_path, capsys):
     assert plan.load_plan(out)["stages"]["data"]["corpus"] == list(spec.DEFAULT_CORPUS)
     assert sweep_main(["plan", "--patch-sizes", "4", "--out", str(out / "x")]) == 1
     assert "sweep.base: expected a BLT experiment path.py[:variant] (--base or --sweep)" in capsys.readouterr().err
+
+
+def _fake_sweep(monkeypatch, tmp_path, run_job):
+    """run_sweep over two planned jobs, with the plan, stages and the job launch replaced."""
+    (tmp_path / "job.json").write_text("{}")
+    monkeypatch.setattr(runner, "load_plan", lambda sweep_dir: {})
+    monkeypatch.setattr(runner, "select_jobs", lambda plan, only: [{"name": "a"}, {"name": "b"}])
+    monkeypatch.setattr(runner, "run_stages", lambda *args: None)
+    monkeypatch.setattr(runner, "read_done", lambda sweep_dir, job: None)
+    monkeypatch.setattr(runner, "job_file", lambda sweep_dir, name: tmp_path / "job.json")
+    monkeypatch.setattr(runner, "run_job", run_job)
+    return lambda **kwargs: runner.run_sweep(tmp_path, log=io.StringIO(), **kwargs)
+
+
+def test_a_failing_job_stops_the_sweep_unless_keep_going(monkeypatch, tmp_path):
+    started = []
+
+    def failing(sweep_dir, job, log, forward):
+        started.append(job["name"])
+        return 1
+
+    run = _fake_sweep(monkeypatch, tmp_path, failing)
+    assert run() == 1 and started == ["a"]
+    started.clear()
+    assert run(keep_going=True) == 1 and started == ["a", "b"]
+
+
+def test_sigterm_to_the_runner_goes_to_the_running_job_and_starts_nothing_new(monkeypatch, tmp_path):
+    started = []
+    job = (
+        "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(143)); "
+        "print(1, flush=True); time.sleep(60)"
+    )
+
+    def checkpointing(sweep_dir, planned, log, forward):
+        started.append(planned["name"])
+        forward.child = subprocess.Popen([sys.executable, "-c", job], stdout=subprocess.PIPE, text=True)
+        forward.child.stdout.readline()  # its handler is installed
+        os.kill(os.getpid(), signal.SIGTERM)  # the runner's handler forwards it to the job
+        rc = forward.child.wait(timeout=30)
+        forward.child = None
+        return rc
+
+    previous = signal.getsignal(signal.SIGTERM)
+    assert _fake_sweep(monkeypatch, tmp_path, checkpointing)() == runner.PREEMPTED == 143
+    assert started == ["a"]
+    assert signal.getsignal(signal.SIGTERM) is previous  # the runner's handler is gone again
