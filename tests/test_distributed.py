@@ -134,6 +134,45 @@ def test_killing_one_process_stops_the_other_with_a_clear_error(data_dir, tmp_pa
     assert re.search(r"another task died|unhealthy|Connection reset by peer|Connection closed by peer", output)
 
 
+@pytest.mark.slow
+def test_sigterm_to_one_process_makes_every_process_save_the_same_step(data_dir, tmp_path):
+    """docs/launching.md, Pre-emption: the processes agree on a stop every step, so a SIGTERM that
+    reaches only process 1 still gives one complete checkpoint, written by both, and status 143 twice."""
+    steps = 200
+    workdir = tmp_path / "run"
+    cli = [arg for arg in _train_cli(workdir, data_dir) if not arg.startswith("--config.train.steps=")]
+    command = ["bash", LOCAL, "--processes", "2", "--devices-per-process", "2", "--heartbeat-timeout", "30",
+               "--grace", "120", "--", *cli, f"--config.train.steps={steps}"]  # fmt: skip
+    proc = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    pids: dict[int, int] = {}
+    deadline = time.monotonic() + 600
+    for line in proc.stdout:
+        lines.append(line)
+        if match := re.search(r"\(0: pid (\d+), 1: pid (\d+)\)", line):
+            pids = {0: int(match.group(1)), 1: int(match.group(2))}
+        if (line.startswith("[0] step") and f"/{steps}" in line) or time.monotonic() > deadline:
+            break  # training has started on both
+    assert pids and lines[-1].startswith("[0] step"), "".join(lines)[-3000:]
+    os.kill(pids[1], signal.SIGTERM)
+    try:
+        rest, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = "".join(lines) + rest
+    assert re.search(r"process 0 exited with status 143", output), output[-3000:]
+    assert re.search(r"process 1 exited with status 143", output), output[-3000:]
+    saved = int(output.split("pre-empted: saved step ")[1].split(";")[0])
+    assert 1 <= saved < steps
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [str(saved)]
+    assert test_trainer._complete(workdir / "checkpoints" / str(saved))
+    assert {p.name for p in (workdir / "checkpoints" / str(saved) / "data").iterdir()} >= {
+        "process_0-of-2.json",
+        "process_1-of-2.json",
+    }
+
+
 # --- deciding how to join (no processes started) --------------------------------------------
 
 
