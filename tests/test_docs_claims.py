@@ -68,6 +68,38 @@ def test_every_status_row_names_a_test():
     assert not untested, f"README status rows without a `tests/test_x.py::name` reference: {untested}"
 
 
+def _sections(text: str) -> dict[str, str]:
+    """'## ' heading -> the text under it, up to the next '## ' heading."""
+    parts = re.split(r"^## (.+)\n", text, flags=re.MULTILINE)
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
+
+
+# README sections that promise behaviour; each names at least one test.
+BEHAVIOUR_SECTIONS = [
+    "Install",
+    "The main job",
+    "Training",
+    "Evaluation",
+    "Generation",
+    "Sweeping patch size at a fixed FLOP budget",
+    "Launching beyond one machine",
+    "Configs",
+    "Data",
+    "Using Hugging Face checkpoints",
+    "Layout",
+]
+
+
+def test_every_behaviour_section_and_guide_names_a_test():
+    sections = _sections((ROOT / "README.md").read_text(encoding="utf-8"))
+    missing = [name for name in BEHAVIOUR_SECTIONS if name not in sections]
+    assert not missing, f"README lost the sections {missing}; update BEHAVIOUR_SECTIONS"
+    untested = [name for name in BEHAVIOUR_SECTIONS if not TEST_REFERENCE.search(sections[name])]
+    assert not untested, f"README sections without a `tests/test_x.py::name` reference: {untested}"
+    for guide in ("data.md", "launching.md", "sweeps.md", "design.md", "architecture.md"):
+        assert TEST_REFERENCE.search((ROOT / "docs" / guide).read_text(encoding="utf-8")), f"docs/{guide} names no test"
+
+
 def test_the_checks_catch_a_renamed_test_and_an_untested_row():
     """The parsers above see what they must: a reference to a missing test, a row without one."""
     assert _references("see `tests/test_patch_ids.py::test_spec_pid_dpid_example` and x") == [
