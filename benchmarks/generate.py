@@ -140,20 +140,24 @@ def build_models(name: str, entropy_size: str, sample: list[bytes]):
     return record, model, params, (entropy_model, entropy_params), IncrementalRule(mode="entropy", threshold=threshold)
 
 
-def gap_threshold(sorted_entropies, quantile: float) -> float:
-    """The midpoint of the gap between the two entropies around ``quantile``.
+def gap_threshold(sorted_entropies, quantile: float, tolerance: float = 1e-4) -> float:
+    """The midpoint of the gap between distinct entropies nearest to ``quantile``.
 
     A quantile lands on (or within rounding of) an entropy of the very text being generated, and
     the cached and the full-recompute entropy passes round differently (docs/architecture.md §2.1): a decision
-    flipped there changes every later byte. The midpoint leaves the widest margin at the same rank.
+    flipped there changes every later byte. A midpoint leaves the widest margin at about the same rank.
     """
     import numpy as np
 
-    # Distinct values only: a random model repeats itself, so the same entropy recurs many times
-    # (a midpoint of two equal values would be that value, with a margin of exactly 0).
-    values = np.unique(sorted_entropies)
-    j = int(np.clip(np.searchsorted(values, quantile), 1, len(values) - 1))
-    return float((values[j - 1] + values[j]) / 2)
+    # A random model repeats itself, and one entropy recurs at many positions a float32 ulp or
+    # two apart: values closer than ``tolerance`` are that one entropy (the float32 midpoint of two
+    # such neighbours is one of them, a margin of 0). Gaps are taken in float64, between the rest.
+    values = np.unique(np.asarray(sorted_entropies, np.float64))
+    gaps = np.flatnonzero(np.diff(values) > tolerance)
+    if gaps.size == 0:
+        raise ValueError(f"no two entropies differ by more than {tolerance}: no threshold with a margin")
+    midpoints = (values[gaps] + values[gaps + 1]) / 2
+    return float(midpoints[np.argmin(np.abs(midpoints - quantile))])
 
 
 def calibrate_on_generation(models, sample: list[bytes], max_bytes: int, rounds: int = 2):

@@ -117,13 +117,13 @@ def same_bytes(row: dict) -> str:
 
 def generation_table(data: dict) -> str:
     lines = [
-        "| model | batch | cached bytes/s (this row's ratio is against it) | compared with | its bytes/s "
-        "| cached is | same greedy bytes as cached |",
-        "|---|---:|---:|---|---:|---:|---|",
+        "| model | batch | cached bytes/s (this row's ratio is against it) | ids per patch | compared with "
+        "| its bytes/s | cached is | same greedy bytes as cached |",
+        "|---|---:|---:|---:|---|---:|---:|---|",
     ]
     for cached, other in generation_pairs(data):
         label = MODEL_LABELS.get(cached["model"], cached["model"])
-        head = f"| {label} | {cached['batch']} | {rate(cached['bytes_per_s'])} "
+        head = f"| {label} | {cached['batch']} | {rate(cached['bytes_per_s'])} | {cached['mean_patch_ids']:.1f} "
         if other is None:
             lines.append(head + "| - | - | - | - |")
         elif other.get("skipped"):
@@ -140,7 +140,7 @@ def generation_table(data: dict) -> str:
     lines.append(
         f"\n{run_of(data)}{load}; {field(data, 'max_bytes')} bytes "
         f"generated greedily per row after {field(data, 'prompt_bytes')}-byte prompts, entropy threshold "
-        f"{field(data, 'threshold'):.4f} (`benchmarks/generate.json`)."
+        f"{field(data, 'threshold'):.5f} (`benchmarks/generate.json`)."
     )
     return "\n".join(lines)
 
