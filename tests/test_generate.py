@@ -509,3 +509,25 @@ def test_cli_generates_from_a_hugging_face_folder_with_its_own_patcher(fixture_b
     assert results[0].token_ids == greedy_b[0].token_ids
     assert results[0].patch_lengths == greedy_b[0].patch_lengths
     assert "entropy model: " in out.getvalue()
+
+
+def _benchmark_module(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_threshold_keeps_a_margin_from_entropies_one_ulp_apart():
+    """The generation benchmark's threshold must not sit on an entropy of the text (the byte-418 divergence)."""
+    gap_threshold = _benchmark_module("generate").gap_threshold
+    one = np.float32(3.3120999)
+    neighbours = [one, np.nextafter(one, np.float32(4)), np.nextafter(np.nextafter(one, np.float32(4)), np.float32(4))]
+    entropies = np.sort(np.array([2.0, *neighbours, 3.9], np.float32))
+    threshold = gap_threshold(entropies, quantile=float(one))
+    assert min(abs(threshold - float(e)) for e in entropies) > 0.1  # a real gap's midpoint, not a neighbour
+    assert threshold in (pytest.approx((2.0 + float(one)) / 2), pytest.approx((float(neighbours[-1]) + 3.9) / 2))
+    with pytest.raises(ValueError, match="no two entropies differ"):
+        gap_threshold(np.array(neighbours, np.float32), quantile=3.3)
