@@ -16,13 +16,9 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
+from bltjax import config_checks
+from bltjax.config_checks import ConfigError, positive_int, require
 from bltjax.models.configs import (
-    ATTENTION_IMPLEMENTATIONS,
-    HASH_PRIMES,
-    INIT_STD_FACTORS,
-    PATCH_QUERY_INITS,
-    POOLING_MODES,
-    REMAT_POLICIES,
     BLTConfig,
     ByteLMConfig,
     TransformerConfig,
@@ -31,12 +27,6 @@ from bltjax.patching.rule import PatchingError, PatchingRule
 from bltjax.runtime import observability
 
 MODEL_TYPES = ("blt", "byte_lm")
-SCHEDULES = ("cosine", "linear", "constant")
-DTYPES = ("float32", "bfloat16")
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message starts with the dotted field name."""
 
 
 def stack_config(
@@ -313,137 +303,6 @@ def _model_record(config: ml_collections.ConfigDict) -> BLTConfig | ByteLMConfig
 # --- validation ------------------------------------------------------------------------------
 
 
-def _require(ok: bool, field: str, expected: str, got: Any) -> None:
-    if not ok:
-        raise ConfigError(f"{field}: expected {expected}, got {got!r}")
-
-
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def _validate_stack(stack: TransformerConfig, where: str) -> None:
-    for name in ("dim", "n_layers", "n_heads"):
-        _require(_positive_int(getattr(stack, name)), f"{where}.{name}", "a positive integer", getattr(stack, name))
-    if stack.head_dim is None:
-        _require(stack.dim % stack.n_heads == 0, f"{where}.n_heads", f"a divisor of dim={stack.dim}", stack.n_heads)
-    else:
-        _require(_positive_int(stack.head_dim), f"{where}.head_dim", "a positive integer or None", stack.head_dim)
-    _require(
-        stack.resolved_head_dim % 2 == 0,
-        f"{where}.head_dim",
-        "an even head dimension (RoPE pairs)",
-        stack.resolved_head_dim,
-    )
-    if stack.n_kv_heads is not None:
-        _require(
-            _positive_int(stack.n_kv_heads) and stack.n_heads % stack.n_kv_heads == 0,
-            f"{where}.n_kv_heads",
-            f"None or a divisor of n_heads={stack.n_heads}",
-            stack.n_kv_heads,
-        )
-    _require(
-        stack.ffn_hidden is None or _positive_int(stack.ffn_hidden),
-        f"{where}.ffn_hidden",
-        "a positive integer or None",
-        stack.ffn_hidden,
-    )
-    _require(
-        stack.window is None or _positive_int(stack.window),
-        f"{where}.window",
-        "a positive integer or None",
-        stack.window,
-    )
-    _require(stack.rope_theta > 0, f"{where}.rope_theta", "a positive number", stack.rope_theta)
-    _require(0 < stack.norm_eps < 1, f"{where}.norm_eps", "a small positive number", stack.norm_eps)
-
-
-def _validate_common(model, where: str) -> None:
-    _require(model.remat in REMAT_POLICIES, f"{where}.remat", f"one of {REMAT_POLICIES}", model.remat)
-    _require(
-        model.attention in ATTENTION_IMPLEMENTATIONS,
-        f"{where}.attention",
-        f"one of {ATTENTION_IMPLEMENTATIONS}",
-        model.attention,
-    )
-    _require(model.dtype in DTYPES, f"{where}.dtype", f"one of {DTYPES}", model.dtype)
-    _require(model.param_dtype in DTYPES, f"{where}.param_dtype", f"one of {DTYPES}", model.param_dtype)
-    _require(
-        model.init_std_factor in INIT_STD_FACTORS,
-        f"{where}.init_std_factor",
-        f"one of {INIT_STD_FACTORS}",
-        model.init_std_factor,
-    )
-    _require(model.vocab_size == 260, f"{where}.vocab_size", "260 (256 bytes + 4 special ids)", model.vocab_size)
-    _require(isinstance(model.scan_layers, bool), f"{where}.scan_layers", "True or False", model.scan_layers)
-
-
-def _validate_blt(model: BLTConfig) -> None:
-    w = "config.model"
-    for stack in ("encoder", "latent", "decoder"):
-        _validate_stack(getattr(model, stack), f"{w}.{stack}")
-    _validate_common(model, w)
-    _require(
-        model.encoder.dim == model.decoder.dim,
-        f"{w}.decoder.dim",
-        f"the encoder width {model.encoder.dim} (the decoder reads encoder states unprojected)",
-        model.decoder.dim,
-    )
-    _require(_positive_int(model.cross_attn_k), f"{w}.cross_attn_k", "a positive integer", model.cross_attn_k)
-    _require(
-        not (model.scan_layers and model.cross_attn_all_layers_encoder),
-        f"{w}.cross_attn_all_layers_encoder",
-        "False with scan_layers=True (the encoder re-pools patch queries between its layers, so they do not scan)",
-        model.cross_attn_all_layers_encoder,
-    )
-    heads = model.cross_attn_heads
-    if heads is not None:
-        _require(
-            _positive_int(heads) and model.encoder.dim % heads == 0,
-            f"{w}.cross_attn_heads",
-            f"None or a divisor of the local width {model.encoder.dim}",
-            heads,
-        )
-    for name in ("cross_attn_window_encoder", "cross_attn_window_decoder"):
-        _require(
-            _positive_int(getattr(model, name)),
-            f"{w}.{name}",
-            "a positive number of patches (1 = own patch)",
-            getattr(model, name),
-        )
-    _require(model.pooling in POOLING_MODES, f"{w}.pooling", f"one of {POOLING_MODES}", model.pooling)
-    _require(
-        model.patch_query_init in PATCH_QUERY_INITS,
-        f"{w}.patch_query_init",
-        f"one of {PATCH_QUERY_INITS}",
-        model.patch_query_init,
-    )
-    _require(
-        all(_positive_int(n) for n in model.hash_sizes),
-        f"{w}.hash_sizes",
-        "a list of positive n-gram sizes",
-        model.hash_sizes,
-    )
-    _require(
-        isinstance(model.hash_functions, int) and 0 <= model.hash_functions <= len(HASH_PRIMES),
-        f"{w}.hash_functions",
-        f"an integer in [0, {len(HASH_PRIMES)}]",
-        model.hash_functions,
-    )
-    _require(
-        _positive_int(model.hash_rows_multiple),
-        f"{w}.hash_rows_multiple",
-        "a positive integer (hash table rows are padded to a multiple of it)",
-        model.hash_rows_multiple,
-    )
-    _require(
-        _positive_int(model.hash_vocab) and model.hash_vocab < 2**31,
-        f"{w}.hash_vocab",
-        "an integer in [1, 2**31)",
-        model.hash_vocab,
-    )
-
-
 def _validate_patching(config: ml_collections.ConfigDict) -> None:
     """The patching rule record checks its own fields (bltjax/patching/rule.py); this names them in the config."""
     try:
@@ -477,103 +336,39 @@ def check_keys(config: ml_collections.ConfigDict) -> None:
         )
 
 
-def _validate_training(config: ml_collections.ConfigDict) -> None:
-    mesh = config.mesh
-    for axis in ("data", "fsdp", "tensor"):
-        value = mesh[axis]
-        _require(value == -1 or _positive_int(value), f"config.mesh.{axis}", "a positive integer or -1 (fill)", value)
-    _require(
-        sum(mesh[a] == -1 for a in ("data", "fsdp", "tensor")) <= 1, "config.mesh", "at most one axis set to -1", mesh
-    )
-    _require(
-        mesh.get("sequence") in (None, "data", "fsdp", "tensor"),
-        "config.mesh.sequence",
-        "None or one of the mesh axes 'data', 'fsdp', 'tensor'",
-        mesh.get("sequence"),
-    )
-    # Configs written before multi-slice have neither field: one slice.
-    _require(_positive_int(mesh.get("num_slices", 1)), "config.mesh.num_slices", "a positive integer",
-             mesh.get("num_slices"))  # fmt: skip
-    _require(
-        mesh.get("dcn_axis", "data") in ("data", "fsdp", "tensor"),
-        "config.mesh.dcn_axis",
-        "one of the mesh axes 'data', 'fsdp', 'tensor' (the one that spans the slices)",
-        mesh.get("dcn_axis"),
-    )
-    opt = config.optimizer
-    w = "config.optimizer"
-    _require(opt.learning_rate > 0, f"{w}.learning_rate", "a positive number", opt.learning_rate)
-    _require(isinstance(opt.warmup_steps, int) and opt.warmup_steps >= 0, f"{w}.warmup_steps", "an int >= 0",
-             opt.warmup_steps)  # fmt: skip
-    _require(opt.schedule in SCHEDULES, f"{w}.schedule", f"one of {SCHEDULES}", opt.schedule)
-    _require(0 <= opt.final_lr_ratio <= 1, f"{w}.final_lr_ratio", "a number in [0, 1]", opt.final_lr_ratio)
-    for name in ("b1", "b2"):
-        _require(0 <= opt[name] < 1, f"{w}.{name}", "a number in [0, 1)", opt[name])
-    _require(opt.eps > 0, f"{w}.eps", "a positive number", opt.eps)
-    _require(opt.weight_decay >= 0, f"{w}.weight_decay", "a number >= 0", opt.weight_decay)
-    _require(opt.clip_norm is None or opt.clip_norm > 0, f"{w}.clip_norm", "None or a positive number", opt.clip_norm)
-    train = config.train
-    w = "config.train"
-    _require(_positive_int(train.steps), f"{w}.steps", "a positive integer", train.steps)
-    _require(_positive_int(train.grad_accum), f"{w}.grad_accum", "a positive integer", train.grad_accum)
-    _require(
-        config.data.batch_size % train.grad_accum == 0,
-        f"{w}.grad_accum",
-        f"a divisor of config.data.batch_size={config.data.batch_size}",
-        train.grad_accum,
-    )
-    _require(_positive_int(train.log_every), f"{w}.log_every", "a positive integer", train.log_every)
-    for name in ("eval_every", "checkpoint_every", "keep_every", "data_threads"):
-        value = train[name]
-        _require(isinstance(value, int) and value >= 0, f"{w}.{name}", "an integer >= 0", value)
-    _require(_positive_int(train.eval_batches), f"{w}.eval_batches", "a positive integer", train.eval_batches)
-    _require(_positive_int(train.keep), f"{w}.keep", "a positive integer", train.keep)
-    try:
-        observability.check(config)
-    except observability.ObservabilityError as error:
-        raise ConfigError(str(error)) from error
-    _require(config.data.verify in ("eager", "lazy", "size"), "config.data.verify", "eager, lazy or size",
-             config.data.verify)  # fmt: skip
-
-
-def _validate_schedule(config: ml_collections.ConfigDict) -> None:
-    """A run that ends inside its warm-up never reaches its learning rate (and never decays)."""
-    warmup, steps = config.optimizer.warmup_steps, config.train.steps
-    if warmup >= steps:
-        raise ConfigError(
-            f"config.optimizer.warmup_steps: expected fewer than config.train.steps={steps} (the warm-up must end "
-            f"before the run does), got {warmup}; lower config.optimizer.warmup_steps or raise config.train.steps"
-        )
-
-
 def validate(config: ml_collections.ConfigDict, *, for_training: bool = True) -> None:
     """Raises ConfigError, naming the field, for any value that cannot work together.
 
     ``for_training=False`` (building a model to evaluate or generate with) leaves out the
     optimizer schedule's checks, so that a workdir trained before a rule existed still loads.
     """
-    _require(
+    require(
         config.get("model_type") in MODEL_TYPES, "config.model_type", f"one of {MODEL_TYPES}", config.get("model_type")
     )
     check_keys(config)
-    _validate_training(config)
+    config_checks.validate_training(config)
     if for_training:
-        _validate_schedule(config)
+        config_checks.validate_schedule(config)
     data = config.data
-    _require(_positive_int(data.seq_len) and data.seq_len >= 2, "config.data.seq_len", "an integer >= 2", data.seq_len)
-    _require(_positive_int(data.batch_size), "config.data.batch_size", "a positive integer", data.batch_size)
+    require(
+        positive_int(data.seq_len) and data.seq_len >= 2,
+        "config.data.seq_len",
+        "an integer >= 2",
+        data.seq_len,
+    )
+    require(positive_int(data.batch_size), "config.data.batch_size", "a positive integer", data.batch_size)
     model = _model_record(config)
     if isinstance(model, BLTConfig):
-        _validate_blt(model)
+        config_checks.validate_blt(model)
         _validate_patching(config)
-        _require(
-            _positive_int(data.max_patches) and 2 <= data.max_patches <= data.seq_len + 1,
+        require(
+            positive_int(data.max_patches) and 2 <= data.max_patches <= data.seq_len + 1,
             "config.data.max_patches",
             f"an integer in [2, seq_len + 1 = {data.seq_len + 1}]",
             data.max_patches,
         )
         if config.patching.mode == "byte":
-            _require(
+            require(
                 data.max_patches == data.seq_len + 1,
                 "config.data.max_patches",
                 f"seq_len + 1 = {data.seq_len + 1} with byte patching (one patch per byte)",
@@ -581,12 +376,12 @@ def validate(config: ml_collections.ConfigDict, *, for_training: bool = True) ->
             )
         if config.patching.mode == "static":
             needed = 1 + math.ceil(data.seq_len / config.patching.patch_size)
-            _require(
+            require(
                 data.max_patches >= needed,
                 "config.data.max_patches",
                 f">= {needed} for static patches of {config.patching.patch_size} bytes",
                 data.max_patches,
             )
     else:
-        _validate_stack(model.stack, "config.model.stack")
-        _validate_common(model, "config.model")
+        config_checks.validate_stack(model.stack, "config.model.stack")
+        config_checks.validate_common(model, "config.model")
