@@ -71,7 +71,8 @@ def _write_task(out: pathlib.Path, name: str, documents: Sequence[dict], setting
     folder = out / name
     folder.mkdir(parents=True, exist_ok=True)
     data = folder / f"{name}.jsonl"
-    write_atomic(data, "".join(json.dumps(doc, ensure_ascii=False, sort_keys=True) + "\n" for doc in documents).encode())
+    lines = (json.dumps(doc, ensure_ascii=False, sort_keys=True) + "\n" for doc in documents)
+    write_atomic(data, "".join(lines).encode())
     config = {
         "task": name,
         "dataset_path": "json",

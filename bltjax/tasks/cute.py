@@ -92,9 +92,7 @@ def word_list() -> tuple[str, ...]:
     """Lowercase ASCII words of 3-10 letters written in lowercase at least 3 times in the public-domain
     English of the bundled corpus (capitalised forms are left out, which leaves most names out)."""
     counts = collections.Counter(
-        word
-        for text in _english_texts(WORD_SOURCES)
-        for word in re.findall(r"(?<![A-Za-z'])[a-z]+(?![A-Za-z'])", text)
+        word for text in _english_texts(WORD_SOURCES) for word in re.findall(r"(?<![A-Za-z'])[a-z]+(?![A-Za-z'])", text)
     )
     low, high = WORD_LENGTHS
     return tuple(sorted(word for word, count in counts.items() if count >= MIN_WORD_COUNT and low <= len(word) <= high))
@@ -154,7 +152,8 @@ def _ins_char(rng: random.Random, words: Sequence[str], _: Sequence[str]) -> Ite
     word = rng.choice(words)
     after = rng.choice(word)
     letter = rng.choice([c for c in string.ascii_lowercase if c != after])
-    return Item(f'Add "{letter}" after every "{after}" in "{word}".', word.replace(after, after + letter), word, "chars")
+    edited = word.replace(after, after + letter)
+    return Item(f'Add "{letter}" after every "{after}" in "{word}".', edited, word, "chars")
 
 
 def _ins_word(rng: random.Random, words: Sequence[str], sentence_pool: Sequence[str]) -> Item:
