@@ -150,16 +150,28 @@ def noised_task_name(task: str, noise_name: str, apply_to: str) -> str:
     return f"{task}_{noise_name}" if apply_to == "both" else f"{task}_{noise_name}_{apply_to}"
 
 
+def _yaml_task_name(path: pathlib.Path) -> object:
+    """The ``task:`` of a task YAML, read without lm-eval (whose loader moves between releases); lm-eval's
+    ``!function`` tags are read as plain strings."""
+    import yaml  # noqa: PLC0415 - comes with lm-eval
+
+    class _Loader(yaml.SafeLoader):
+        pass
+
+    _Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+    config = yaml.load(path.read_text(), Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    return config.get("task") if isinstance(config, dict) else None
+
+
 def _load_lm_eval_task(task: str):
     """An lm-eval task object from a registered name or a task YAML file (offline if its data is cached)."""
-    from lm_eval.tasks import TaskManager, get_task_dict  # noqa: PLC0415 - optional extra (`eval`)
-    from lm_eval.utils import load_yaml_config  # noqa: PLC0415
+    from lm_eval.tasks import TaskManager  # noqa: PLC0415 - optional extra (`eval`)
 
     path = pathlib.Path(task)
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
             raise TaskBuildError(f"--task: no task YAML {path.absolute()}")
-        name = load_yaml_config(str(path), mode="simple").get("task")
+        name = _yaml_task_name(path)
         if not isinstance(name, str):
             raise TaskBuildError(f"{path}: expected a 'task:' name in the YAML (a group cannot be noised as one task)")
         manager = TaskManager(include_path=os.fspath(path.absolute().parent))
@@ -167,11 +179,10 @@ def _load_lm_eval_task(task: str):
         name, manager = task, TaskManager()
     if name not in manager.all_tasks:
         raise TaskBuildError(f"--task {task!r}: lm-eval knows no task {name!r} (a registered name or a task YAML file)")
-    loaded = get_task_dict([name], manager)
-    found = loaded.get(name)
-    if found is None or isinstance(found, dict):
-        raise TaskBuildError(f"--task {task!r}: {name!r} is a group; name one of its multiple-choice tasks")
-    return name, found
+    loaded = manager.load([name])
+    if name in loaded["groups"] or name not in loaded["tasks"]:
+        raise TaskBuildError(f"--task {task!r}: {name!r} is a group or tag; name one of its multiple-choice tasks")
+    return name, loaded["tasks"][name]
 
 
 def load_choice_documents(task: str, *, limit: int | None = None) -> tuple[str, list[noise.ChoiceDocument], str]:
