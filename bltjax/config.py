@@ -67,6 +67,8 @@ def _common() -> ml_collections.ConfigDict:
             batch_size=4,  # global batch, rows
             max_patches=64,  # static patch columns per row (P); overflow is the pipeline's business
             verify="eager",  # content hashes of shards at start: eager / lazy / size (pipeline docstring)
+            rows="windows",  # windows: fixed seq_len-byte rows; packed: max_patches patches, <= seq_len bytes
+            mixture="",  # "FOLDER:WEIGHT,FOLDER:WEIGHT": weighted folders instead of path (bltjax/data/mixture.py)
         )
     )
     # Device mesh (bltjax/training/sharding.py): -1 on one axis = all remaining devices.
@@ -357,6 +359,10 @@ def validate(config: ml_collections.ConfigDict, *, for_training: bool = True) ->
         data.seq_len,
     )
     require(positive_int(data.batch_size), "config.data.batch_size", "a positive integer", data.batch_size)
+    rows = data.get("rows", "windows")
+    packed = rows == "packed"  # max_patches patches per row: no column overflow to size for
+    require(rows in ("windows", "packed"), "config.data.rows", "windows or packed", rows)
+    require(not packed or config.model_type == "blt", "config.data.rows", "'windows' for a model without patches", rows)
     model = _model_record(config)
     if isinstance(model, BLTConfig):
         config_checks.validate_blt(model)
@@ -367,14 +373,14 @@ def validate(config: ml_collections.ConfigDict, *, for_training: bool = True) ->
             f"an integer in [2, seq_len + 1 = {data.seq_len + 1}]",
             data.max_patches,
         )
-        if config.patching.mode == "byte":
+        if config.patching.mode == "byte" and not packed:
             require(
                 data.max_patches == data.seq_len + 1,
                 "config.data.max_patches",
                 f"seq_len + 1 = {data.seq_len + 1} with byte patching (one patch per byte)",
                 data.max_patches,
             )
-        if config.patching.mode == "static":
+        if config.patching.mode == "static" and not packed:
             needed = 1 + math.ceil(data.seq_len / config.patching.patch_size)
             require(
                 data.max_patches >= needed,

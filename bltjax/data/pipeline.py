@@ -64,7 +64,10 @@ import grain
 import numpy as np
 from etils import epath
 
+from bltjax.data import mixture, packing
 from bltjax.data import shards as shard_format
+from bltjax.data.batches import batch_at_step, global_batch, make_iterator  # noqa: F401 (their old home)
+from bltjax.data.errors import DataError
 from bltjax.patching import PatchingRule, lengths_from_start_mask, patch_lengths, split_long_patches
 from bltjax.runtime import paths
 from bltjax.runtime.atomic import sha256_file
@@ -75,10 +78,6 @@ SIDECAR_MANIFEST = "sidecars.json"
 SIDECAR_FORMAT = ("bltjax.entropy-sidecars", 1)  # (format, version) written by bltjax.data.entropy
 VERIFY_MODES = ("eager", "lazy", "size")
 OVERFLOW_POLICIES = ("truncate", "error")
-
-
-class DataError(ValueError):
-    """A data folder that does not match docs/data.md; the message names the file."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,7 +314,8 @@ class WindowSource(grain.sources.RandomAccessDataSource):
         shard = bisect.bisect_right(self._first, index) - 1
         return shard, (index - self._first[shard]) * self.seq_len
 
-    def _files(self, number: int) -> tuple[np.ndarray, np.ndarray | None]:
+    def open_files(self, number: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """(tokens, packed start bits or None) of shard `number`, opened (and verified if lazy) once."""
         if number not in self._open:
             shard = self.shards[number]
             if self.verify_on_open:
@@ -330,7 +330,7 @@ class WindowSource(grain.sources.RandomAccessDataSource):
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         number, offset = self.locate(int(index))
-        tokens, starts = self._files(number)
+        tokens, starts = self.open_files(number)
         stop = offset + self.seq_len + 1
         window = np.array(tokens[offset:stop])
         if window.max() >= VOCAB_SIZE:
@@ -469,6 +469,11 @@ def make_source(
     return source
 
 
+def has_data_split(config: Any, split: str) -> bool:
+    """Whether the config's data (its one folder, or every folder of its mixture) has `split`."""
+    return all(has_split(folder, split) for folder, _ in mixture.folders(config, config.data.path))
+
+
 def make_dataset(
     config: Any,
     data_dir: str | os.PathLike,
@@ -485,7 +490,10 @@ def make_dataset(
 
     The global batch of step s depends only on (data, config, seed, s); process p of P gets rows
     [p*B/P, (p+1)*B/P) of it. `process_index` / `process_count` default to jax's; pass them to
-    simulate other process counts. `verify` and `overflow`: see the module docstring.
+    simulate other process counts. `verify` and `overflow`: see the module docstring. Rows are
+    fixed windows or, with ``config.data.rows = "packed"``, packed rows (bltjax.data.packing);
+    with ``config.data.mixture`` (and ``data_dir`` '') they come from several weighted folders
+    (bltjax.data.mixture).
     """
     process_index, process_count = _process(process_index, process_count)
     batch_size = int(config.data.batch_size)
@@ -496,75 +504,20 @@ def make_dataset(
     if not 0 <= seed < 2**32:
         raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
     rule = _patching_rule(config)
-    builder = BatchBuilder(
-        seq_len=int(config.data.seq_len),
-        max_patches=None if rule is None else int(config.data.max_patches),
-        rule=rule,
-        overflow=overflow,
-    )
-    source = make_source(config, data_dir, split, verify=verify, sidecar_tag=sidecar_tag)
-    local_rows = batch_size // process_count
-    rows = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
-    return rows.batch(local_rows, drop_remainder=True)[process_index::process_count].map(builder)
-
-
-def batch_at_step(dataset: grain.MapDataset, step: int) -> dict[str, np.ndarray]:
-    """This process's batch of `step`: random access, so resuming at step s needs nothing else."""
-    if not isinstance(step, (int, np.integer)) or step < 0:
-        raise ValueError(f"step must be an int >= 0, got {step!r}")
-    return dataset[int(step)]
-
-
-def make_iterator(dataset: grain.MapDataset, *, start_step: int = 0, num_threads: int = 0) -> Any:
-    """A checkpointable grain iterator (`get_state` / `set_state`) positioned at `start_step`.
-
-    num_threads=0 is the fastest on 2 cores (jax-stack-facts §4); use 1-2 threads on hosts whose
-    accelerator step is long enough to hide the reading.
-    """
-    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(2 * num_threads, 0))
-    iterator = iter(dataset.to_iter_dataset(options))
-    if start_step:
-        state = iterator.get_state()
-        if set(state) != {"next_index"}:
-            raise RuntimeError(f"unexpected grain iterator state {state!r}; cannot position it at a step")
-        iterator.set_state({"next_index": int(start_step)})
-    return iterator
-
-
-def _process_rows(sharding: Any, global_rows: int) -> tuple[int, int]:
-    """The contiguous row range this process's devices hold in a batch of `global_rows`."""
-    indices = sharding.addressable_devices_indices_map((global_rows,))
-    starts, stops = [], []
-    for index in indices.values():
-        row_slice = index[0] if index else slice(None)
-        start, stop, _ = row_slice.indices(global_rows)
-        starts.append(start)
-        stops.append(stop)
-    return min(starts), max(stops)
-
-
-def global_batch(local_batch: Mapping[str, np.ndarray], sharding: Any) -> dict[str, Any]:
-    """Global jax.Arrays from every process's rows (`jax.make_array_from_process_local_data`).
-
-    `sharding` (one for all fields, or a dict per field) must shard the leading batch axis so
-    that process p's devices hold rows [p*b, (p+1)*b) -- the rows `make_dataset` gave it. That
-    is checked, because a mesh with another device order would silently permute rows.
-    """
-    import jax
-
-    index, count = jax.process_index(), jax.process_count()
-    out = {}
-    for name, value in local_batch.items():
-        field_sharding = sharding[name] if isinstance(sharding, Mapping) else sharding
-        rows = value.shape[0]
-        global_shape = (rows * count, *value.shape[1:])
-        if count > 1:
-            first, stop = _process_rows(field_sharding, global_shape[0])
-            if (first, stop) != (index * rows, (index + 1) * rows):
-                raise ValueError(
-                    f"global_batch: field {name!r}: this process (index {index}) holds rows [{first}, {stop}) of the "
-                    f"mesh but loaded rows [{index * rows}, {(index + 1) * rows}); order the mesh devices by process "
-                    "along the batch axis (jax.make_mesh does)"
-                )
-        out[name] = jax.make_array_from_process_local_data(field_sharding, value, global_shape)
-    return out
+    packed = packing.row_kind(config) == "packed"
+    if packed and rule is None:
+        raise DataError("config.data.rows='packed' packs patches: it needs a BLT config (one with config.patching)")
+    seq_len, max_patches = int(config.data.seq_len), None if rule is None else int(config.data.max_patches)
+    if packed:
+        builder = packing.PackedBuilder(seq_len=seq_len, max_patches=max_patches)
+    else:
+        builder = BatchBuilder(seq_len=seq_len, max_patches=max_patches, rule=rule, overflow=overflow)
+    streams, weights = [], []
+    for index, (folder, weight) in enumerate(mixture.folders(config, data_dir)):
+        source = make_source(config, folder, split, verify=verify, sidecar_tag=sidecar_tag)
+        if packed:
+            source = packing.PackedSource(source, max_patches, rule)
+        streams.append(grain.MapDataset.source(source).shuffle(seed=mixture.component_seed(seed, index)).repeat())
+        weights.append(weight)
+    rows = mixture.mix(streams, weights)
+    return rows.batch(batch_size // process_count, drop_remainder=True)[process_index::process_count].map(builder)

@@ -54,7 +54,7 @@ from bltjax.models import flops
 from bltjax.models.factory import build_model
 from bltjax.runtime import distributed, observability, paths, peaks
 from bltjax.runtime.atomic import write_atomic
-from bltjax.training import sharding
+from bltjax.training import padding, sharding
 from bltjax.training.metrics import MetricsWriter, bits_per_byte
 from bltjax.training.optimizer import learning_rate_schedule, make_optimizer
 from bltjax.training.profiling import PROFILE_DIR, StepProfiler
@@ -156,6 +156,7 @@ def _host_batch_stats(batch: Mapping[str, np.ndarray]) -> dict[str, float]:
         stats["patch_count"] = stats["patches"]  # untimed copies for the mean patch length
         stats["patch_bytes"] = float(lengths.sum())
         stats["patch_max"] = float(lengths.max())
+    stats.update(padding.batch_padding(batch))
     return stats
 
 
@@ -210,7 +211,7 @@ class Trainer:
         self.workdir = paths.resolve(workdir)  # gs://... stays a URI; a local path becomes absolute
         self.console = console
         validate(config)
-        if not config.data.path:
+        if not config.data.path and not config.data.get("mixture"):
             raise ConfigError("config.data.path: expected a folder written by `python -m bltjax.prepare`, got ''")
         self.config = resolve_workdir_config(ml_collections.ConfigDict(config.to_dict()), self.workdir)
         validate(self.config)
@@ -225,7 +226,7 @@ class Trainer:
         # eval_every=0 evaluates the last step only if the data has the split; a corpus of a few
         # large files may have none, and such a run must not need one (eval_data is None then).
         self.eval_data = None
-        if cfg.train.eval_every or pipeline.has_split(cfg.data.path, cfg.train.eval_split):
+        if cfg.train.eval_every or pipeline.has_data_split(cfg, cfg.train.eval_split):
             self.eval_data = pipeline.make_dataset(
                 cfg, cfg.data.path, cfg.train.eval_split, seed=cfg.seed, verify=cfg.data.verify, **process
             )
@@ -259,6 +260,7 @@ class Trainer:
             async_save=cfg.train.async_checkpoint,
         )
         self.fields = batch_fields(cfg.model_type)
+        self.padding = padding.PaddingMeter(cfg)
         self.peak_flops, self.peak_source = peaks.peak_flops_total(
             list(self.mesh.devices.flat), cfg.model.get("dtype", "float32")
         )
@@ -280,6 +282,7 @@ class Trainer:
         return {
             "step": step,
             "data_step": step,
+            padding.META_KEY: self.padding.state(),
             "config": json.loads(self.config.to_json()),
             "mesh": {k: int(v) for k, v in self.mesh.shape.items()},
             "process_count": jax.process_count(),
@@ -334,6 +337,7 @@ class Trainer:
         values["flops_per_byte"] = flops_per_byte
         values["flops_per_sec"] = flops_per_byte * values["bytes_per_sec"]
         values["mfu"] = peaks.mfu(flops_per_byte, values["bytes_per_sec"], self.peak_flops)
+        values.update(self.padding.values(s, step))
         writer.write(step, values, split="train")
 
     # -- the loop ---------------------------------------------------------------------------
@@ -357,6 +361,7 @@ class Trainer:
             if int(meta["data_step"]) != start or int(state.step) != start:
                 raise WorkdirError(f"{self.checkpointer.directory / str(start)}: step {start} holds data step "
                                    f"{meta['data_step']} and state step {int(state.step)}")  # fmt: skip
+            self.padding.restore(meta, start, lambda s: pipeline.batch_at_step(self.train_data, s))
             print(f"resumed {self.workdir} at step {start}", file=self.console, flush=True)
         writer = MetricsWriter.from_config(
             cfg, self.workdir, process_index=jax.process_index(), console=self.console, total_steps=cfg.train.steps
@@ -419,6 +424,7 @@ class Trainer:
             self._check_finite(done_step, fetched)
             first_of_launch = done_step == start + 1
             window.add({**fetched, **host_stats}, timed=not first_of_launch)
+            self.padding.add(host_stats)
             if first_of_launch:
                 window.start, window.data_wait = time.time(), 0.0
             if done_step % cfg.log_every == 0 or done_step == total:
