@@ -142,7 +142,7 @@ def test_inconsistent_configs_name_the_field(edit, field):
 
 PROGRAMS = ("train", "eval", "generate", "compile", "flops", "describe", "quickstart", "prepare", "entropy",
             "calibrate", "sweep")  # fmt: skip
-OPTIONAL_PROGRAMS = ("export",)  # added by the Hugging Face export work; checked when present
+OPTIONAL_PROGRAMS = ("export", "bpe")  # added by later work (HF export, the token baseline); checked when present
 TINY = "experiments/blt_tiny.py"
 
 
@@ -212,6 +212,11 @@ def _bad_inputs(tmp: pathlib.Path) -> dict[str, dict[str, list[str] | None]]:
             "missing_config": None,
             "missing_folder": ["--data", nodata, "--entropy-model", nomodel],
             "bad_value": ["--data", nodata, "--entropy-model", nomodel, "--threshold=abc"],
+        },
+        "bpe": {
+            "missing_config": None,
+            "missing_folder": ["--data", nodata],
+            "bad_value": ["--data", nodata, "--vocab-size=abc"],
         },
         "calibrate": {
             "missing_config": None,
@@ -338,6 +343,7 @@ TWO_WORD_FLAGS = {
     "calibrate": ("max-tokens", "10", "max_tokens", 10, []),
     "sweep": ("patch-sizes", "6", "patch_sizes", [6.0], ["plan"]),
     "export": ("shard-size", "7GB", "shard_size", "7GB", []),
+    "bpe": ("vocab-size", "512", "vocab_size", 512, []),
 }
 
 
