@@ -139,6 +139,7 @@ def base_blt_config() -> ml_collections.ConfigDict:
             monotonicity=False,
             patch_size=4.5,  # target mean for static/top-k/calibration
             max_patch_length=None,
+            entropy_reset_on_newline=False,  # entropy context restarts after each newline (architecture.md §2.5)
         )
     )
     return config

@@ -24,11 +24,13 @@ from bltjax.config import base_blt_config, base_byte_lm_config
 from bltjax.data import pipeline, prepare
 from bltjax.data import shards as shard_format
 from bltjax.data.pipeline import DataError, batch_at_step, global_batch, make_dataset, make_iterator
-from bltjax.data.sidecars import threshold_tag
+from bltjax.data.sidecar_rules import rule_record, rule_tag
+from bltjax.data.sidecars import start_mask, threshold_tag
 from bltjax.models.patch_ids import check_patch_lengths
 from bltjax.patching import (
     PatchingRule,
     decoder_patch_ids_from_lengths,
+    lengths_from_start_mask,
     patch_ids_from_lengths,
     patch_lengths,
     patch_start_mask,
@@ -331,18 +333,85 @@ def test_entropy_errors_name_the_file(data_dir, tmp_path):
     dataset(altered, config, verify="size")  # sizes still fine: content not hashed
 
 
-@pytest.mark.parametrize(
-    "rule, message",
-    [
-        ({"monotonicity": True}, r"global threshold rule .* monotonicity=True"),
-        ({"threshold_add": 0.5}, r"global threshold rule .* threshold_add=0\.5"),
-        ({"threshold": None, "patch_size": 4}, r"needs a threshold \(top-k"),
-    ],
-)
-def test_entropy_rules_other_than_the_global_threshold_are_refused(data_dir, rule, message):
-    """Training trains entropy patching with the global threshold only: the sidecars hold no other rule."""
-    with pytest.raises(DataError, match=message):
-        dataset(data_dir, make_config("entropy", **rule))
+RULES = {  # entropy rules besides the global threshold, each with its own sidecar (data/sidecar_rules.py)
+    "monotonic": {"threshold": 0.5, "monotonicity": True},
+    "combined": {"threshold": THETA, "threshold_add": 0.1},
+    "combined_quirks": {"threshold": THETA, "threshold_add": 0.1, "reference_quirks": True},
+    "topk": {"threshold": None, "patch_size": 4.5},
+}
+
+
+@pytest.fixture(scope="module")
+def rule_data(data_dir, tmp_path_factory) -> pathlib.Path:
+    """A copy of the data with the sidecars of every rule in RULES added, as bltjax.entropy adds them."""
+    data = _copy_data(data_dir, tmp_path_factory.mktemp("rules") / "data")
+    manifest = json.loads((data / "sidecars.json").read_text())
+    for fields in RULES.values():
+        rule = PatchingRule(mode="entropy", **fields)
+        tag = rule_tag(rule)
+        manifest.setdefault("rules", {})[tag] = {**rule_record(rule), "calibration": None}
+        for name, record in manifest["shards"].items():
+            tokens = np.fromfile(data / f"{name}.tokens", "<u2")
+            entropies = np.fromfile(data / f"{name}.entropy.f16", "<f2")
+            bits = np.packbits(start_mask(tokens, np.load(data / f"{name}.docs.npy"), entropies, rule)).tobytes()
+            (data / f"{name}.starts.{tag}.bits").write_bytes(bits)
+            record["starts_sha256"][tag] = hashlib.sha256(bits).hexdigest()
+    (data / "sidecars.json").write_text(json.dumps(manifest))
+    return data
+
+
+@pytest.mark.parametrize("max_patch_length", [None, 3])
+@pytest.mark.parametrize("name", sorted(RULES))
+def test_every_entropy_rule_reads_its_own_sidecar(rule_data, truth, name, max_patch_length):
+    """Monotonic, combined and top-k train like the global rule: each window gets the bits of its
+    rule (the patcher on each document alone), 0 and 1 forced, then max_patch_length."""
+    config = make_config("entropy", max_patches=N + 1, max_patch_length=max_patch_length, **RULES[name])
+    rule = PatchingRule.from_config(config)
+    source = pipeline.make_source(config, rule_data, "train")
+    assert all(shard.starts_path.endswith(f".starts.{rule_tag(rule)}.bits") for shard in source.shards)
+    builder = pipeline.BatchBuilder(seq_len=N, max_patches=N + 1, rule=rule)
+    natural = PatchingRule.from_config(rule, max_patch_length=None)
+    expected_bits = {
+        shard: np.concatenate(
+            [
+                patch_start_mask(doc[None].astype(np.int32), natural, entropies=h[None], include_next_token=False)[0]
+                for doc, h in zip(np.split(t["stream"], t["offsets"][1:-1]), t["entropies"], strict=True)
+            ]
+        )
+        for shard, t in truth.items()
+    }
+    for index in range(0, len(source), 7):
+        number, offset = source.locate(index)
+        bits = expected_bits[source.shards[number].info.name][offset : offset + N + 1]
+        element = source[index]
+        np.testing.assert_array_equal(element["starts"], bits)
+        mask = bits.copy()
+        mask[:2] = True
+        expected = lengths_from_start_mask(mask[None])
+        if max_patch_length is not None:
+            expected = split_long_patches(expected, max_patch_length)
+        got = builder({k: v[None] for k, v in element.items()})["patch_lengths"]
+        np.testing.assert_array_equal(got[:, : expected.shape[1]], expected)
+        assert not got[:, expected.shape[1] :].any()
+    batch = batch_at_step(dataset(rule_data, config), 3)
+    check_patch_lengths(batch["patch_lengths"], N)
+    global_rule = batch_at_step(dataset(rule_data, make_config("entropy", max_patches=N + 1)), 3)["patch_lengths"]
+    assert not np.array_equal(batch["patch_lengths"], global_rule)
+
+
+def test_an_entropy_rule_without_sidecar_names_the_folder_the_rule_and_the_command(data_dir):
+    with pytest.raises(DataError) as error:
+        dataset(data_dir, make_config("entropy", threshold=0.7, monotonicity=True))
+    message = str(error.value)
+    assert message.startswith(f"{data_dir / 'sidecars.json'}: no sidecar computed with the monotonic rule")
+    assert f"(monotonicity=True, threshold 0.7) in {data_dir}; available: '{TAG}' (threshold {THETA!r})" in message
+    assert f"python -m bltjax.entropy --data {data_dir} --entropy-model ENTROPY_MODEL --rule monotonic" in message
+    named = r"top-k \(no threshold, patch_size 4\.5\).*--rule topk --patch-size 4\.5"
+    with pytest.raises(DataError, match=named):
+        dataset(data_dir, make_config("entropy", threshold=None, patch_size=4.5))
+    named = r"combined rule .*reference_quirks=True.*--threshold-add 0\.1 --reference-quirks"
+    with pytest.raises(DataError, match=named):
+        dataset(data_dir, make_config("entropy", threshold_add=0.1, reference_quirks=True))
 
 
 def test_shard_errors_name_the_file(data_dir, tmp_path):

@@ -1,6 +1,7 @@
 """The entropy pass: next-byte entropies of every shard by an entropy model, then start bits.
 
     python -m bltjax.entropy --data DATA --entropy-model ENTROPY_MODEL_DIR [--threshold t | --target-patch-size s]
+    python -m bltjax.entropy --data DATA --entropy-model ENTROPY_MODEL_DIR --rule monotonic --threshold t
 
     from bltjax.data import entropy
     summary = entropy.run(DATA, ENTROPY_MODEL_DIR, target_patch_size=4.5)   # what the program calls
@@ -44,7 +45,14 @@ Design
   chunking; a missing or mismatched starts file is rewritten from the stored entropies, so a
   threshold sweep never runs the model. A `sidecars.json` from another model (or chunking)
   makes every entropy recompute (said on stderr) and drops the old starts files. Every shard
-  gets the bits of every threshold listed in `sidecars.json`, so a listed tag covers the data.
+  gets the bits of every rule listed in `sidecars.json`, so a listed tag covers the data.
+* Rules. ``rule`` (a `PatchingRule`: global, monotonic, combined or top-k) adds that rule's start
+  bits (`bltjax.data.sidecar_rules`); ``threshold`` / ``target_patch_size`` add a global one.
+* Newline reset (``reset_on_newline``, docs/architecture.md §2.5). Every context also ends after
+  each newline byte: the lines of a document (the last one up to EOS) are run as documents of
+  their own, so the entropies after a newline are those of the text after it run alone. It is
+  part of the identity in `sidecars.json` (toggling it recomputes every entropy) and the pipeline
+  refuses sidecars whose reset differs from ``config.patching.entropy_reset_on_newline``.
 """
 
 from __future__ import annotations
@@ -56,17 +64,20 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from bltjax import checkpoints
-from bltjax.config import base_byte_lm_config
 from bltjax.data import shards
+from bltjax.data.entropy_model import (  # noqa: F401  (re-exported: the entropy pass's public loader)
+    DEFAULT_BATCH_SIZE,
+    HF_DEFAULT_CONTEXT,
+    EntropyModel,
+    config_from_byte_lm,
+    load_entropy_model,
+)
+from bltjax.data.sidecar_rules import NEWLINE_ID, listed_rules, rule_of_record, rule_record, rule_tag, stored_rule
 from bltjax.data.sidecars import (
     SidecarError,
     SidecarStore,
@@ -83,126 +94,13 @@ from bltjax.data.sidecars import (
 )
 from bltjax.models.byte_lm import ByteLM, next_byte_entropy
 from bltjax.models.configs import ByteLMConfig
+from bltjax.patching import PatchingRule
 from bltjax.patching.calibrate import UNITS, calibrate_threshold
 from bltjax.runtime import paths, xla_options
 from bltjax.runtime.atomic import sha256_file
 from bltjax.runtime.progress import progress_bar
 
 MIN_BUCKET = 128
-HF_DEFAULT_CONTEXT = 8192  # rows of the official entropy pass (docs/architecture.md §2.3)
-DEFAULT_BATCH_SIZE = 8
-
-
-# --- the entropy model -----------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class EntropyModel:
-    """A loaded entropy model and what identifies it."""
-
-    model: ByteLM
-    params: Any
-    config: ml_collections.ConfigDict
-    fingerprint: str
-    source: str  # "bltjax" or "huggingface"
-    path: str
-    default_threshold: float | None
-    default_context: int
-    default_batch_size: int
-
-    @property
-    def record(self) -> ByteLMConfig:
-        return self.model.config
-
-
-def config_from_byte_lm(record: ByteLMConfig, seq_len: int = HF_DEFAULT_CONTEXT) -> ml_collections.ConfigDict:
-    """The experiment ConfigDict of a ByteLM record (so an imported model can be fingerprinted/saved)."""
-    config = base_byte_lm_config()
-    config.model.stack = ml_collections.ConfigDict(dataclasses.asdict(record.stack))
-    for name in ("vocab_size", "document_mask", "dtype", "param_dtype", "init_std_factor"):
-        config.model[name] = getattr(record, name)
-    config.data.seq_len = seq_len
-    return config
-
-
-def load_entropy_model(directory: str | os.PathLike) -> EntropyModel:
-    """A bltjax model folder or training workdir (model_type byte_lm), or a Hugging Face BLT folder's patcher.
-
-    A training workdir (``python -m bltjax.train --config experiments/entropy_model.py``) gives its
-    newest complete step, a step folder (WORKDIR/checkpoints/<step>) that step; its fingerprint is
-    the one `save_model` of the same parameters would have. ``directory`` may be a Hugging Face
-    Hub id (`bltjax.convert.hub`).
-    """
-    from bltjax.convert.hub import resolve_model_source
-
-    path = resolve_model_source(directory)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such folder (expected an entropy model checkpoint)")
-    is_run = checkpoints.is_complete_step(path) or bool(checkpoints.complete_steps(path))
-    if (path / checkpoints.PARAMS_DIR).is_dir() or is_run:
-        config, model, params = _load_training_step(path) if is_run else _load_model_folder(path)
-        return EntropyModel(
-            model,
-            params,
-            config,
-            checkpoints.fingerprint(config, params),
-            "bltjax",
-            os.fspath(path),
-            None,
-            int(config.data.seq_len),
-            int(config.data.batch_size),
-        )
-    from bltjax.convert import hf
-
-    if hf.has_weights(path):
-        paths.require_local(path, "a Hugging Face entropy model folder (safetensors are memory-mapped)")
-        model, params, threshold = hf.load_hf_entropy_model(path)
-        config = config_from_byte_lm(model.config)
-        return EntropyModel(
-            model,
-            params,
-            config,
-            checkpoints.fingerprint(config, params),
-            "huggingface",
-            os.fspath(path),
-            None if threshold is None else float(threshold),
-            HF_DEFAULT_CONTEXT,
-            DEFAULT_BATCH_SIZE,
-        )
-    raise SidecarError(
-        f"{path}: neither a bltjax model folder ({checkpoints.CONFIG_FILE} + {checkpoints.PARAMS_DIR}/, "
-        f"from bltjax.checkpoints.save_model), nor a training workdir with a complete checkpoint "
-        f"({checkpoints.CHECKPOINTS_DIR}/<step>/, from python -m bltjax.train), nor a Hugging Face BLT folder "
-        f"({hf.CONFIG_FILE} + {hf.WEIGHTS_FILE} or {hf.INDEX_FILE})"
-    )
-
-
-def _require_byte_lm(config: ml_collections.ConfigDict, source: str) -> None:
-    if config.get("model_type") != "byte_lm":
-        raise SidecarError(
-            f"{source}: field 'model_type' is {config.get('model_type')!r}; an entropy model must be a 'byte_lm'"
-        )
-
-
-def _load_model_folder(path) -> tuple[ml_collections.ConfigDict, ByteLM, Any]:
-    _require_byte_lm(checkpoints.load_config_json(path), str(path / checkpoints.CONFIG_FILE))
-    return checkpoints.load_model(path)
-
-
-def _load_training_step(path) -> tuple[ml_collections.ConfigDict, ByteLM, Any]:
-    """The parameters of a training step (the newest complete one of a workdir) on the first local device."""
-    if checkpoints.is_complete_step(path):
-        step_dir = path
-    else:
-        step_dir = checkpoints.checkpoints_dir(path) / str(checkpoints.complete_steps(path)[-1])
-    config, source = checkpoints.read_step_config(step_dir)
-    _require_byte_lm(config, source)
-    model = checkpoints.build_saved_model(config, source)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = nn.meta.unbox(checkpoints.abstract_params(model, config))
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
-    params = checkpoints.restore_params(step_dir / "state", target, source, subtree="params")
-    return config, model, params
 
 
 def default_overlap(record: ByteLMConfig, context: int) -> int:
@@ -252,6 +150,16 @@ def document_chunks(offsets: np.ndarray, context: int, overlap: int) -> tuple[np
     return tuple(np.concatenate(parts).astype(np.int64) for parts in (first, length, keep))
 
 
+def context_offsets(tokens: np.ndarray, offsets: np.ndarray, reset_on_newline: bool) -> np.ndarray:
+    """Where the entropy model's contexts start and end: the documents, cut after every newline
+    byte when `reset_on_newline` (docs/architecture.md §2.5)."""
+    offsets = np.asarray(offsets, np.int64)
+    if not reset_on_newline:
+        return offsets
+    after_newline = np.flatnonzero(np.asarray(tokens) == NEWLINE_ID) + 1
+    return np.union1d(offsets, after_newline).astype(np.int64)
+
+
 def bucket_lengths(context: int) -> list[int]:
     """Row lengths compiled for: powers of two from MIN_BUCKET below `context`, then `context`."""
     lengths, n = [], min(MIN_BUCKET, context)
@@ -268,7 +176,17 @@ def _round_up(n: int, multiple: int) -> int:
 class EntropyRunner:
     """The jitted, data-parallel entropy pass of one model over token streams."""
 
-    def __init__(self, model: ByteLM, params: Any, *, context: int, overlap: int, batch_size: int):
+    def __init__(
+        self,
+        model: ByteLM,
+        params: Any,
+        *,
+        context: int,
+        overlap: int,
+        batch_size: int,
+        reset_on_newline: bool = False,
+        dtype: Any = np.float16,
+    ):
         if context < 2:
             raise SidecarError(f"context: expected an integer >= 2, got {context}")
         if batch_size < 1:
@@ -280,11 +198,12 @@ class EntropyRunner:
         self.params = jax.device_put(params, replicated)
         self.devices = len(devices)
         self.context, self.overlap, self.batch_size = context, overlap, batch_size
+        self.reset_on_newline, self.dtype = bool(reset_on_newline), np.dtype(dtype)
         self.buckets = bucket_lengths(context)
 
         def entropies(params, tokens):
             logits = model.apply({"params": params}, tokens)
-            return next_byte_entropy(logits).astype(jnp.float16)
+            return next_byte_entropy(logits).astype(self.dtype)
 
         self._fn = xla_options.jit(entropies, devices, in_shardings=(replicated, self.rows), out_shardings=self.rows)
 
@@ -300,8 +219,9 @@ class EntropyRunner:
     def shard_entropies(
         self, tokens: np.ndarray, offsets: np.ndarray, progress: Callable[[int], None] | None = None
     ) -> np.ndarray:
-        """float16 H_t for every token of a stream of documents (`offsets` [D + 1], docs/data.md)."""
-        out = np.zeros(tokens.size, np.float16)
+        """H_t (float16 unless `dtype`) for every token of a stream of documents (`offsets` [D + 1], docs/data.md)."""
+        out = np.zeros(tokens.size, self.dtype)
+        offsets = context_offsets(tokens, offsets, self.reset_on_newline)
         first, length, keep = document_chunks(offsets, self.context, self.overlap)
         which = np.searchsorted(self.buckets, length)
         pending: list[tuple[jax.Array, np.ndarray, int]] = []
@@ -344,10 +264,20 @@ def compute_entropies(
     context: int,
     overlap: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    reset_on_newline: bool = False,
+    dtype: Any = np.float16,
 ) -> np.ndarray:
-    """float16 entropies of a token stream, per document (a one-off `EntropyRunner`)."""
+    """Entropies (float16 unless `dtype`) of a token stream, per document (a one-off `EntropyRunner`)."""
     overlap = default_overlap(model.config, context) if overlap is None else overlap
-    runner = EntropyRunner(model, params, context=context, overlap=overlap, batch_size=batch_size)
+    runner = EntropyRunner(
+        model,
+        params,
+        context=context,
+        overlap=overlap,
+        batch_size=batch_size,
+        reset_on_newline=reset_on_newline,
+        dtype=dtype,
+    )
     return runner.shard_entropies(np.asarray(tokens), np.asarray(offsets, np.int64))
 
 
@@ -365,6 +295,7 @@ class RunSummary:
     skipped: tuple[str, ...]  # shards left as they were
     bytes_per_second: float
     calibration: dict | None
+    rule: dict | None = None  # the rule this run added (`sidecar_rules.rule_record`), if any
 
 
 def run(
@@ -378,12 +309,20 @@ def run(
     context: int | None = None,
     overlap: int | None = None,
     calibration_tokens: int | None = None,
+    rule: PatchingRule | None = None,
+    reset_on_newline: bool = False,
     log: TextIO = sys.stderr,
 ) -> RunSummary:
     """Writes (or completes) the entropy sidecars of every shard of `data_dir`. See the module doc."""
     data_dir = paths.resolve(data_dir)
     if threshold is not None and target_patch_size is not None:
         raise SidecarError("pass either threshold or target_patch_size, not both")
+    if rule is not None:
+        if threshold is not None or target_patch_size is not None:
+            raise SidecarError("pass either a rule or threshold / target_patch_size, not both")
+        rule = stored_rule(rule)
+        if rule.kind == "global":  # the historical way to store a global rule
+            threshold, rule = rule.threshold, None
     if unit not in UNITS:
         raise SidecarError(f"unit: expected one of {UNITS}, got {unit!r}")
     with data_errors():
@@ -413,7 +352,9 @@ def run(
         "window": entropy_model.record.stack.window,
         "n_layers": entropy_model.record.stack.n_layers,
     }
-    store = SidecarStore(data_dir, identity, log)
+    if reset_on_newline:  # absent when off, so that folders computed before the option keep resuming
+        identity["reset_on_newline"] = True
+    store = SidecarStore(data_dir, identity, log, model_path=entropy_model.path)
     mine = [s for i, s in enumerate(infos) if i % jax.process_count() == jax.process_index()]
     runner: EntropyRunner | None = None
     # The bar counts tokens still to compute: a shard found done leaves its total.
@@ -446,7 +387,12 @@ def run(
         if fresh:
             if runner is None:
                 runner = EntropyRunner(
-                    entropy_model.model, entropy_model.params, context=context, overlap=overlap, batch_size=batch_size
+                    entropy_model.model,
+                    entropy_model.params,
+                    context=context,
+                    overlap=overlap,
+                    batch_size=batch_size,
+                    reset_on_newline=reset_on_newline,
                 )
             entropies = runner.shard_entropies(tokens, offsets, advance)
             for old in data_dir.glob(f"{shard.name}.starts.*.bits"):  # computed from other entropies
@@ -463,14 +409,14 @@ def run(
             bar.total -= int(tokens.size)
             bar.refresh()
         changed = fresh
-        # Every listed threshold, not only this run's: each shard then has every tag of the file.
-        for tag, entry in sorted(store.state["thresholds"].items()):
+        # Every listed rule, not only this run's: each shard then has every tag of the file.
+        for tag, entry in sorted(listed_rules(store.state).items()):
             bits = starts_path(data_dir, shard.name, tag)
             if bits.is_file() and sha256_file(bits) == record["starts_sha256"].get(tag):
                 continue
             if entropies is None:
                 entropies = read_entropies(data_dir, shard.name)
-            mask = start_mask(tokens, offsets, entropies, entry["threshold"])
+            mask = start_mask(tokens, offsets, entropies, rule_of_record(entry, f"{store.main}: rule {tag!r}"))
             record = dict(record, starts_sha256=dict(record["starts_sha256"]))
             record["starts_sha256"][tag] = write_sidecar(bits, np.packbits(mask).tobytes())
             changed = True
@@ -489,9 +435,17 @@ def run(
         store.state["threshold"], store.state["tag"] = value, tag
         return tag
 
+    def set_rule(value: PatchingRule) -> str:
+        tag = rule_tag(value)
+        store.state["rules"][tag] = {**rule_record(value), "calibration": None}
+        store.state["threshold"], store.state["tag"] = value.threshold, tag
+        return tag
+
     calibration = None
     if target_patch_size is None:
-        if threshold is not None:
+        if rule is not None:
+            set_rule(rule)
+        elif threshold is not None:
             set_threshold(float(threshold), None)
         for shard in mine:
             ensure(shard)
@@ -513,12 +467,15 @@ def run(
             ensure(shard, first_pass=False)
     bar.close()
     store.finish([s.name for s in infos])
+    if rule is not None:
+        threshold = rule.threshold
     return RunSummary(
         threshold=None if threshold is None else float(threshold),
-        tag=store.state["tag"] if threshold is not None else None,
+        tag=store.state["tag"] if threshold is not None or rule is not None else None,
         computed=tuple(computed),
         restarted=tuple(restarted),
         skipped=tuple(s for s in skipped if s not in restarted),
         bytes_per_second=computed_tokens / max(time.monotonic() - started, 1e-9),
         calibration=calibration,
+        rule=None if rule is None else rule_record(rule),
     )

@@ -26,8 +26,9 @@ Decisions
   exactly that row range.
 * Patch lengths use the training convention (row sum N + 1, first patch exactly 1: docs/architecture.md §3.2,
   §3.3, §10 item 3). static/space/byte are computed on the window's N input tokens with
-  `patch_lengths(..., include_next_token=True)`. entropy reads the N + 1 start bits of the window
-  from `{shard}.starts.{tag}.bits` (computed per document, so patches never straddle documents),
+  `patch_lengths(..., include_next_token=True)`. entropy (global, monotonic, combined or top-k)
+  reads the N + 1 start bits of the window from `{shard}.starts.{tag}.bits`, the sidecar of that
+  rule (computed per document, so patches never straddle documents; `data.sidecar_rules`),
   forces starts at positions 0 and 1 (this re-splits the first patch of a window that begins
   mid-document into [1, L - 1]), takes the bit of token N as the decision for the virtual next
   token (§3.3), then applies `max_patch_length` (§3.12) if configured.
@@ -39,7 +40,7 @@ Decisions
   left in the loss sees the patching it would have had with unlimited max_patches.
   `overflow="error"` raises instead.
 * Verification. At construction (always, cheap): manifest, every shard's existence and size
-  (2 bytes per token), and in entropy mode `sidecars.json` (threshold and tag, and that each
+  (2 bytes per token), and in entropy mode `sidecars.json` (the rule and its tag, the newline reset, and that each
   sidecar was computed from this shard's sha256) plus each bits file's existence and size.
   Content hashes: `verify="eager"` (default) hashes every shard and sidecar once per process at
   construction; `"lazy"` hashes a shard when the source first opens it (in whichever worker);
@@ -66,6 +67,7 @@ from etils import epath
 
 from bltjax.data import mixture, packing
 from bltjax.data import shards as shard_format
+from bltjax.data import sidecar_rules
 from bltjax.data.batches import batch_at_step, global_batch, make_iterator  # noqa: F401 (their old home)
 from bltjax.data.errors import DataError
 from bltjax.patching import PatchingRule, lengths_from_start_mask, patch_lengths, split_long_patches
@@ -129,9 +131,10 @@ def read_split(data_dir: str | os.PathLike, split: str) -> list[Shard]:
     return [Shard(os.fspath(paths.resolve(data_dir)), info) for info in manifest.splits[split]]
 
 
-def _read_sidecars(path: epath.Path) -> dict[str, Any]:
+def _read_sidecars(path: epath.Path, rule: PatchingRule) -> dict[str, Any]:
     if not path.is_file():
-        raise DataError(f"{path}: missing sidecar manifest; compute the sidecars with python -m bltjax.entropy")
+        command = sidecar_rules.entropy_command(path.parent, rule, rule.entropy_reset_on_newline, None)
+        raise DataError(f"{path}: missing sidecar manifest; compute the sidecars with: {command}")
     try:
         sidecars = json.loads(path.read_text())
     except (OSError, ValueError) as error:
@@ -142,47 +145,14 @@ def _read_sidecars(path: epath.Path) -> dict[str, Any]:
     return sidecars
 
 
-def _check_sidecar_rule(rule: PatchingRule) -> None:
-    """Entropy patching in the pipeline reads start bits, which sidecars hold for the global rule only."""
-    if rule.kind == "topk":
-        raise DataError(
-            "config.patching.threshold: entropy patching in the pipeline needs a threshold (top-k patching is "
-            "not incremental, so it has no per-document sidecar)"
-        )
-    if rule.kind != "global" and rule.mode == "entropy":
-        raise DataError(
-            "config.patching: the start-bit sidecars hold the global threshold rule (docs/architecture.md §3.4) only; "
-            f"threshold_add={rule.threshold_add!r} and monotonicity={rule.monotonicity!r} must be None / False"
-        )
-
-
 def _choose_tag(path: epath.Path, sidecars: Mapping[str, Any], rule: PatchingRule, tag: str | None) -> str:
-    """The sidecar tag computed with the configured threshold; an explicit tag must agree with it.
-
-    Thresholds are compared in float32, as the patcher compares them (and as entropy's tags are
-    made): float32-equal thresholds give bit-identical start masks.
-    """
-    _check_sidecar_rule(rule)
-    threshold = rule.threshold
-    thresholds = sidecars.get("thresholds", {})
-    available = ", ".join(f"{t!r} (threshold {v.get('threshold')!r})" for t, v in thresholds.items()) or "none"
-    if tag is not None:
-        if tag not in thresholds:
-            raise DataError(f"{path}: no sidecar tag {tag!r}; available: {available}")
-        if np.float32(thresholds[tag].get("threshold")) != np.float32(threshold):
-            raise DataError(
-                f"{path}: sidecar tag {tag!r} was computed with threshold {thresholds[tag].get('threshold')!r}, but "
-                f"config.patching.threshold is {threshold!r}; recompute the sidecars "
-                "(python -m bltjax.entropy --threshold ...) or fix the config"
-            )
-        return tag
-    for name, entry in thresholds.items():
-        if entry.get("threshold") is not None and np.float32(entry["threshold"]) == np.float32(threshold):
-            return name
-    raise DataError(
-        f"{path}: no sidecar computed with threshold {threshold!r}; available: {available}. Compute them with "
-        "python -m bltjax.entropy --threshold ... or set config.patching.threshold to a listed one"
-    )
+    """The tag of the sidecar that holds the configured rule (global, monotonic, combined or top-k);
+    an explicit tag must hold it. `bltjax.data.sidecar_rules.choose_tag` compares rules as the
+    patcher does (float32 thresholds) and names the command that computes a missing rule."""
+    try:
+        return sidecar_rules.choose_tag(path, sidecars, rule, tag, path.parent)
+    except sidecar_rules.SidecarRuleError as error:
+        raise DataError(str(error)) from error
 
 
 def attach_sidecars(
@@ -197,7 +167,7 @@ def attach_sidecars(
     rule = patching if isinstance(patching, PatchingRule) else PatchingRule.from_config(patching)
     root = paths.resolve(data_dir)
     path = root / SIDECAR_MANIFEST
-    sidecars = _read_sidecars(path)
+    sidecars = _read_sidecars(path, rule)
     tag = _choose_tag(path, sidecars, rule, tag)
     out = []
     for shard in shards:
@@ -370,7 +340,6 @@ class BatchBuilder:
         if self.rule is not None and not isinstance(self.rule, PatchingRule):
             raise ValueError(f"rule: expected a bltjax.patching.PatchingRule or None, got {type(self.rule).__name__}")
         if self.rule is not None:
-            _check_sidecar_rule(self.rule)
             if self.max_patches is None or self.max_patches < 2:
                 raise ValueError(f"config.data.max_patches: expected an int >= 2, got {self.max_patches!r}")
 

@@ -10,21 +10,21 @@ For each shard ``{split}-{index:05d}.tokens`` of a prepared folder (`bltjax.data
 docs/data.md) the entropy pass (`bltjax.data.entropy`, ``python -m bltjax.entropy``) writes
 
     {shard}.entropy.f16         float16 H_t (docs/architecture.md §2.1), one per token, computed per document
-    {shard}.starts.{tag}.bits   np.packbits of the patch-start mask for one threshold
-    sidecars.json               model fingerprint, chunking, thresholds, per-shard sha256s
+    {shard}.starts.{tag}.bits   np.packbits of the patch-start mask of one entropy patching rule
+    sidecars.json               model identity, chunking, newline reset, rules, per-shard sha256s
 
-* Start bits follow `patching.patch_start_mask` with ``PatchingRule(mode="entropy",
-  threshold=t)`` and ``include_next_token=False`` per document. They are computed in one
-  vectorised pass over the whole shard: the global rule compares H_{p-1} with t, so running it
-  on the concatenated stream and then forcing positions 0 and 1 of every document is exactly
-  the per-document mask.
-* Threshold tags. ``tag = "t" + shortest repr of float32(t)`` (e.g. t1.3354421 for the released
-  1.335442066192627). The patcher compares float16 entropies with the threshold rounded to
-  float32, so equal tags mean bit-identical masks, while 4 decimals would alias thresholds
-  below ~0.1, where float16 entropies are finer than 1e-4.
-* ``sidecars.json`` records, per shard, the sha256 of its ``.tokens`` and of every sidecar, and
-  the entropy model's identity (fingerprint and chunking): that is what lets the entropy pass
-  resume, skip finished shards and rewrite only a missing threshold's bits. Several processes
+* Start bits follow `patching.patch_start_mask(document, rule, include_next_token=False)` per
+  document, for the global, monotonic, combined and top-k rules; `bltjax.data.sidecar_rules`
+  computes them (vectorised over the shard) and defines the tags: ``t{θ}`` for the global
+  threshold (e.g. t1.3354421 for the released 1.335442066192627: the shortest repr of float32(θ),
+  because the patcher compares float16 entropies with the float32 threshold, so equal tags mean
+  bit-identical masks, while 4 decimals would alias thresholds below ~0.1), ``m{θ}``,
+  ``c{θ}_{θ_add}`` / ``cq...`` and ``k{s}``. ``max_patch_length`` is applied at batch time.
+* ``sidecars.json`` lists the global rules under ``thresholds`` (tag -> threshold, calibration),
+  as it always has, and every other rule under ``rules`` (tag -> kind and fields). It records,
+  per shard, the sha256 of its ``.tokens`` and of every sidecar, and the entropy model's identity
+  (fingerprint, chunking and, when set, ``reset_on_newline``): that is what lets the entropy pass
+  resume, skip finished shards and rewrite only a missing rule's bits. Several processes
   never write one file: each keeps a journal that process 0 merges (`SidecarStore`).
 * Shards are read and verified with `bltjax.data.shards` (its DataFormatError, which names the
   file, is re-raised as `SidecarError`).
@@ -46,7 +46,8 @@ import numpy as np
 from etils import epath
 
 from bltjax.data import shards
-from bltjax.patching import PatchingRule, patch_start_mask
+from bltjax.data.sidecar_rules import document_start_mask
+from bltjax.patching import PatchingRule
 from bltjax.runtime import paths
 from bltjax.runtime.atomic import write_atomic
 
@@ -124,25 +125,16 @@ def read_shard(data_dir: str | os.PathLike, shard: shards.ShardInfo) -> tuple[np
         return shards.read_shard(data_dir, shard.split, shard.index)
 
 
-def start_mask(tokens: np.ndarray, offsets: np.ndarray, entropies: np.ndarray, threshold: float) -> np.ndarray:
-    """bool [T]: `patch_start_mask(mode='entropy', threshold, include_next_token=False)` per document.
+def start_mask(
+    tokens: np.ndarray, offsets: np.ndarray, entropies: np.ndarray, rule: PatchingRule | float
+) -> np.ndarray:
+    """bool [T]: `patch_start_mask(document, rule, include_next_token=False)` of every document.
 
-    One pass over the stream, then positions 0 and 1 of every document are forced: the global
-    rule only looks at H_{p-1}, so this equals patching every document alone.
+    `rule` is an entropy `PatchingRule` or a global threshold (`sidecar_rules.document_start_mask`).
     """
-    total = int(tokens.size)
-    if total == 0:
-        return np.zeros(0, bool)
-    mask = patch_start_mask(
-        np.asarray(tokens).reshape(1, total),
-        PatchingRule(mode="entropy", threshold=float(threshold)),
-        entropies=np.asarray(entropies).reshape(1, total),
-        include_next_token=False,
-    )[0]
-    starts, lengths = offsets[:-1], np.diff(offsets)
-    mask[starts[lengths >= 1]] = True
-    mask[starts[lengths >= 2] + 1] = True
-    return mask
+    if not isinstance(rule, PatchingRule):
+        rule = PatchingRule(mode="entropy", threshold=float(rule))
+    return document_start_mask(tokens, offsets, entropies, rule)
 
 
 def read_entropies(data_dir: str | os.PathLike, shard: str) -> np.ndarray:
@@ -199,12 +191,13 @@ class SidecarStore:
 
     FLUSH_SECONDS = 5.0
 
-    def __init__(self, data_dir: epath.Path, identity: dict, log: TextIO):
+    def __init__(self, data_dir: epath.Path, identity: dict, log: TextIO, model_path: str | None = None):
         self.dir = data_dir
         self.identity = identity
+        self.model_path = model_path  # said in the pipeline's "compute them with" hints; not identity
         self.main = data_dir / SIDECARS_FILE
         self.journal = data_dir / f".sidecars.process-{jax.process_index()}.json"
-        self.state = {"shards": {}, "thresholds": {}, "threshold": None, "tag": None}
+        self.state = {"shards": {}, "thresholds": {}, "rules": {}, "threshold": None, "tag": None}
         self.mine: set[str] = set()
         self.last_flush = time.monotonic()
         stale = None
@@ -218,6 +211,7 @@ class SidecarStore:
                 continue
             self.state["shards"].update(saved.get("shards", {}))
             self.state["thresholds"].update(saved.get("thresholds", {}))
+            self.state["rules"].update(saved.get("rules", {}))
             if path == self.main:
                 self.state["threshold"], self.state["tag"] = saved.get("threshold"), saved.get("tag")
         if stale is not None and not self.state["shards"]:
@@ -246,6 +240,8 @@ class SidecarStore:
             "threshold": self.state["threshold"],
             "tag": self.state["tag"],
             "thresholds": self.state["thresholds"],
+            "rules": self.state["rules"],
+            "entropy_model_path": self.model_path,
             "shards": keep,
         }
 

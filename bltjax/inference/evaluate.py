@@ -65,7 +65,16 @@ from bltjax.training.step import batch_fields, jit_eval_step, make_eval_step
 
 EVAL_DIR = "eval"
 PATCH_COLUMN_MULTIPLE = 64
-PATCHING_KEYS = ("mode", "threshold", "threshold_add", "monotonicity", "patch_size", "max_patch_length")
+PATCHING_KEYS = (
+    "mode",
+    "threshold",
+    "threshold_add",
+    "monotonicity",
+    "patch_size",
+    "max_patch_length",
+    "reference_quirks",
+    "entropy_reset_on_newline",
+)
 
 
 class EvalError(ValueError):
@@ -183,6 +192,7 @@ def _eval_config(config: ml_collections.ConfigDict, patching_overrides: Mapping[
     if overrides.get("mode", "entropy") != "entropy":  # thresholds belong to entropy patching only
         overrides.setdefault("threshold", None)
         overrides.setdefault("threshold_add", None)
+        overrides.setdefault("entropy_reset_on_newline", False)
     for key, value in overrides.items():
         config.patching[key] = value
     check = ml_collections.ConfigDict(config.to_dict())

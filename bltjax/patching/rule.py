@@ -18,6 +18,10 @@ The modes of docs/architecture.md §3, and the `kind` each combination of fields
 * ``max_patch_length`` (§3.12) splits every patch from its start, in any mode.
 * ``entropy_float16`` rounds entropies through float16 before comparing them, as training on
   float16 sidecars does; the default compares float32 entropies, as in-forward patching does.
+* ``entropy_reset_on_newline`` says how the entropies were computed, not how they are compared:
+  the entropy model's context restarts after every newline byte (docs/architecture.md §2.5). The
+  patchers take the entropies as given; the data pipeline checks that the sidecars were computed
+  that way, and generation refuses it (`bltjax.patching.incremental`).
 
 Nothing here imports jax, so data-loader workers can hold rules.
 """
@@ -35,6 +39,7 @@ import numpy as np
 from bltjax.tokenizer import OFFSET, VOCAB_SIZE
 
 MODES = ("entropy", "space", "static", "byte")
+_FLAGS = ("monotonicity", "reference_quirks", "static_first_patch_rule", "entropy_float16", "entropy_reset_on_newline")
 KINDS = ("byte", "static", "space", "global", "monotonic", "combined", "topk")
 
 
@@ -85,6 +90,7 @@ class PatchingRule:
     reference_quirks: bool = False
     static_first_patch_rule: bool = True
     entropy_float16: bool = False
+    entropy_reset_on_newline: bool = False
 
     def __post_init__(self) -> None:
         self._validate()
@@ -98,7 +104,7 @@ class PatchingRule:
         }
         if self.mode == "static":
             normal["patch_size"] = int(self.patch_size)
-        for name in ("monotonicity", "reference_quirks", "static_first_patch_rule", "entropy_float16"):
+        for name in _FLAGS:
             normal[name] = bool(getattr(self, name))
         for name, value in normal.items():
             object.__setattr__(self, name, value)
@@ -109,7 +115,7 @@ class PatchingRule:
 
         if self.mode not in MODES:
             raise fail("mode", f"one of {MODES}")
-        for name in ("monotonicity", "reference_quirks", "static_first_patch_rule", "entropy_float16"):
+        for name in _FLAGS:
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise fail(name, "a bool")
         length = self.max_patch_length
@@ -120,7 +126,8 @@ class PatchingRule:
             if value is not None and (not _is_real(value) or math.isnan(value)):
                 raise fail(name, "None or a real number (not NaN)")
         if self.mode != "entropy":
-            for name, unset in (("threshold", None), ("threshold_add", None), ("monotonicity", False)):
+            unset_fields = (("threshold", None), ("threshold_add", None), ("monotonicity", False))
+            for name, unset in (*unset_fields, ("entropy_reset_on_newline", False)):
                 if getattr(self, name) != unset:
                     raise fail(name, f"{unset} when patching.mode={self.mode!r} (only entropy patching uses it)")
         if self.mode == "static":
