@@ -6,6 +6,7 @@ shapes against a hand count."""
 
 from __future__ import annotations
 
+import io
 import pathlib
 
 import numpy as np
@@ -242,3 +243,30 @@ def test_meter_continues_from_a_checkpoint_or_recounts(data_dir):
     recounted = padding.PaddingMeter(config)
     recounted.restore({"step": 6}, 6, lambda s: batch_at_step(data, s))  # a checkpoint from before the field
     assert saved.totals == straight.totals == recounted.totals
+
+
+@pytest.mark.slow
+def test_training_on_packed_rows_logs_padding_and_resumes_its_totals(corpus_data, tmp_path):
+    # The tiny BLT on packed rows, 6 steps straight and 3 + 3 with a relaunch: the same losses,
+    # and the cumulative padding and FLOPs continue from the checkpoint's metadata.
+    from test_trainer import tiny_config
+
+    from bltjax.training.metrics import read_jsonl
+    from bltjax.training.trainer import train
+
+    def run(workdir, steps):
+        config = tiny_config(corpus_data, **{"train.steps": steps, "train.checkpoint_every": 3})
+        config.data.rows, config.data.max_patches = "packed", 32
+        train(config, workdir, console=io.StringIO())
+        return {r["step"]: r for r in read_jsonl(workdir / "metrics.jsonl") if r["split"] == "train"}
+
+    straight = run(tmp_path / "straight", 6)
+    run(tmp_path / "resumed", 3)
+    resumed = run(tmp_path / "resumed", 6)
+    assert sorted(straight) == sorted(resumed) == list(range(1, 7))
+    for step in range(1, 7):
+        for key in ("loss", "padded_patch_fraction", "padded_byte_fraction", "padded_patch_fraction_total",
+                    "padded_byte_fraction_total", "flops_spent_per_step", "flops_spent_total"):  # fmt: skip
+            assert resumed[step][key] == straight[step][key], (step, key)
+    assert 0 < straight[6]["padded_byte_fraction_total"] < 1
+    assert straight[6]["flops_spent_total"] == 6 * straight[1]["flops_spent_per_step"]
