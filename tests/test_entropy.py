@@ -27,7 +27,7 @@ from bltjax.data import entropy as E
 from bltjax.data import sidecars as S
 from bltjax.models.byte_lm import ByteLM, next_byte_entropy
 from bltjax.models.factory import build_model, example_inputs
-from bltjax.patching import patch_start_mask
+from bltjax.patching import PatchingRule, patch_start_mask
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = f"{REPO / 'experiments' / 'entropy_model.py'}:tiny"
@@ -455,6 +455,12 @@ def test_hugging_face_folder_as_entropy_model(shared_dir, tmp_path):
     assert summary.threshold == pytest.approx(stored) and summary.tag == S.threshold_tag(stored)
     record = json.loads((folder / "sidecars.json").read_text())
     assert record["entropy_model"]["source"] == "huggingface" and record["entropy_model"]["overlap"] == 15
+    # A rule given is the one added: the folder's stored threshold is not added with it.
+    topk = E.run(folder, fixture, context=64, batch_size=2, rule=PatchingRule(mode="entropy", patch_size=4),
+                 log=io.StringIO())  # fmt: skip
+    assert topk.computed == () and topk.threshold is None and topk.tag == "k4.0"
+    assert topk.rule == {"kind": "topk", "threshold": None, "threshold_add": None, "reference_quirks": False,
+                         "patch_size": 4.0}  # fmt: skip
     i = 0
     for name in ("train-00000", "train-00001"):
         tokens, offsets = shard_documents(folder, name)

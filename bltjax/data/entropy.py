@@ -342,7 +342,7 @@ def run(
             file=log,
         )
     batch_size = int(batch_size or entropy_model.default_batch_size)
-    if threshold is None and target_patch_size is None:
+    if threshold is None and target_patch_size is None and rule is None:  # a rule given is the one to add
         threshold = entropy_model.default_threshold
     identity = {
         "fingerprint": entropy_model.fingerprint,
