@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import pytest
 
 from bltjax.config import ConfigError, load_config, model_config
@@ -419,6 +420,40 @@ def test_plan_from_flags_alone(sweep_file, tmp_path, capsys):
     assert plan.load_plan(out)["stages"]["data"]["corpus"] == list(spec.DEFAULT_CORPUS)
     assert sweep_main(["plan", "--patch-sizes", "4", "--out", str(out / "x")]) == 1
     assert "sweep.base: expected a BLT experiment path.py[:variant] (--base or --sweep)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_plan_with_packed_rows_trains_its_jobs_on_packed_rows(sweep_file, tmp_path, capsys):
+    """--rows packed: every BLT job packs 1 + ceil(seq_len / expected) patches under the seq_len cap
+    (docs/sweeps.md), and the job's config trains on packed rows."""
+    out = tmp_path / "packed"
+    assert sweep_main(["plan", "--sweep", f"{sweep_file}:wide", "--rows", "packed", "--out", str(out)]) == 0
+    windows = tmp_path / "windows"
+    assert sweep_main(["plan", "--sweep", f"{sweep_file}:wide", "--out", str(windows)]) == 0
+    jobs, window_jobs = plan.load_plan(out)["jobs"], plan.load_plan(windows)["jobs"]
+    assert [j["mode"] for j in jobs] == ["static", "static", "space"]
+    assert {j["name"] for j in jobs}.isdisjoint(j["name"] for j in window_jobs)  # the rows are part of the name
+    for job, window_job in zip(jobs, window_jobs, strict=True):
+        data = job["config"]["data"]
+        assert data["rows"] == "packed" and window_job["config"]["data"]["rows"] == "windows"
+        if job["mode"] == "space":
+            assert data["max_patches"] == 1 + math.ceil(64 / job["expected_patch_size"])
+            assert data["max_patches"] < window_job["config"]["data"]["max_patches"]  # no room for outliers needed
+        else:
+            assert data["max_patches"] == window_job["config"]["data"]["max_patches"]
+    assert sweep_main(["plan", "--sweep", f"{sweep_file}:wide", "--rows", "bins", "--out", str(tmp_path / "x")]) == 1
+    assert "sweep.rows: expected one of ('windows', 'packed'), got 'bins'" in capsys.readouterr().err
+
+    space = next(j for j in jobs if j["mode"] == "space")
+    config = job_config.get_config(str(plan.job_file(out, space["name"])))
+    config.train.steps, config.train.eval_every, config.train.checkpoint_every = 3, 0, 0
+    config.optimizer.warmup_steps = 1
+    config.mesh.data = 1
+    from bltjax.training.trainer import train
+
+    result = train(config, tmp_path / "run", console=io.StringIO(), devices=jax.devices()[:1])
+    records = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["split"] == "train"]
+    assert result.final_step == 3 and records[-1]["padded_byte_fraction"] > 0
 
 
 def _fake_sweep(monkeypatch, tmp_path, run_job):

@@ -28,7 +28,7 @@ from bltjax.sweep.stages import StageError
 # Which flags each sub-command reads: the others are refused for it.
 COMMAND_FLAGS = {
     "plan": ("out", "sweep", "base", "baseline", "modes", "patch_sizes", "budget_flops_per_byte",
-             "budget_train_flops", "force"),
+             "budget_train_flops", "rows", "force"),
     "run": ("only", "stages_only", "keep_going", "print_commands", "launcher"),
     "report": (),
 }  # fmt: skip
@@ -50,6 +50,7 @@ def define_flags(values: flags.FlagValues) -> None:
     flags.DEFINE_float("budget_flops_per_byte", None, "plan: inference budget, forward FLOPs/byte.", flag_values=values)
     flags.DEFINE_float("budget_train_flops", None, "plan: training FLOPs of each run.", flag_values=values)
     flags.DEFINE_bool("force", False, "plan: replace a different plan in --out.", flag_values=values)
+    string("rows", None, "plan: how BLT rows are built, windows or packed (config.data.rows).", flag_values=values)
     multi("only", None, "run: job names to run (default: all); several may follow one --only.", flag_values=values)
     flags.DEFINE_bool("stages_only", False, "run: only the shared stages (data, entropy model).", flag_values=values)
     flags.DEFINE_bool("keep_going", False, "run: go on with the next job when one fails.", flag_values=values)
@@ -70,6 +71,7 @@ def _plan(values: flags.FlagValues) -> int:
         "patch_sizes": values.patch_sizes,
         "budget_flops_per_byte": values.budget_flops_per_byte,
         "budget_train_flops": values.budget_train_flops,
+        "rows": values.rows,
     }
     with sweep.ignore_type():
         for key, value in overrides.items():

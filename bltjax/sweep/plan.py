@@ -145,9 +145,13 @@ def _job(
     }
 
 
-def _max_patches(mode: str, seq_len: int, size: float, expected: float, factor: float, seen: int | None) -> int:
+def _max_patches(
+    mode: str, seq_len: int, size: float, expected: float, factor: float, seen: int | None, rows: str = "windows"
+) -> int:
     if mode == "static":
         return 1 + math.ceil(seq_len / size)
+    if rows == "packed":  # the first 1-byte patch, then seq_len bytes at the expected mean patch size
+        return min(seq_len + 1, 1 + math.ceil(seq_len / expected))
     room = math.ceil(factor * seq_len / expected) + 2
     if seen is not None:
         room = max(room, seen + 2)
@@ -170,8 +174,9 @@ def _blt_job(
     config.patching.threshold_add = None
     config.patching.monotonicity = False
     config.patching.patch_size = float(size if size is not None else round(expected, 3))
+    config.data.rows = sweep.get("rows", "windows")
     config.data.max_patches = _max_patches(
-        mode, seq_len, config.patching.patch_size, expected, float(sweep.max_patches_factor), seen
+        mode, seq_len, config.patching.patch_size, expected, float(sweep.max_patches_factor), seen, config.data.rows
     )
     config.data.path = ""
     record = model_config(config)

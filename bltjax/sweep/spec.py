@@ -21,6 +21,7 @@ from bltjax.config import ConfigError, load_config
 from bltjax.runtime import paths
 
 SWEEP_MODES = ("entropy", "space", "static")
+ROW_KINDS = ("windows", "packed")  # config.data.rows (bltjax/data/packing.py)
 # English prose and Python code of the bundled corpus (bltjax/data/corpus): the default data.
 DEFAULT_CORPUS = ("en_jargon_file_excerpt.jsonl", "en_fortunes.jsonl", "code_python_stdlib.jsonl")
 
@@ -44,6 +45,9 @@ def default_sweep() -> ml_collections.ConfigDict:
     sweep.max_layers = 64
     sweep.max_width_multiple = 64  # widths searched: head_dim x 1 .. head_dim x this
     sweep.max_patches_factor = 2.0  # entropy / space: max_patches = factor x seq_len / patch size (+2)
+    # How BLT rows are built (config.data.rows): "windows" of seq_len bytes padded to max_patches, or
+    # "packed": max_patches = 1 + ceil(seq_len / expected patch size) patches under a seq_len byte cap.
+    sweep.rows = "windows"
     sweep.space_patch_size = None  # expected mean of space patching; None = measured on the data
     sweep.data = ml_collections.ConfigDict(
         dict(
@@ -171,6 +175,7 @@ def validate_sweep(sweep: ml_collections.ConfigDict) -> None:
         _require(isinstance(value, int) and value > 0, name, "a positive integer", value)
     _require(0 < sweep.tolerance < 1, "tolerance", "a fraction in (0, 1)", sweep.tolerance)
     _require(sweep.max_patches_factor >= 1, "max_patches_factor", "a number >= 1", sweep.max_patches_factor)
+    _require(sweep.rows in ROW_KINDS, "rows", f"one of {ROW_KINDS}", sweep.rows)
     data = sweep.data
     _require(
         bool(data.path) or bool(list(data.corpus)),

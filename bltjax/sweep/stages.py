@@ -112,6 +112,7 @@ def measure_patch_size(config: ml_collections.ConfigDict, data: paths.PathLike, 
 
     probe = ml_collections.ConfigDict(config.to_dict())
     probe.data.max_patches = probe.data.seq_len + 1
+    probe.data.rows = "windows"  # whole seq_len-byte windows: the mean patch the data gives, whatever the rows
     dataset = pipeline.make_dataset(
         probe, data, "train", seed=probe.seed, process_index=0, process_count=1, verify="size"
     )  # content hashes are the trainer's to check
