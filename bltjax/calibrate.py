@@ -1,7 +1,8 @@
-"""Choose the global entropy threshold θ for a target mean patch size (docs/architecture.md §3.15).
+"""Choose the entropy threshold θ for a target mean patch size (docs/architecture.md §3.15).
 
     python -m bltjax.calibrate --entropies doc1.npy doc2.npy --target-patch-size 4.5 [--out result.json]
     python -m bltjax.calibrate --data DATA --target-patch-size 4.5 [--split train --max-tokens N]
+    python -m bltjax.calibrate --data DATA --target-patch-size 4.5 --rule monotonic   # §3.5's θ_r
 
 Each .npy file holds one document as a 1-D array, or a 2-D array whose rows are documents of
 equal length (float16/float32/float64 entropies in nats); `--data` reads the entropy sidecars of a
@@ -22,7 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 from absl import flags
 
-from bltjax.patching.calibrate import UNITS, calibrate_threshold, format_table
+from bltjax.patching.calibrate import KINDS, UNITS, calibrate_threshold, format_table
 from bltjax.runtime import cli
 from bltjax.runtime.atomic import write_atomic
 from bltjax.runtime.paths import is_uri, resolve
@@ -67,6 +68,8 @@ def define_flags(values: flags.FlagValues) -> None:
     flags.DEFINE_float("target_patch_size", None, "Target mean patch size, e.g. 4.5, 6 or 8.", flag_values=values)
     flags.DEFINE_enum("unit", "tokens", list(UNITS), "What the target counts.", flag_values=values)
     flags.DEFINE_integer("max_patch_length", None, "Longest patch allowed.", flag_values=values)
+    flags.DEFINE_enum("rule", "global", list(KINDS), "The entropy rule whose threshold to choose (global: "
+                      "docs/architecture.md §3.4; monotonic: §3.5).", flag_values=values)  # fmt: skip
     flags.DEFINE_bool("bos", True, "Documents start with BOS (--no-bos: they do not).", flag_values=values)
     flags.DEFINE_bool("eos", True, "Documents end with EOS (--no-eos: they do not).", flag_values=values)
     flags.DEFINE_string("out", None, "Also write the result as JSON here.", flag_values=values)
@@ -88,6 +91,7 @@ def _main(command_line: cli.CommandLine) -> int:
         max_patch_length=values.max_patch_length,
         bos=values.bos,
         eos=values.eos,
+        kind=values.rule,
     )
     print(format_table(result))
     if values.out:

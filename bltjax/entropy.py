@@ -71,10 +71,10 @@ def _rule(values: flags.FlagValues) -> PatchingRule | None:
     for name, allowed in used.items():
         if not allowed and values[name].present:
             raise cli.CommandLineError(f"--{name.replace('_', '-')} does not go with --rule {kind}")
-    if kind == "global":
+    if values.target_patch_size is not None and kind not in ("global", "monotonic"):
+        raise cli.CommandLineError(f"--target-patch-size calibrates the global and monotonic rules, not --rule {kind}")
+    if kind == "global" or values.target_patch_size is not None:
         return None
-    if values.target_patch_size is not None:
-        raise cli.CommandLineError(f"--target-patch-size calibrates the global rule only, not --rule {kind}")
     if kind == "topk":
         cli.require(values, "patch_size")
         fields = {"patch_size": values.patch_size}
@@ -105,6 +105,7 @@ def _main(command_line: cli.CommandLine) -> int:
         threshold=threshold,
         target_patch_size=values.target_patch_size,
         rule=rule,
+        target_kind=values.rule if values.target_patch_size is not None else "global",
         reset_on_newline=values.reset_on_newline,
         unit=values.unit,
         batch_size=values.batch_size,

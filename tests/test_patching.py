@@ -671,7 +671,7 @@ def synthetic_corpus(seed: int = 0, documents: int = 40) -> list[np.ndarray]:
     return [rng.gamma(0.6, 1.4, size=int(rng.integers(3, 400))).astype(np.float32) for _ in range(documents)]
 
 
-def per_document_lengths(docs, threshold, max_patch_length=None) -> list[int]:
+def per_document_lengths(docs, threshold, max_patch_length=None, monotonicity=False) -> list[int]:
     """What the public entry point gives, one document (one row) at a time."""
     out: list[int] = []
     for doc in docs:
@@ -681,6 +681,7 @@ def per_document_lengths(docs, threshold, max_patch_length=None) -> list[int]:
             mode="entropy",
             entropies=doc[None],
             threshold=threshold,
+            monotonicity=monotonicity,
             max_patch_length=max_patch_length,
             include_next_token=False,
         )
@@ -716,6 +717,24 @@ def test_calibration_hits_the_target_and_agrees_with_patch_lengths(target, max_p
     by_bytes = calibrate_threshold(docs, target, unit="bytes", max_patch_length=max_patch_length)
     assert by_bytes.mean_bytes_per_patch == pytest.approx(target, rel=0.01)
     assert by_bytes.bytes == result.tokens - 2 * len(docs)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("max_patch_length", [None, 12])
+def test_monotonic_calibration_hits_the_target_and_agrees_with_patch_lengths(dtype, max_patch_length):
+    """The monotonic rule (§3.5) is searched over its differences H_{p-1} - H_{p-2}, as the patcher takes them."""
+    docs = [doc.astype(dtype) for doc in synthetic_corpus(seed=2)]
+    for target in (4.5, 8.0):
+        result = calibrate_threshold(docs, target, max_patch_length=max_patch_length, kind="monotonic")
+        lengths = per_document_lengths(docs, result.threshold, max_patch_length, monotonicity=True)
+        assert result.kind == "monotonic" and result.patches == len(lengths) and result.tokens == sum(lengths)
+        assert result.mean_tokens_per_patch == pytest.approx(target, rel=0.01)
+        step = result.tokens / (result.patches - 1) - result.tokens / (result.patches + 1)
+        assert abs(result.mean_tokens_per_patch - target) <= step / 2 + 1e-9
+        global_rule = calibrate_threshold(docs, target, max_patch_length=max_patch_length)
+        assert global_rule.kind == "global" and global_rule.threshold != result.threshold
+    with pytest.raises(ValueError, match="calibrate.kind: expected one of"):
+        calibrate_threshold(docs, 4.0, kind="combined")
 
 
 def test_calibration_rejects_unreachable_targets_and_bad_input():

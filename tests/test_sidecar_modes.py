@@ -202,6 +202,27 @@ def test_a_rule_without_sidecar_names_the_folder_the_rule_and_the_command(corpus
         pipeline.make_source(_rule_config(data, PatchingRule(mode="entropy", patch_size=6)), data, "train")
 
 
+def test_monotonic_threshold_is_calibrated_on_train(corpus, entropy_model, tmp_path):
+    """--rule monotonic --target-patch-size: θ_r chosen on the train split, its bits added, no model run."""
+    data, _ = corpus
+    copy = tmp_path / "data"
+    copy.mkdir()
+    for file in data.iterdir():
+        (copy / file.name).write_bytes(file.read_bytes())
+    summary = E.run(copy, entropy_model[2], target_patch_size=5.0, target_kind="monotonic", log=io.StringIO())
+    assert summary.computed == () and summary.rule["kind"] == "monotonic" and summary.tag.startswith("m")
+    calibration = json.loads((copy / S.SIDECARS_FILE).read_text())["rules"][summary.tag]["calibration"]
+    assert calibration["kind"] == "monotonic" and calibration["mean_tokens_per_patch"] == pytest.approx(5.0, rel=0.05)
+    rule = PatchingRule(mode="entropy", threshold=summary.threshold, monotonicity=True)
+    assert R.rule_tag(rule) == summary.tag
+    tokens = patches = 0
+    for shard in S.read_data_manifest(copy):
+        if shard.split == "train":
+            tokens += shard.tokens
+            patches += int(S.read_starts(copy, shard.name, summary.tag, shard.tokens).sum())
+    assert tokens / patches == pytest.approx(calibration["mean_tokens_per_patch"])
+
+
 # --- the newline reset ------------------------------------------------------------------------------
 
 

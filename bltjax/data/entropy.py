@@ -47,7 +47,8 @@ Design
   makes every entropy recompute (said on stderr) and drops the old starts files. Every shard
   gets the bits of every rule listed in `sidecars.json`, so a listed tag covers the data.
 * Rules. ``rule`` (a `PatchingRule`: global, monotonic, combined or top-k) adds that rule's start
-  bits (`bltjax.data.sidecar_rules`); ``threshold`` / ``target_patch_size`` add a global one.
+  bits (`bltjax.data.sidecar_rules`); ``threshold`` / ``target_patch_size`` add a global one
+  (``target_kind="monotonic"``: a calibrated monotonic one).
 * Newline reset (``reset_on_newline``, docs/architecture.md §2.5). Every context also ends after
   each newline byte: the lines of a document (the last one up to EOS) are run as documents of
   their own, so the entropies after a newline are those of the text after it run alone. It is
@@ -95,6 +96,7 @@ from bltjax.data.sidecars import (
 from bltjax.models.byte_lm import ByteLM, next_byte_entropy
 from bltjax.models.configs import ByteLMConfig
 from bltjax.patching import PatchingRule
+from bltjax.patching.calibrate import KINDS as CALIBRATED_KINDS
 from bltjax.patching.calibrate import UNITS, calibrate_threshold
 from bltjax.runtime import paths, xla_options
 from bltjax.runtime.atomic import sha256_file
@@ -310,6 +312,7 @@ def run(
     overlap: int | None = None,
     calibration_tokens: int | None = None,
     rule: PatchingRule | None = None,
+    target_kind: str = "global",
     reset_on_newline: bool = False,
     log: TextIO = sys.stderr,
 ) -> RunSummary:
@@ -325,6 +328,8 @@ def run(
             threshold, rule = rule.threshold, None
     if unit not in UNITS:
         raise SidecarError(f"unit: expected one of {UNITS}, got {unit!r}")
+    if target_kind not in CALIBRATED_KINDS:
+        raise SidecarError(f"target_kind: expected one of {CALIBRATED_KINDS}, got {target_kind!r}")
     with data_errors():
         manifest = shards.load_manifest(data_dir)
     infos = [info for split in shards.SPLITS for info in manifest.shards(split)]
@@ -458,11 +463,18 @@ def run(
         if not train:
             raise SidecarError(f"{data_dir / shards.MANIFEST_NAME}: no 'train' split to calibrate the threshold on")
         result = calibrate_threshold(
-            sidecar_documents(data_dir, train, calibration_tokens), float(target_patch_size), unit=unit
+            sidecar_documents(data_dir, train, calibration_tokens),
+            float(target_patch_size),
+            unit=unit,
+            kind=target_kind,
         )
         calibration = dataclasses.asdict(result)
         threshold = float(result.threshold)
-        set_threshold(threshold, calibration)
+        if target_kind == "global":
+            set_threshold(threshold, calibration)
+        else:  # monotonic: the one other rule with a single threshold
+            rule = PatchingRule(mode="entropy", threshold=threshold, monotonicity=True)
+            store.state["rules"][set_rule(rule)]["calibration"] = calibration
         for shard in mine:
             ensure(shard, first_pass=False)
     bar.close()

@@ -1,4 +1,4 @@
-"""Choose the global entropy threshold θ for a target average patch size (docs/architecture.md §3.15).
+"""Choose the entropy threshold θ for a target average patch size (docs/architecture.md §3.15).
 
     result = calibrate_threshold(documents, 4.5)   # one 1-D float array of entropies per document
     rule = PatchingRule(mode="entropy", threshold=result.threshold)
@@ -13,6 +13,9 @@ hits the target. Here the search is exact rather than a float bisection: with th
 step function of θ that only changes at the distinct candidate entropy values. We sort those
 values once, bisect over the steps (the mean patch size grows with θ), and return a θ in the
 middle of the winning step, so that float noise in recomputed entropies rarely flips a decision.
+The monotonic rule (§3.5, ``kind="monotonic"``) is searched the same way: a position p >= 3
+starts a patch iff H_{p-1} - H_{p-2} > θ, so the steps are the distinct differences (taken in
+the patcher's compare dtype). The combined rule has two thresholds and is not calibrated here.
 
 Documents are patched one by one with `include_next_token=False` (§10: rows sum to the document
 length), exactly as `patching.patch_lengths(..., mode='entropy', threshold=θ,
@@ -34,6 +37,7 @@ from bltjax.patching.lengths import lengths_from_start_mask, split_long_patches
 from bltjax.patching.rule import PatchingError, PatchingRule
 
 UNITS = ("tokens", "bytes")
+KINDS = ("global", "monotonic")  # rules with one threshold: a one-dimensional search
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +58,7 @@ class Calibration:
     mean_bytes_per_patch: float
     median_bytes_per_patch: float
     max_bytes_per_patch: int
+    kind: str = "global"  # the rule calibrated: global (§3.4) or monotonic (§3.5)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,14 +79,27 @@ class _Corpus:
             parts.append(self.starts + self.lengths - 1)
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
-    def patch_lengths(self, threshold: float, max_patch_length: int | None) -> np.ndarray:
-        """Flat lengths of every document's patches, documents in order (global rule, §3.4)."""
-        values = self.entropies
+    def scores(self, kind: str) -> np.ndarray:
+        """Flat [T]: at index q, what decides whether position q + 1 starts a patch: H_q (global)
+        or H_q - H_{q-1} (monotonic; index 0 is unused)."""
+        if kind == "global":
+            return self.entropies
+        rise = np.zeros_like(self.entropies)
+        np.subtract(self.entropies[1:], self.entropies[:-1], out=rise[1:])
+        return rise
+
+    def forced(self, kind: str) -> int:
+        """Positions 0..forced-1 of every document always start a patch (§3.2, §3.5)."""
+        return 3 if kind == "monotonic" else 2
+
+    def patch_lengths(self, threshold: float, max_patch_length: int | None, kind: str = "global") -> np.ndarray:
+        """Flat lengths of every document's patches, documents in order (the rule `kind`)."""
+        values = self.scores(kind)
         mask = np.empty(values.size, dtype=bool)
         mask[0] = True
         np.greater(values[:-1], values.dtype.type(threshold), out=mask[1:])
-        mask[self.starts] = True  # position 0 of each document (hides the previous H_{N-1})
-        mask[self.starts[self.lengths >= 2] + 1] = True  # position 1 (§3.2)
+        for position in range(self.forced(kind)):  # hides scores that reach into the previous document
+            mask[self.starts[self.lengths > position] + position] = True
         lengths = lengths_from_start_mask(mask[None, :])
         if max_patch_length is not None:
             lengths = split_long_patches(lengths, max_patch_length)
@@ -131,28 +149,33 @@ def calibrate_threshold(
     max_patch_length: int | None = None,
     bos: bool = True,
     eos: bool = True,
+    kind: str = "global",
 ) -> Calibration:
-    """Global threshold whose mean patch size on `entropies` (one 1-D array per document) is
-    closest to `target_patch_size`, counted in `unit` ('tokens' as in §3.15, or 'bytes').
+    """Threshold of the rule `kind` (global or monotonic) whose mean patch size on `entropies` (one
+    1-D array per document) is closest to `target_patch_size`, counted in `unit` ('tokens' as in
+    §3.15, or 'bytes').
 
     `bos` / `eos` say whether each document starts with BOS / ends with EOS (for bytes per
     patch). Raises ValueError if the target lies outside the reachable range of mean sizes.
     """
     if unit not in UNITS:
         raise _fail("unit", f"one of {UNITS}", unit)
+    if kind not in KINDS:
+        raise _fail("kind", f"one of {KINDS} (rules with a single threshold)", kind)
     if not isinstance(target_patch_size, numbers.Real) or not target_patch_size > 0:
         raise _fail("target_patch_size", "a number > 0", target_patch_size)
     PatchingRule(mode="entropy", threshold=0.0, max_patch_length=max_patch_length)  # the record checks it
     corpus = _corpus(entropies, bos, eos)
     units = int(corpus.lengths.sum()) - (0 if unit == "tokens" else len(corpus.lengths) * (int(bos) + int(eos)))
 
-    # Candidate entropies: H_{p-1} for p = 2..N-1 of each document (include_next_token=False).
+    # Candidate scores: those of p = forced..N-1 of each document (include_next_token=False).
     inside = np.ones(corpus.entropies.size, dtype=bool)
-    inside[corpus.starts] = False
+    for position in range(corpus.forced(kind) - 1):
+        inside[corpus.starts[corpus.lengths > position] + position] = False
     inside[corpus.starts + corpus.lengths - 1] = False
-    values, counts = np.unique(corpus.entropies[inside], return_counts=True)
+    values, counts = np.unique(corpus.scores(kind)[inside], return_counts=True)
     above = counts.sum() - np.cumsum(counts)  # candidates > values[i]
-    forced = int(np.minimum(corpus.lengths, 2).sum())
+    forced = int(np.minimum(corpus.lengths, corpus.forced(kind)).sum())
 
     def threshold_of(step: int) -> float:
         """A θ inside step `step` (-1: below every value, so every candidate starts a patch)."""
@@ -169,7 +192,7 @@ def calibrate_threshold(
         if max_patch_length is None:
             patches = forced + (int(above[step]) if step >= 0 else int(counts.sum()))
         else:
-            patches = corpus.patch_lengths(threshold_of(step), max_patch_length).size
+            patches = corpus.patch_lengths(threshold_of(step), max_patch_length, kind).size
         return units / patches
 
     low, high = -1, values.size - 1  # mean_size grows with the step
@@ -184,11 +207,13 @@ def calibrate_threshold(
             high = middle
     step = min((low, high), key=lambda s: (abs(mean_size(s) - target_patch_size), s))
     threshold = threshold_of(step)
-    return _realised(corpus, threshold, target_patch_size, unit, max_patch_length)
+    return _realised(corpus, threshold, target_patch_size, unit, max_patch_length, kind)
 
 
-def _realised(corpus: _Corpus, threshold: float, target: float, unit: str, max_patch_length: int | None) -> Calibration:
-    tokens = corpus.patch_lengths(threshold, max_patch_length)
+def _realised(
+    corpus: _Corpus, threshold: float, target: float, unit: str, max_patch_length: int | None, kind: str = "global"
+) -> Calibration:
+    tokens = corpus.patch_lengths(threshold, max_patch_length, kind)
     byte_counts = corpus.bytes_per_patch(tokens)
     return Calibration(
         threshold=threshold,
@@ -205,6 +230,7 @@ def _realised(corpus: _Corpus, threshold: float, target: float, unit: str, max_p
         mean_bytes_per_patch=float(byte_counts.mean()),
         median_bytes_per_patch=float(np.median(byte_counts)),
         max_bytes_per_patch=int(byte_counts.max()),
+        kind=kind,
     )
 
 
@@ -231,7 +257,8 @@ def format_table(result: Calibration) -> str:
         ("max", str(result.max_tokens_per_patch), str(result.max_bytes_per_patch)),
     ]
     header = (
-        f"threshold = {result.threshold!r} (target {result.target_patch_size:g} {result.unit} "
+        f"{'' if result.kind == 'global' else result.kind + ' '}threshold = {result.threshold!r} "
+        f"(target {result.target_patch_size:g} {result.unit} "
         f"per patch, max_patch_length = {result.max_patch_length})\n"
         f"{result.documents} documents, {result.tokens} tokens, {result.bytes} bytes, "
         f"{result.patches} patches\n\n"
