@@ -382,7 +382,9 @@ def spec_lengths(ids, entropies, kw) -> list[int]:
 
 
 GRID = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0]
-entropy_values = st.sampled_from(GRID) | st.floats(0, 5, width=32)
+# No subnormals: XLA on CPU flushes them to zero (1e-45 > 0 is False under jit), numpy does not,
+# and no entropy model produces one.
+entropy_values = st.sampled_from(GRID) | st.floats(0, 5, width=32, allow_subnormal=False)
 
 
 @st.composite

@@ -9,7 +9,8 @@ traced batch). The arrays may be traced; the rule is a Python value. Only the ru
 (`PatchingRule.values`), so one compilation serves every threshold. The decisions and
 conventions are those of `bltjax.patching.offline`, with two exceptions that a traced value
 cannot raise for: NaN entropies never start a patch (a NaN compares False), and token ids are
-not range-checked.
+not range-checked. (Subnormal entropies, below 1.2e-38, may compare as zero: XLA on CPU flushes
+them; no entropy model produces them.)
 
 jax is imported on first use, so that numpy-only users of `bltjax.patching` (data-loader
 workers, the calibration command line) start without it.
