@@ -199,6 +199,13 @@ def test_padding_stats_count_empty_columns_and_padded_bytes():
     assert stats == {"pad_columns": 3.0, "all_columns": 8.0, "pad_positions": 3.0, "all_positions": 16.0}
     windows = padding.batch_padding({k: v for k, v in batch.items() if k != "row_bytes"})
     assert windows["pad_positions"] == 0.0
+    # Throughput and patch statistics leave the BOE padding of each row's last patch out.
+    batch["patch_lengths"] = np.array([[1, 4, 4, 0], [1, 3, 5, 0]], np.int32)  # row 1: 5 real inputs + 3 BOE
+    assert padding.real_patch_lengths(batch).tolist() == [[1, 4, 4, 0], [1, 3, 2, 0]]
+    assert padding.real_bytes(batch) == 13.0
+    window_rows = {"tokens": batch["tokens"], "patch_lengths": batch["patch_lengths"]}
+    assert padding.real_bytes(window_rows) == 16.0
+    assert padding.real_patch_lengths(window_rows) is window_rows["patch_lengths"]
 
 
 def test_flops_spent_per_step_equal_a_hand_count():

@@ -35,13 +35,33 @@ META_KEY = "padding"
 def batch_padding(batch: Mapping[str, np.ndarray]) -> dict[str, float]:
     """Host sums of one batch: patch columns (and the empty ones), byte positions (and the padded ones)."""
     positions = float(batch["tokens"].size)
-    real = float(np.sum(batch["row_bytes"], dtype=np.int64)) if "row_bytes" in batch else positions
-    stats = {"pad_positions": positions - real, "all_positions": positions}
+    stats = {"pad_positions": positions - real_bytes(batch), "all_positions": positions}
     if "patch_lengths" in batch:
         lengths = batch["patch_lengths"]
         stats["pad_columns"] = float(lengths.size - np.count_nonzero(lengths))
         stats["all_columns"] = float(lengths.size)
     return stats
+
+
+def real_patch_lengths(batch: Mapping[str, np.ndarray]) -> np.ndarray:
+    """`patch_lengths` without the BOE padding that packed rows add to each row's last patch.
+
+    Throughput and patch statistics count real bytes; windows (no `row_bytes`) come back as they are.
+    """
+    lengths = batch["patch_lengths"]
+    if "row_bytes" not in batch:
+        return lengths
+    lengths = np.array(lengths)
+    last = np.count_nonzero(lengths, axis=1) - 1  # columns are left-aligned
+    lengths[np.arange(lengths.shape[0]), last] -= batch["tokens"].shape[1] - np.asarray(batch["row_bytes"])
+    return lengths
+
+
+def real_bytes(batch: Mapping[str, np.ndarray]) -> float:
+    """Input positions that hold data (all of them for windows; `row_bytes` for packed rows)."""
+    if "row_bytes" in batch:
+        return float(np.sum(batch["row_bytes"], dtype=np.int64))
+    return float(batch["tokens"].size)
 
 
 def spent_flops_per_step(config: Any) -> float:

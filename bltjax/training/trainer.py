@@ -149,9 +149,9 @@ class PreemptionWatch:
 
 def _host_batch_stats(batch: Mapping[str, np.ndarray]) -> dict[str, float]:
     """Bytes and patches of one (process-local) batch, counted on the host for free."""
-    stats = {"bytes": float(batch["tokens"].size)}
+    stats = {"bytes": padding.real_bytes(batch)}  # packed rows: their BOE padding is no throughput
     if "patch_lengths" in batch:
-        lengths = batch["patch_lengths"]
+        lengths = padding.real_patch_lengths(batch)
         stats["patches"] = float(np.count_nonzero(lengths))
         stats["patch_count"] = stats["patches"]  # untimed copies for the mean patch length
         stats["patch_bytes"] = float(lengths.sum())
