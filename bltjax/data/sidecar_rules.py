@@ -16,8 +16,8 @@ of each document alone. What that means per kind (docs/architecture.md §3):
   exactly the per-document mask.
 * ``topk`` (§3.7): per document of N tokens, n = floor(N / patch_size) patches, i.e. the
   floor(N / s) - 2 candidates 2..N-1 with the largest H_{p-1} start a patch, ties to the earlier
-  position (the numpy patcher's order). k depends on the document, so documents are ranked
-  separately (one lexsort over the shard).
+  position. k depends on the document, so the numpy patcher runs on each document alone
+  (documents of equal length batched together).
 * ``max_patch_length`` (§3.12) is not stored: it splits patches from their starts, so the data
   pipeline applies it to each row's lengths at batch time, and one sidecar serves every
   ``max_patch_length`` (``split_long_patches`` of a document's sidecar lengths equals the
@@ -213,10 +213,13 @@ def document_start_mask(
     tokens, entropies = np.asarray(tokens), np.asarray(entropies)
     offsets = np.asarray(offsets, np.int64)
     total = int(tokens.size)
+    if entropies.shape != tokens.shape or offsets.size < 1 or offsets[0] != 0 or offsets[-1] != total:
+        got = f"{tokens.size} tokens, {entropies.size} entropies, offsets {offsets[:1]}..{offsets[-1:]}"
+        raise SidecarRuleError(f"document_start_mask: expected entropies per token and offsets from 0 to T; {got}")
     if total == 0:
         return np.zeros(0, bool)
     if rule.kind == "topk":
-        mask = _top_k_mask(entropies, offsets, rule)
+        mask = _top_k_mask(tokens, entropies, offsets, rule)
     else:
         mask = patch_start_mask(
             tokens.reshape(1, total), rule, entropies=entropies.reshape(1, total), include_next_token=False
@@ -229,23 +232,18 @@ def document_start_mask(
     return mask
 
 
-def _top_k_mask(entropies: np.ndarray, offsets: np.ndarray, rule: PatchingRule) -> np.ndarray:
-    """Top-k per document: one lexsort by (document, -H_{p-1}, p), then each document's first k."""
-    scores_dtype = np.float64 if entropies.dtype.itemsize > 4 else np.float32  # the patcher's compare dtype
-    if np.isnan(np.max(entropies)):
-        raise SidecarRuleError(f"entropies: expected no NaN, got {int(np.isnan(entropies).sum())} NaN values")
-    lengths = np.diff(offsets)
-    total = entropies.size
-    document = np.repeat(np.arange(lengths.size), lengths)
-    local = np.arange(total) - offsets[:-1][document]
-    candidates = np.flatnonzero(local >= 2)  # positions 2..N-1 of each document
-    owner = document[candidates]
-    scores = entropies[candidates - 1].astype(scores_dtype)  # H_{p-1}
-    order = np.lexsort((candidates, -scores, owner))
-    sorted_owner = owner[order]
-    rank = np.arange(order.size) - np.searchsorted(sorted_owner, sorted_owner, side="left")
-    # k = floor(N / s) - 2 as `PatchingRule.top_k_count` (the same float64 division).
-    k = np.maximum(np.floor(lengths / float(rule.patch_size)).astype(np.int64) - 2, 0)
-    mask = np.zeros(total, bool)
-    mask[candidates[order[rank < k[sorted_owner]]]] = True
+def _top_k_mask(tokens: np.ndarray, entropies: np.ndarray, offsets: np.ndarray, rule: PatchingRule) -> np.ndarray:
+    """Top-k per document: the numpy patcher on every document, documents of one length as one
+    [B, N] batch (one call per distinct length, so the work stays O(T) without a sort)."""
+    starts, lengths = offsets[:-1], np.diff(offsets)
+    mask = np.zeros(entropies.size, bool)
+    order = np.argsort(lengths, kind="stable")
+    for group in np.split(order, np.flatnonzero(np.diff(lengths[order])) + 1):
+        n = int(lengths[group[0]]) if group.size else 0
+        if n == 0:
+            continue
+        index = starts[group][:, None] + np.arange(n)
+        mask[index] = patch_start_mask(
+            tokens[index].astype(np.int32), rule, entropies=entropies[index], include_next_token=False
+        )
     return mask
