@@ -3,19 +3,23 @@
 Prepares the sweep's default corpus (bltjax/sweep/spec.py DEFAULT_CORPUS: English prose and
 Python code) and builds the rows the patch sweep would train on (experiments/patch_sweep.py:blt,
 seq_len 256) in space and static patching, once as fixed windows (max_patches as the sweep plans
-them: static 1 + ceil(N / s); space factor x N / mean + 2) and once packed (1 + ceil(N / mean)
-patches under the N-byte cap). For the first BATCHES batches of seed 0 it reports the fraction of
-empty patch columns, the fraction of padded byte positions, the mean real bytes and patches per
-row and the share of the step's FLOPs (padded shapes, bltjax.training.padding) that land on real
-bytes. Seconds on 2 cores; never run by the unit tests.
+them: static 1 + ceil(N / s); space max_patches_factor x N / mean + 2, the factor of
+experiments/patch_sweep.py) and once packed (1 + ceil(N / mean) patches under the N-byte cap).
+For the first BATCHES batches of seed 0 it reports the fraction of empty patch columns, the
+fraction of padded byte positions, the mean real bytes and patches per row, and the training
+FLOPs of the padded shapes (bltjax.training.padding, the base model's latent) per real byte.
+Seconds on 2 cores; never run by the unit tests.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
+import os
 import pathlib
+import platform
 import tempfile
 
 import numpy as np
@@ -58,6 +62,7 @@ def main() -> None:
     args = parser.parse_args()
     base = load_config("experiments/patch_sweep.py:blt")
     seq_len = int(base.data.seq_len)
+    factor = float(spec.load_sweep("experiments/patch_sweep.py").max_patches_factor)
     with tempfile.TemporaryDirectory() as tmp:
         data = pathlib.Path(tmp) / "data"
         prepare.prepare([CORPUS_DIR / name for name in spec.DEFAULT_CORPUS], data, progress=False)
@@ -74,8 +79,8 @@ def main() -> None:
                 config.data.rows = rows
                 if mode == "static":
                     config.data.max_patches = 1 + math.ceil(seq_len / size)
-                elif rows == "windows":  # the sweep's rule, factor 2 (bltjax/sweep/plan.py)
-                    config.data.max_patches = min(seq_len + 1, math.ceil(2.0 * seq_len / expected) + 2)
+                elif rows == "windows":  # the sweep's rule with its factor (bltjax/sweep/plan.py)
+                    config.data.max_patches = min(seq_len + 1, math.ceil(factor * seq_len / expected) + 2)
                 else:
                     config.data.max_patches = min(seq_len + 1, 1 + math.ceil(seq_len / expected))
                 result = {"mode": mode, "patch_size": size, "expected_patch_size": expected}
@@ -97,7 +102,16 @@ def main() -> None:
             f"{r['flops_spent_per_real_byte']:.4g} |"
         )
     if args.out:
-        args.out.write_text(json.dumps(results, indent=1) + "\n")
+        record = {
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+            "command": f"python benchmarks/padding.py --batches {args.batches} --out {args.out}",
+            "seq_len": seq_len,
+            "max_patches_factor": factor,
+            "space_mean_patch_size": space_mean,
+            "results": results,
+        }
+        args.out.write_text(json.dumps(record, indent=1) + "\n")
 
 
 if __name__ == "__main__":
