@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The test suite: installs bltjax with its test and hf extras into ./.venv (torch is pinned to
-# a CPU build), then runs pytest on 8 fake CPU devices. Extra arguments go to pytest:
+# The test suite: installs bltjax with its test, hf and eval extras into ./.venv (torch is pinned
+# to a CPU build; eval is lm-eval, tests/test_harness.py), then runs pytest on 8 fake CPU devices. Extra arguments go to pytest:
 #   bash tests/run.sh                      everything (what CI runs)
 #   bash tests/run.sh -m "not slow"        the edit loop: leaves out what spawns processes,
 #                                          trains or compiles a big program
@@ -8,7 +8,7 @@
 #   bash tests/run.sh -n 0                 one process, no workers (e.g. to use a debugger)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source launch/venv.sh "test,hf"
+source launch/venv.sh "test,hf,eval"
 # One pytest process keeps about one core busy (XLA compiles a program on one thread), so
 # pytest-xdist runs a worker per core, at most 4, each a whole test file at a time: module
 # fixtures are built once, and the compile cache in .pytest_cache/jax is shared by all.
