@@ -143,3 +143,38 @@ class ByteLMConfig:
     remat: str = "none"  # one of REMAT_POLICIES
     attention: str = "auto"  # one of ATTENTION_IMPLEMENTATIONS
     scan_layers: bool = False  # see BLTConfig.scan_layers
+
+
+@dataclasses.dataclass(frozen=True)
+class MegaByteConfig:
+    """The MegaByte baseline (docs/architecture.md §3.9): fixed patches of ``patch_size`` bytes behind
+    an s - 1 BOE prefix, concatenation pooling, and the global output added to the decoder's bytes.
+
+    No hash n-gram embeddings by default (MegaByte has none); ``hash_sizes`` adds BLT's.
+    """
+
+    encoder: TransformerConfig
+    latent: TransformerConfig
+    decoder: TransformerConfig
+    patch_size: int = 4
+    vocab_size: int = VOCAB_SIZE
+    hash_sizes: tuple[int, ...] = ()
+    hash_functions: int = 1
+    hash_vocab: int = 500002
+    hash_normalize: bool = False
+    document_mask: bool = True
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    init_std_factor: str = "disabled"
+    remat: str = "none"
+    attention: str = "auto"
+    hash_rows_multiple: int = 1
+    scan_layers: bool = False
+
+    @property
+    def num_hash_tables(self) -> int:
+        return self.hash_functions * len(self.hash_sizes)
+
+    @property
+    def hash_table_rows(self) -> int:
+        return round_up(self.hash_vocab, self.hash_rows_multiple)

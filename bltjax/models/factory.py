@@ -1,4 +1,4 @@
-"""Builds the Linen module an experiment config describes (BLT or byte LM)."""
+"""Builds the Linen module an experiment config describes (BLT, byte LM or MegaByte)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,16 @@ import numpy as np
 from bltjax.config import model_config
 from bltjax.models.blt import BLT
 from bltjax.models.byte_lm import ByteLM
-from bltjax.models.configs import BLTConfig
+from bltjax.models.configs import BLTConfig, MegaByteConfig
+from bltjax.models.megabyte import MegaByte
 
 
 def build_model(config: ml_collections.ConfigDict) -> nn.Module:
     """The validated model of ``config`` (raises ConfigError naming the bad field)."""
     record = model_config(config)
-    return BLT(record) if isinstance(record, BLTConfig) else ByteLM(record)
+    if isinstance(record, BLTConfig):
+        return BLT(record)
+    return MegaByte(record) if isinstance(record, MegaByteConfig) else ByteLM(record)
 
 
 def example_inputs(config: ml_collections.ConfigDict, batch_size: int = 1) -> tuple[np.ndarray, ...]:

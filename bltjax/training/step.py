@@ -37,7 +37,7 @@ from bltjax.training.metrics import summarize_nll, token_nll
 from bltjax.training.state import TrainState
 
 Batch = Mapping[str, jax.Array]
-MODEL_INPUTS = {"blt": ("tokens", "patch_lengths"), "byte_lm": ("tokens",)}
+MODEL_INPUTS = {"blt": ("tokens", "patch_lengths"), "byte_lm": ("tokens",), "megabyte": ("tokens",)}
 
 
 def batch_fields(model_type: str) -> tuple[str, ...]:

@@ -105,6 +105,11 @@ def generate_from_folder(
     check_arguments(prompts, max_bytes, temperature, top_p)
     loaded = load_for_inference(workdir, step=step, devices=jax.local_devices()[:1])
     config = loaded.config
+    if config.model_type == "megabyte":
+        raise GenerateError(
+            f"--model: {loaded.source} is a MegaByte baseline (model_type 'megabyte'), which bltjax.generate does not "
+            "decode (BLTs and byte LMs only); score it with python -m bltjax.eval"
+        )
     entropy = None
     if config.model_type == "blt":
         rule = IncrementalRule.from_config(config)
