@@ -21,13 +21,12 @@ from bltjax.config_checks import ConfigError, positive_int, require
 from bltjax.models.configs import (
     BLTConfig,
     ByteLMConfig,
-    MegaByteConfig,
     TransformerConfig,
 )
 from bltjax.patching.rule import PatchingError, PatchingRule
 from bltjax.runtime import observability
 
-MODEL_TYPES = ("blt", "byte_lm", "megabyte")
+MODEL_TYPES = ("blt", "byte_lm", "token_lm")
 
 
 def stack_config(
@@ -166,17 +165,17 @@ def base_byte_lm_config() -> ml_collections.ConfigDict:
     return config
 
 
-def base_megabyte_config() -> ml_collections.ConfigDict:
-    """Every key of a MegaByte baseline experiment (docs/architecture.md §19): no patching section."""
-    config = _common()
-    config.model_type = "megabyte"
-    stacks = ("encoder", "latent", "decoder")
-    fields = {f.name: f.default for f in dataclasses.fields(MegaByteConfig) if f.name not in stacks}
-    fields["hash_sizes"] = list(fields["hash_sizes"])
-    config.model = ml_collections.ConfigDict(fields)
-    config.model.encoder = stack_config(1024, 1, 16, window=512)
-    config.model.latent = stack_config(2048, 25, 16)
-    config.model.decoder = stack_config(1024, 9, 16, window=512)
+def base_token_lm_config() -> ml_collections.ConfigDict:
+    """Every key of a token-level LM, the BPE baseline: the byte LM's stack over the ids of `bltjax.data.bpe`.
+
+    ``data.path`` is a token folder (``python -m bltjax.bpe``) and ``data.seq_len`` counts tokens.
+    """
+    config = base_byte_lm_config()
+    config.model_type = "token_lm"
+    config.model.vocab_size = 4096 + 4  # the token folder's BPE ids + 4 special ids (bltjax.bpe prints it)
+    # Bytes per token of the tokenizer (its manifest's bytes_per_token): the FLOPs per byte of plans and
+    # `bltjax.flops`; None = read from data.path's manifest where needed. Training measures its own.
+    config.data.bytes_per_token = config_dict.placeholder(float)
     return config
 
 
@@ -302,19 +301,18 @@ def transformer_config(values: dict, where: str) -> TransformerConfig:
     return _record(TransformerConfig, dict(values), where)
 
 
-def model_config(config: ml_collections.ConfigDict) -> BLTConfig | ByteLMConfig | MegaByteConfig:
-    """The validated frozen record for ``config.model`` (BLTConfig, ByteLMConfig or MegaByteConfig)."""
+def model_config(config: ml_collections.ConfigDict) -> BLTConfig | ByteLMConfig:
+    """The validated frozen record for ``config.model`` (BLTConfig or ByteLMConfig)."""
     validate(config, for_training=False)
     return _model_record(config)
 
 
-def _model_record(config: ml_collections.ConfigDict) -> BLTConfig | ByteLMConfig | MegaByteConfig:
+def _model_record(config: ml_collections.ConfigDict) -> BLTConfig | ByteLMConfig:
     values = _plain(config.model)
-    if config.model_type in ("blt", "megabyte"):
+    if config.model_type == "blt":
         for stack in ("encoder", "latent", "decoder"):
             values[stack] = transformer_config(values[stack], f"config.model.{stack}")
-        record = BLTConfig if config.model_type == "blt" else MegaByteConfig
-        return _record(record, values, "config.model")
+        return _record(BLTConfig, values, "config.model")
     values["stack"] = transformer_config(values["stack"], "config.model.stack")
     return _record(ByteLMConfig, values, "config.model")
 
@@ -331,7 +329,7 @@ def _validate_patching(config: ml_collections.ConfigDict) -> None:
 
 
 def _schema(model_type: str) -> ml_collections.ConfigDict:
-    schemas = {"blt": base_blt_config, "megabyte": base_megabyte_config}
+    schemas = {"blt": base_blt_config, "token_lm": base_token_lm_config}
     return schemas.get(model_type, base_byte_lm_config)()
 
 
@@ -406,8 +404,8 @@ def validate(config: ml_collections.ConfigDict, *, for_training: bool = True) ->
                 f">= {needed} for static patches of {config.patching.patch_size} bytes",
                 data.max_patches,
             )
-    elif isinstance(model, MegaByteConfig):
-        config_checks.validate_megabyte(model)
     else:
         config_checks.validate_stack(model.stack, "config.model.stack")
-        config_checks.validate_common(model, "config.model")
+        config_checks.validate_common(model, "config.model", token_vocabulary=config.model_type == "token_lm")
+        if config.model_type == "token_lm":
+            config_checks.validate_bytes_per_token(data.get("bytes_per_token"))

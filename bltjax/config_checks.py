@@ -19,7 +19,6 @@ from bltjax.models.configs import (
     POOLING_MODES,
     REMAT_POLICIES,
     BLTConfig,
-    MegaByteConfig,
     TransformerConfig,
 )
 from bltjax.runtime import observability
@@ -77,7 +76,7 @@ def validate_stack(stack: TransformerConfig, where: str) -> None:
     require(0 < stack.norm_eps < 1, f"{where}.norm_eps", "a small positive number", stack.norm_eps)
 
 
-def validate_common(model, where: str) -> None:
+def validate_common(model, where: str, *, token_vocabulary: bool = False) -> None:
     require(model.remat in REMAT_POLICIES, f"{where}.remat", f"one of {REMAT_POLICIES}", model.remat)
     require(
         model.attention in ATTENTION_IMPLEMENTATIONS,
@@ -93,8 +92,17 @@ def validate_common(model, where: str) -> None:
         f"one of {INIT_STD_FACTORS}",
         model.init_std_factor,
     )
-    require(model.vocab_size == 260, f"{where}.vocab_size", "260 (256 bytes + 4 special ids)", model.vocab_size)
+    if token_vocabulary:  # a token LM: the BPE ids of its token folder + 4 special ids, uint16 ids
+        require(positive_int(model.vocab_size) and 260 <= model.vocab_size <= 65536, f"{where}.vocab_size",
+                "the token folder's BPE ids + 4, in [260, 65536]", model.vocab_size)  # fmt: skip
+    else:
+        require(model.vocab_size == 260, f"{where}.vocab_size", "260 (256 bytes + 4 special ids)", model.vocab_size)
     require(isinstance(model.scan_layers, bool), f"{where}.scan_layers", "True or False", model.scan_layers)
+
+
+def validate_bytes_per_token(value: Any) -> None:
+    require(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0),
+            "config.data.bytes_per_token", "None or the token folder's positive bytes_per_token", value)  # fmt: skip
 
 
 def validate_blt(model: BLTConfig) -> None:
@@ -137,10 +145,6 @@ def validate_blt(model: BLTConfig) -> None:
         f"one of {PATCH_QUERY_INITS}",
         model.patch_query_init,
     )
-    validate_hashing(model, w)
-
-
-def validate_hashing(model: BLTConfig | MegaByteConfig, w: str) -> None:
     require(
         all(positive_int(n) for n in model.hash_sizes),
         f"{w}.hash_sizes",
@@ -165,26 +169,6 @@ def validate_hashing(model: BLTConfig | MegaByteConfig, w: str) -> None:
         "an integer in [1, 2**31)",
         model.hash_vocab,
     )
-
-
-def validate_megabyte(model: MegaByteConfig) -> None:
-    w = "config.model"
-    for stack in ("encoder", "latent", "decoder"):
-        validate_stack(getattr(model, stack), f"{w}.{stack}")
-    validate_common(model, w)
-    require(
-        model.encoder.dim == model.decoder.dim,
-        f"{w}.decoder.dim",
-        f"the encoder width {model.encoder.dim} (the decoder adds global slots to encoder states)",
-        model.decoder.dim,
-    )
-    require(
-        positive_int(model.patch_size) and model.patch_size >= 2,
-        f"{w}.patch_size",
-        "an integer >= 2 (bytes per fixed patch)",
-        model.patch_size,
-    )
-    validate_hashing(model, w)
 
 
 def validate_training(config: ml_collections.ConfigDict) -> None:

@@ -6,7 +6,9 @@
 Columns: the paper's analytic forward FLOPs per byte (docs/architecture.md §14, the count MFU
 uses), its share, training FLOPs per byte (3 x forward), bltjax's own matmul count and the
 parameters. With ``--bytes-per-token`` a second table compares the config with a token-level
-Llama and a byte-level transformer of the same shape. The counts live in `bltjax.models.flops`.
+Llama and a byte-level transformer of the same shape. For a token LM config (experiments/token_lm.py)
+``--bytes-per-token`` is its own tokenizer's rate (default: ``config.data.bytes_per_token``, else the
+manifest of ``config.data.path``). The counts live in `bltjax.models.flops`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import ml_collections
 from absl import flags
 
 from bltjax.config import ConfigError
+from bltjax.data import token_pipeline
+from bltjax.data.errors import DataError
 from bltjax.models.configs import ByteLMConfig
 from bltjax.models.flops import (
     TRAIN_MULTIPLIER,
@@ -26,6 +30,7 @@ from bltjax.models.flops import (
     matmul_flops_per_byte,
     parameter_counts,
     record_and_patch_size,
+    token_bytes_per_token,
     token_lm_flops_per_byte,
 )
 from bltjax.runtime import cli
@@ -37,15 +42,6 @@ _ROWS = (
     ("decoder + head", "decoder", ("decoder", "output_head")),
     ("encoder cross-attention", "encoder_cross", ("encoder_cross", "encoder_patch_projection")),
     ("decoder cross-attention", "decoder_cross", ("decoder_cross", "decoder_patch_projection")),
-    ("byte embedding", None, ("byte_embedding",)),
-    ("hash n-gram tables", None, ("hash_tables",)),
-)
-_MEGABYTE_ROWS = (
-    ("global (latent)", "global_", ("global",)),
-    ("encoder", "encoder", ("encoder",)),
-    ("decoder + head", "decoder", ("decoder", "output_head")),
-    ("concatenation projection W_in", "encoder_cross", ("global_input_projection",)),
-    ("global-to-byte projection D", "decoder_cross", ("decoder_patch_projection",)),
     ("byte embedding", None, ("byte_embedding",)),
     ("hash n-gram tables", None, ("hash_tables",)),
 )
@@ -64,16 +60,20 @@ def format_breakdown(
 ) -> str:
     """The markdown table `python -m bltjax.flops` prints: FLOPs per byte and parameters per component."""
     record, n_p = record_and_patch_size(config, mean_patch_size)
+    token_lm = config.model_type == "token_lm"
+    if token_lm:  # --bytes-per-token is the token LM's own rate here, not a second model's
+        config = token_pipeline.with_bytes_per_token(config)
+        n_bpe = token_bytes_per_token(config, bytes_per_token)
+        config.data.bytes_per_token, bytes_per_token = n_bpe, None
     analytic = analytic_flops_per_byte(config, mean_patch_size=n_p)
     matmul = matmul_flops_per_byte(config, mean_patch_size=n_p)
     params = parameter_counts(record)
     context = config.data.seq_len
-    rows = _ROWS if n_p is not None else _BYTE_LM_ROWS
-    if n_p is None:
+    if token_lm:
+        head = (f"token LM, context {context} tokens of {n_bpe:g} bytes (config.data.bytes_per_token or "
+                f"--bytes-per-token), vocabulary {record.vocab_size}: per-token FLOPs / bytes per token")  # fmt: skip
+    elif n_p is None:
         head = f"byte LM, context {context} bytes (every byte is a position)"
-    elif config.model_type == "megabyte":
-        head = f"MegaByte, context {context} bytes, fixed patches of {n_p:g} bytes (config.model.patch_size)"
-        rows = _MEGABYTE_ROWS
     else:
         source = "--patch-size" if mean_patch_size is not None else f"config.patching ({config.patching.mode})"
         head = f"BLT, context {context} bytes, mean patch size {n_p:g} bytes (from {source})"
@@ -84,7 +84,7 @@ def format_breakdown(
         "| component | forward FLOPs/byte (paper) | share | train FLOPs/byte | bltjax matmul fwd/byte | parameters |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for label, field, components in rows:
+    for label, field, components in _ROWS if n_p is not None else _BYTE_LM_ROWS:
         count = sum(params.get(c, 0) for c in components)
         if field is None:
             lines.append(f"| {label} | 0 | 0.0% | 0 | 0 | {count:,} |")
@@ -138,7 +138,9 @@ def _main(command_line: cli.CommandLine) -> int:
 
 
 # ValueError: the counts name the field they cannot use (ConfigError is one).
-PROGRAM = cli.Program("python -m bltjax.flops", define_flags, _main, doc=__doc__, errors=(ConfigError, ValueError))
+PROGRAM = cli.Program(
+    "python -m bltjax.flops", define_flags, _main, doc=__doc__, errors=(ConfigError, DataError, ValueError)
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

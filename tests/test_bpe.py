@@ -145,7 +145,9 @@ def test_manifest_errors_name_the_file_and_field(token_folder, tmp_path):
 
 def test_command_line(corpus_data, tmp_path, capsys):
     out = tmp_path / "cli"
-    assert bpe_program.main(["--data", str(corpus_data), "--vocab-size", "512", "--out", str(out), "--no-progress"]) == 0
+    assert (
+        bpe_program.main(["--data", str(corpus_data), "--vocab-size", "512", "--out", str(out), "--no-progress"]) == 0
+    )
     printed = capsys.readouterr().out
     assert "512 BPE ids (model vocabulary 516)" in printed and "bytes per token" in printed
     assert bpe.load_manifest(out).vocab_size == 512

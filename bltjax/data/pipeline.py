@@ -65,9 +65,8 @@ import grain
 import numpy as np
 from etils import epath
 
-from bltjax.data import mixture, packing
+from bltjax.data import bpe, mixture, packing, sidecar_rules, token_pipeline
 from bltjax.data import shards as shard_format
-from bltjax.data import sidecar_rules
 from bltjax.data.batches import batch_at_step, global_batch, make_iterator  # noqa: F401 (their old home)
 from bltjax.data.errors import DataError
 from bltjax.patching import PatchingRule, lengths_from_start_mask, patch_lengths, split_long_patches
@@ -115,6 +114,8 @@ def _as_data_error() -> Iterator[None]:
 
 def has_split(data_dir: str | os.PathLike, split: str) -> bool:
     """Whether `manifest.json` lists any shard for `split` (a corpus of a few large files may have no validation)."""
+    if bpe.is_token_folder(data_dir):  # a token LM's folder (python -m bltjax.bpe)
+        return token_pipeline.has_split(data_dir, split)
     with _as_data_error():
         manifest = shard_format.load_manifest(data_dir)
     return bool(manifest.splits.get(split))
@@ -465,6 +466,10 @@ def make_dataset(
     (bltjax.data.mixture).
     """
     process_index, process_count = _process(process_index, process_count)
+    if config.get("model_type") == "token_lm":  # token ids of python -m bltjax.bpe: bltjax/data/token_pipeline.py
+        return token_pipeline.make_dataset(
+            config, data_dir, split, seed=seed, process_index=process_index, process_count=process_count, verify=verify
+        )
     batch_size = int(config.data.batch_size)
     if batch_size % process_count:
         raise ValueError(

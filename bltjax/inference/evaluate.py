@@ -26,6 +26,10 @@ docs/architecture.md §11, and its conventions are chosen so that it is exact an
   (data, fsdp). A batch size that the batch shards (or processes) do not divide is **rounded up**,
   and every batch that has fewer windows than rows (the last one) is filled with masked copies
   of a real row, so any batch size works on any device count and the counts stay exact.
+* Token LMs (``model_type`` token_lm, ``data_dir`` a folder of ``python -m bltjax.bpe``): the
+  same windows over token ids; bpb divides the nats by the bytes the targets cover (BOS / EOS
+  one each), bpb_bytes the text targets' nats by their text bytes (training/token_metrics.py),
+  so both compare with a byte-level model's on the same documents. ``n_targets`` counts tokens.
 * Reported: bpb over all targets (BOS/EOS included, the official training log's number) and
   over byte targets only (the paper's), total nats, targets, bytes, patches and mean patch size
   (targets per patch; n/a for byte-level models), batches and seconds.
@@ -51,7 +55,7 @@ import numpy as np
 from etils import epath
 
 from bltjax.config import ConfigError, validate
-from bltjax.data import pipeline
+from bltjax.data import bpe, pipeline, token_pipeline
 from bltjax.data import shards as shard_format
 from bltjax.inference.restore import InferenceModel, load_for_inference
 from bltjax.patching import PatchingRule
@@ -62,6 +66,7 @@ from bltjax.tokenizer import BOE_ID
 from bltjax.training import sharding
 from bltjax.training.metrics import MetricsWriter, bits_per_byte
 from bltjax.training.step import batch_fields, jit_eval_step, make_eval_step
+from bltjax.training.token_metrics import bpb_denominator
 
 EVAL_DIR = "eval"
 PATCH_COLUMN_MULTIPLE = 64
@@ -249,13 +254,16 @@ def evaluate(
     if verify not in pipeline.VERIFY_MODES:
         raise EvalError(f"verify: expected one of {pipeline.VERIFY_MODES}, got {verify!r}")
     seq_len = int(config.data.seq_len)
-    shards = pipeline.read_split(data_dir, split)
+    token_lm = config.model_type == "token_lm"  # token shards of python -m bltjax.bpe (data/token_pipeline.py)
+    shards = (token_pipeline.read_split if token_lm else pipeline.read_split)(data_dir, split)
+    if token_lm:
+        token_pipeline.check_vocabulary(config, token_pipeline.load_manifest(data_dir))
     patching = {key: config.patching.get(key) for key in PATCHING_KEYS} if config.model_type == "blt" else None
     mode = None if patching is None else patching["mode"]
     if mode == "entropy":
         shards = pipeline.attach_sidecars(data_dir, shards, patching, tag=sidecar_tag)
     for shard in shards:
-        pipeline.check_shard(shard, contents=verify == "eager")
+        (token_pipeline.check_shard if token_lm else pipeline.check_shard)(shard, contents=verify == "eager")
 
     mesh = inference_model.mesh
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
@@ -269,6 +277,8 @@ def evaluate(
     )
     if mode is not None:
         builder = dataclasses.replace(builder, max_patches=_patch_columns(builder, shards, rows))
+    if token_lm:  # adds each target's covered bytes, bpb's denominator (training/token_metrics.py)
+        builder = token_pipeline.builder_of(config, data_dir)
 
     fields = batch_fields(config.model_type)
     batch_sharding = sharding.batch_sharding(mesh)
@@ -280,6 +290,8 @@ def evaluate(
     first_row = jax.process_index() * local_rows
 
     totals = {"nats_sum": 0.0, "n_targets": 0, "nats_bytes_sum": 0.0, "n_bytes": 0}
+    if token_lm:
+        totals["n_target_bytes"] = 0
     n_patches, n_windows, steps = 0, 0, 0
     pending: list[dict[str, jax.Array]] = []
 
@@ -319,7 +331,7 @@ def evaluate(
         split=split,
         model_type=config.model_type,
         patching=patching,
-        bpb=bits_per_byte(totals["nats_sum"], n_targets),
+        bpb=bits_per_byte(totals["nats_sum"], bpb_denominator(totals)),
         bpb_bytes=bits_per_byte(totals["nats_bytes_sum"], n_bytes),
         loss=totals["nats_sum"] / max(n_targets, 1),
         nats=totals["nats_sum"],
@@ -333,7 +345,7 @@ def evaluate(
         steps=steps,
         batch_size=rows,
         seq_len=seq_len,
-        max_patches=builder.max_patches,
+        max_patches=None if token_lm else builder.max_patches,
         devices=int(mesh.devices.size),
         seconds=time.time() - start_time,
     )
@@ -432,7 +444,7 @@ def evaluate_and_write(
     if not data.is_dir():
         raise pipeline.DataError(f"{data}: no such data folder (expected one written by python -m "
                                  "bltjax.prepare)")  # fmt: skip
-    pipeline.read_split(data, split)
+    (token_pipeline.read_split if bpe.is_token_folder(data) else pipeline.read_split)(data, split)
     inference_model = load_for_inference(source, step=step, devices=devices)
     result = evaluate(
         inference_model,

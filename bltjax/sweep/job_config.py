@@ -4,9 +4,9 @@ r"""The experiment file of a planned sweep job: what `python -m bltjax.train --c
 
 A plan writes each job's full config to ``SWEEP/jobs/NAME.json``; this file turns it back into a
 ConfigDict and fills in what only the shared stages know: ``data.path`` (SWEEP/data, or the
-sweep's prepared folder) and, for entropy patching, the threshold calibrated for the job's
-target patch size (SWEEP/stages/entropy.json). Command-line overrides (``--config.mesh.fsdp=4``)
-still apply on top, as with any experiment file.
+sweep's prepared folder; DATA/bpe-<V> for the token baseline) and, for entropy patching, the
+threshold calibrated for the job's target patch size (SWEEP/stages/entropy.json). Command-line
+overrides (``--config.mesh.fsdp=4``) still apply on top, as with any experiment file.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     sweep_dir = path.parent.parent
     config = ml_collections.ConfigDict(job["config"])
     config.data.path = str(stages.data_dir(sweep_dir, job["data"]))
+    if job.get("tokens"):  # the token baseline reads the token shards of the shared BPE stage
+        config.data.path = str(stages.data_dir(sweep_dir, job["data"]) / job["tokens"]["folder"])
     target = job.get("entropy_target")
     if target is not None:
         thresholds = stages.read_thresholds(sweep_dir)

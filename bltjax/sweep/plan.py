@@ -70,6 +70,8 @@ def job_hash(
 def job_name(kind: str, mode: str, patch_size: float | None, digest: str) -> str:
     if kind == "byte_lm":
         return f"byte-{digest}"
+    if kind == "token_lm":
+        return f"bpe-{digest}"
     size = "" if patch_size is None else f"-ps{patch_size:g}"
     return f"{mode}{size}-{digest}"
 
@@ -104,11 +106,12 @@ def _job(
 ) -> dict[str, Any]:
     validate(config)
     record = model_config(config)
-    breakdown = (
-        flops.blt_flops_per_byte(record, context_bytes=config.data.seq_len, mean_patch_size=expected)
-        if isinstance(record, BLTConfig)
-        else flops.byte_lm_flops_per_byte(record, context_bytes=config.data.seq_len)
-    )
+    if kind == "token_lm":  # FL_BPE at the tokenizer's bytes per token (`expected`, bytes per position)
+        breakdown = flops.analytic_flops_per_byte(config, bytes_per_token=expected)
+    elif isinstance(record, BLTConfig):
+        breakdown = flops.blt_flops_per_byte(record, context_bytes=config.data.seq_len, mean_patch_size=expected)
+    else:
+        breakdown = flops.byte_lm_flops_per_byte(record, context_bytes=config.data.seq_len)
     values = config.to_dict()
     stack = fit.stack
     return {
@@ -230,10 +233,60 @@ def _byte_job(
     return _job("byte_lm", "byte", None, 1.0, config, fit, schedule)
 
 
-def _schedule(sweep: ml_collections.ConfigDict, config: ml_collections.ConfigDict, fit: scaling.StackFit):
+def _token_job(
+    sweep: ml_collections.ConfigDict,
+    token_baseline: ml_collections.ConfigDict,
+    base: ml_collections.ConfigDict,
+    budget: float,
+    tokens: dict[str, Any],
+) -> dict[str, Any]:
+    """The BPE token LM (`bltjax.data.bpe`) at the same forward FLOPs per byte, over rows of the BLTs' bytes.
+
+    A row holds base seq_len / bytes-per-token tokens, so the context and the bytes per step match the
+    BLT runs'; the stack is fitted to FL_BPE (docs/architecture.md §14.2) at the measured bytes per token.
+    """
+    config = ml_collections.ConfigDict(token_baseline.to_dict())
+    n_bpe = float(tokens["bytes_per_token"])
+    config.data.seq_len = max(2, round(int(base.data.seq_len) / n_bpe))
+    config.data.batch_size = int(base.data.batch_size)
+    config.data.bytes_per_token = n_bpe
+    config.model.vocab_size = int(tokens["model_vocab_size"])
+    config.train.steps = int(base.train.steps)
+    config.data.path = ""
+    record = model_config(config)
+    context = config.data.seq_len * n_bpe
+
+    def cost(stack: TransformerConfig) -> float:
+        return flops.token_lm_flops_per_byte(
+            stack, context_bytes=context, bytes_per_token=n_bpe, vocab=record.vocab_size
+        ).total_forward
+
+    fit = scaling.fit_stack(
+        record.stack,
+        cost,
+        budget,
+        tolerance=float(sweep.tolerance),
+        max_layers=int(sweep.max_layers),
+        max_width_multiple=int(sweep.max_width_multiple),
+    )
+    config.model.stack = _stack_dict(fit.stack)
+    schedule = _schedule(sweep, config, fit, bytes_per_position=n_bpe)
+    _schedule_fields(config, schedule, int(sweep.evals))
+    job = _job("token_lm", "bpe", None, n_bpe, config, fit, schedule)
+    job["tokens"] = dict(tokens)
+    return job
+
+
+def _schedule(
+    sweep: ml_collections.ConfigDict,
+    config: ml_collections.ConfigDict,
+    fit: scaling.StackFit,
+    bytes_per_position: float = 1.0,
+):
+    """Steps and batch for the training budget; a row of ``seq_len`` positions of ``bytes_per_position`` bytes."""
     budget = sweep.budget_train_flops
     return scaling.training_schedule(
-        flops.TRAIN_MULTIPLIER * fit.flops_per_byte,
+        flops.TRAIN_MULTIPLIER * fit.flops_per_byte * bytes_per_position,  # FLOPs per position (a token's bytes)
         int(config.data.seq_len),
         int(config.data.batch_size),
         int(config.train.steps),
@@ -297,6 +350,18 @@ def make_plan(sweep: ml_collections.ConfigDict, sweep_dir: paths.PathLike, log: 
             jobs.append(_blt_job(sweep, base, mode, size, expected, budget, None))
     if baseline is not None:
         jobs.append(_byte_job(sweep, baseline, base, budget))
+    tokens = None
+    if sweep.get("token_baseline"):
+        token_baseline = spec.load_experiment(sweep.token_baseline, "token_baseline")
+        validate(token_baseline)
+        if token_baseline.model_type != "token_lm":
+            raise ConfigError(
+                f"sweep.token_baseline: expected a token LM experiment (experiments/token_lm.py), got model_type "
+                f"{token_baseline.model_type!r}"
+            )
+        folder = stages.ensure_data(sweep_dir, data, log)
+        tokens = stages.ensure_tokens(folder, int(sweep.bpe_vocab_size), log)
+        jobs.append(_token_job(sweep, token_baseline, base, budget, tokens))
     entropy = None
     if "entropy" in modes:
         experiment = None
@@ -313,6 +378,8 @@ def make_plan(sweep: ml_collections.ConfigDict, sweep_dir: paths.PathLike, log: 
         }
     for job in jobs:
         inputs = {"data": data}
+        if job["kind"] == "token_lm":
+            inputs["tokens"] = {"vocab_size": job["tokens"]["vocab_size"]}
         if job["mode"] == "entropy":
             inputs["entropy"] = {k: v for k, v in entropy.items() if k != "targets"}
         job["hash"] = job_hash(job["kind"], job["mode"], job["patch_size"], job["config"], inputs)
@@ -330,7 +397,7 @@ def make_plan(sweep: ml_collections.ConfigDict, sweep_dir: paths.PathLike, log: 
             "source": budget_source,
             "train_flops": sweep.budget_train_flops,
         },
-        "stages": {"data": data, "entropy": entropy, "space": space},
+        "stages": {"data": data, "entropy": entropy, "space": space, "tokens": tokens},
         "jobs": jobs,
     }
 
@@ -368,6 +435,7 @@ def write_plan(plan: Mapping[str, Any], sweep_dir: paths.PathLike, *, force: boo
             "hash": job["hash"],
             "entropy_target": entropy_target,
             "data": plan["stages"]["data"],
+            "tokens": job.get("tokens"),  # the token baseline's folder inside the data folder
             "config": job["config"],
         }
         target = job_file(sweep_dir, job["name"])

@@ -142,7 +142,10 @@ def gather_run(sweep_dir: epath.Path, job: Mapping[str, Any]) -> RunResult:
     train, validation = _by_step(records, "train"), _by_step(records, "validation")
     schedule = job["schedule"]
     steps = int(schedule["steps"])
-    bytes_per_step = float(schedule["batch_size"] * schedule["seq_len"])
+    # a token LM's rows are seq_len tokens of its planned bytes per token
+    bytes_per_step = float(schedule["batch_size"] * schedule["seq_len"]) * float(
+        (job.get("tokens") or {}).get("bytes_per_token", 1.0)
+    )
     windows = _windows(train)
     steps_done = windows[-1][1] if windows else 0
     spent = _spent(windows, steps_done, bytes_per_step) if windows else 0.0
@@ -152,6 +155,13 @@ def gather_run(sweep_dir: epath.Path, job: Mapping[str, Any]) -> RunResult:
     if job["kind"] == "byte_lm" and windows:
         realised = 1.0
         inference = job["flops_per_byte"]["total_forward"]
+    elif job["kind"] == "token_lm" and windows:  # FL_BPE at the bytes per token its batches had
+        per_token = [
+            (last - first, float(r["bytes_per_token"])) for first, last, r in windows if "bytes_per_token" in r
+        ]
+        measured = sum(n * b for n, b in per_token) / max(sum(n for n, _ in per_token), 1)
+        config = ml_collections.ConfigDict(job["config"])
+        inference = flops.analytic_flops_per_byte(config, bytes_per_token=measured or None).total_forward
     elif windows and all("mean_patch_size" in w[2] for w in windows):
         realised = sum((last - first) * float(r["mean_patch_size"]) for first, last, r in windows) / steps_done
         config = ml_collections.ConfigDict(job["config"])
@@ -238,18 +248,20 @@ def format_csv(results: Sequence[RunResult]) -> str:
 def _label(r: RunResult) -> str:
     if r.mode == "byte":
         return "byte baseline"
+    if r.mode == "bpe":
+        return "BPE token baseline"
     size = f"{r.patch_size:g}" if r.patch_size is not None else f"~{_num(r.realised_patch_size, '.1f')}"
     return f"{r.mode} ps {size}"
 
 
-_STYLES = {"entropy": ("-", "o"), "space": (":", "s"), "static": ("--", "^"), "byte": ("-.", "D")}
+_STYLES = {"entropy": ("-", "o"), "space": (":", "s"), "static": ("--", "^"), "byte": ("-.", "D"), "bpe": ("-.", "x")}
 
 
 def _colour(r: RunResult, sizes: list[float]):
     import matplotlib
 
-    if r.mode == "byte":
-        return "black"
+    if r.mode in ("byte", "bpe"):
+        return "black" if r.mode == "byte" else "dimgray"
     size = r.patch_size if r.patch_size is not None else (r.realised_patch_size or 0.0)
     colours = matplotlib.colormaps["viridis"]
     rank = sorted(set(sizes + [size])).index(size)

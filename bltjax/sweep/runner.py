@@ -200,6 +200,8 @@ def run_job(sweep_dir: epath.Path, job: Mapping[str, Any], log: TextIO, forward:
 def run_stages(sweep_dir: epath.Path, plan: Mapping[str, Any], jobs: Sequence[Mapping[str, Any]], log: TextIO) -> None:
     """The shared stages the selected jobs need: data always, the entropy stage for entropy jobs."""
     data = stages.ensure_data(sweep_dir, plan["stages"]["data"], log)
+    for vocab in sorted({int(job["tokens"]["vocab_size"]) for job in jobs if job.get("tokens")}):
+        stages.ensure_tokens(data, vocab, log)  # the token baseline's tokenizer and shards
     entropy_jobs = [job for job in jobs if job["mode"] == "entropy"]
     if not entropy_jobs:
         return

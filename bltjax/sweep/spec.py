@@ -31,6 +31,10 @@ def default_sweep() -> ml_collections.ConfigDict:
     sweep = ml_collections.ConfigDict()
     sweep.base = ""  # BLT experiment (path.py[:variant]) whose latent model is scaled to the budget
     sweep.baseline = ""  # byte-LM experiment scaled to the same budget; "" = no byte baseline
+    # Token-LM experiment (experiments/token_lm.py) scaled to the same budget over a byte-level BPE of
+    # bpe_vocab_size ids learned on the sweep's train split; "" = no token baseline.
+    sweep.token_baseline = ""
+    sweep.bpe_vocab_size = 4096
     sweep.modes = ["static"]  # patching modes compared: entropy, space, static
     sweep.patch_sizes = [4.0, 6.0, 8.0]  # target mean patch sizes (space: ignored, the data decides)
     # Forward FLOPs per byte every run spends at inference (docs/architecture.md §14); None = what the base
@@ -87,7 +91,7 @@ def load_experiment(spec: str, field: str) -> ml_collections.ConfigDict:
 
 
 # Sweep fields that name experiment files; a sweep file's relative paths may be relative to it.
-EXPERIMENT_FIELDS = (("base",), ("baseline",), ("entropy", "config"))
+EXPERIMENT_FIELDS = (("base",), ("baseline",), ("token_baseline",), ("entropy", "config"))
 
 
 def _resolve_beside(sweep: ml_collections.ConfigDict, folder: pathlib.Path) -> None:
@@ -174,6 +178,8 @@ def validate_sweep(sweep: ml_collections.ConfigDict) -> None:
         value = sweep[name]
         _require(isinstance(value, int) and value > 0, name, "a positive integer", value)
     _require(0 < sweep.tolerance < 1, "tolerance", "a fraction in (0, 1)", sweep.tolerance)
+    vocab = sweep.get("bpe_vocab_size", 4096)
+    _require(isinstance(vocab, int) and 256 <= vocab <= 65532, "bpe_vocab_size", "an integer in [256, 65532]", vocab)
     _require(sweep.max_patches_factor >= 1, "max_patches_factor", "a number >= 1", sweep.max_patches_factor)
     _require(sweep.rows in ROW_KINDS, "rows", f"one of {ROW_KINDS}", sweep.rows)
     data = sweep.data

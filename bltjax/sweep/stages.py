@@ -9,6 +9,7 @@ sweep folder and leaves a record under ``stages/``; a relaunch skips what is rec
     SWEEP/stages/data.json            what was prepared from which inputs
     SWEEP/stages/entropy_model/       the entropy model's training workdir, export/ inside
     SWEEP/stages/entropy.json         one calibrated threshold per target patch size
+    SWEEP/data/bpe-<V>/               the token baseline's tokenizer and token shards (python -m bltjax.bpe)
 
 Static and space patching need no stage but the data. Entropy targets are calibrated on the
 train split's entropies (`bltjax.calibrate`): the threshold whose mean patch (in
@@ -98,6 +99,24 @@ def ensure_data(sweep_dir: epath.Path, data: Mapping[str, Any], log: TextIO = sy
     )
     _write_json(record, settings)
     return out
+
+
+def ensure_tokens(data: epath.Path, vocab_size: int, log: TextIO = sys.stdout) -> dict[str, Any]:
+    """The token baseline's stage: a byte-level BPE of ``vocab_size`` ids on the train split and token
+    shards in DATA/bpe-<V> (`bltjax.data.bpe`, resumable: a finished folder is only checked); returns
+    what a plan needs of it."""
+    from bltjax.data import bpe
+
+    folder = bpe.default_folder(data, vocab_size)
+    if not bpe.is_token_folder(folder):
+        print(f"sweep: byte-level BPE of {vocab_size} ids and token shards -> {folder}", file=log, flush=True)
+    manifest = bpe.tokenize_data(data, vocab_size, progress=False).manifest
+    return {
+        "vocab_size": manifest.vocab_size,
+        "model_vocab_size": manifest.model_vocab_size,
+        "bytes_per_token": manifest.bytes_per_token,
+        "folder": folder.name,
+    }
 
 
 def measure_patch_size(config: ml_collections.ConfigDict, data: paths.PathLike, batches: int = 32) -> dict[str, float]:

@@ -35,19 +35,29 @@ from bltjax.runtime import xla_options
 from bltjax.training import sharding as sharding_rules
 from bltjax.training.metrics import summarize_nll, token_nll
 from bltjax.training.state import TrainState
+from bltjax.training.token_metrics import summarize_token_nll
 
 Batch = Mapping[str, jax.Array]
-MODEL_INPUTS = {"blt": ("tokens", "patch_lengths"), "byte_lm": ("tokens",), "megabyte": ("tokens",)}
+MODEL_INPUTS = {
+    "blt": ("tokens", "patch_lengths"),
+    "byte_lm": ("tokens",),
+    "token_lm": ("tokens",),
+}
+# Batch fields a model type needs besides its inputs, targets and loss mask: a token LM's bits per
+# byte divide by the bytes its targets cover (bltjax/training/token_metrics.py).
+LOSS_FIELDS = {"token_lm": ("target_bytes",)}
 
 
 def batch_fields(model_type: str) -> tuple[str, ...]:
     """The batch fields a model type trains on."""
-    return (*MODEL_INPUTS[model_type], "targets", "loss_mask")
+    return (*MODEL_INPUTS[model_type], "targets", "loss_mask", *LOSS_FIELDS.get(model_type, ()))
 
 
 def _nll_stats(model: nn.Module, model_type: str, params: Any, batch: Batch) -> dict[str, jax.Array]:
     logits = model.apply({"params": params}, *(batch[name] for name in MODEL_INPUTS[model_type]))
     nll = token_nll(logits, batch["targets"])
+    if "target_bytes" in batch:
+        return summarize_token_nll(nll, batch["targets"], batch["loss_mask"], batch["target_bytes"])
     return summarize_nll(nll, batch["targets"], batch["loss_mask"])
 
 

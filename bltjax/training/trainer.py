@@ -49,7 +49,7 @@ from etils import epath
 
 from bltjax.checkpoints import Checkpointer
 from bltjax.config import ConfigError, validate
-from bltjax.data import pipeline
+from bltjax.data import pipeline, token_pipeline
 from bltjax.models import flops
 from bltjax.models.factory import build_model
 from bltjax.runtime import distributed, observability, paths, peaks
@@ -60,6 +60,7 @@ from bltjax.training.optimizer import learning_rate_schedule, make_optimizer
 from bltjax.training.profiling import PROFILE_DIR, StepProfiler
 from bltjax.training.state import TrainState, abstract_state, create_train_state, restore_target, state_placements
 from bltjax.training.step import batch_fields, jit_eval_step, jit_train_step, make_eval_step, train_step_of_config
+from bltjax.training.token_metrics import bpb_denominator
 from bltjax.training.wandb_tracker import require_wandb
 
 # Fields a relaunch may change: where the data lives, how the run is laid out and reported.
@@ -150,6 +151,9 @@ class PreemptionWatch:
 def _host_batch_stats(batch: Mapping[str, np.ndarray]) -> dict[str, float]:
     """Bytes and patches of one (process-local) batch, counted on the host for free."""
     stats = {"bytes": padding.real_bytes(batch)}  # packed rows: their BOE padding is no throughput
+    if "target_bytes" in batch:  # a token LM: the bytes its tokens cover, and (untimed copies) per token
+        stats["bytes"] = stats["token_bytes"] = float(batch["target_bytes"].sum())
+        stats["token_count"] = float(batch["tokens"].size)
     if "patch_lengths" in batch:
         lengths = padding.real_patch_lengths(batch)
         stats["patches"] = float(np.count_nonzero(lengths))
@@ -213,6 +217,7 @@ class Trainer:
         validate(config)
         if not config.data.path and not config.data.get("mixture"):
             raise ConfigError("config.data.path: expected a folder written by `python -m bltjax.prepare`, got ''")
+        config = token_pipeline.with_bytes_per_token(config)  # a token LM's FLOPs per byte need its tokenizer's
         self.config = resolve_workdir_config(ml_collections.ConfigDict(config.to_dict()), self.workdir)
         validate(self.config)
         cfg = self.config
@@ -305,20 +310,22 @@ class Trainer:
                 totals[key] = totals.get(key, 0.0) + float(value)
         return {
             "loss": totals["nats_sum"] / max(totals["n_targets"], 1.0),
-            "bpb": bits_per_byte(totals["nats_sum"], totals["n_targets"]),
+            "bpb": bits_per_byte(totals["nats_sum"], bpb_denominator(totals)),
             "bpb_bytes": bits_per_byte(totals["nats_bytes_sum"], totals["n_bytes"]),
             "targets": totals["n_targets"],
         }
 
-    def _flops_per_byte(self, mean_patch: float | None) -> float:
-        return flops.analytic_flops_per_byte(self.config, mean_patch_size=mean_patch).train
+    def _flops_per_byte(self, mean_patch: float | None, bytes_per_token: float | None = None) -> float:
+        return flops.analytic_flops_per_byte(
+            self.config, mean_patch_size=mean_patch, bytes_per_token=bytes_per_token
+        ).train
 
     def _log_window(self, writer: MetricsWriter, step: int, window: _Window, now: float) -> None:
         s, elapsed = window.sums, max(now - window.start - window.paused, 1e-9)
         processes = jax.process_count()
         values = {
             "loss": s["nats_sum"] / max(s["n_targets"], 1.0),
-            "bpb": bits_per_byte(s["nats_sum"], s["n_targets"]),
+            "bpb": bits_per_byte(s["nats_sum"], bpb_denominator(s)),
             "bpb_bytes": bits_per_byte(s["nats_bytes_sum"], s["n_bytes"]),
             "learning_rate": s["learning_rate"] / window.steps,
             "grad_norm": s["grad_norm"] / window.steps,
@@ -333,7 +340,10 @@ class Trainer:
                 mean_patch_size=mean_patch,
                 max_patch_length=s["patch_max"],
             )
-        flops_per_byte = self._flops_per_byte(mean_patch)
+        bytes_per_token = None
+        if "token_count" in s:  # a token LM: the FLOPs per byte of the tokens seen
+            bytes_per_token = values["bytes_per_token"] = s["token_bytes"] / max(s["token_count"], 1.0)
+        flops_per_byte = self._flops_per_byte(mean_patch, bytes_per_token)
         values["flops_per_byte"] = flops_per_byte
         values["flops_per_sec"] = flops_per_byte * values["bytes_per_sec"]
         values["mfu"] = peaks.mfu(flops_per_byte, values["bytes_per_sec"], self.peak_flops)
