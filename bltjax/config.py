@@ -21,12 +21,13 @@ from bltjax.config_checks import ConfigError, positive_int, require
 from bltjax.models.configs import (
     BLTConfig,
     ByteLMConfig,
+    MegaByteConfig,
     TransformerConfig,
 )
 from bltjax.patching.rule import PatchingError, PatchingRule
 from bltjax.runtime import observability
 
-MODEL_TYPES = ("blt", "byte_lm", "token_lm")
+MODEL_TYPES = ("blt", "byte_lm", "megabyte", "token_lm")
 
 
 def stack_config(
@@ -179,6 +180,20 @@ def base_token_lm_config() -> ml_collections.ConfigDict:
     return config
 
 
+def base_megabyte_config() -> ml_collections.ConfigDict:
+    """Every key of a MegaByte baseline experiment (docs/architecture.md §19): no patching section."""
+    config = _common()
+    config.model_type = "megabyte"
+    stacks = ("encoder", "latent", "decoder")
+    fields = {f.name: f.default for f in dataclasses.fields(MegaByteConfig) if f.name not in stacks}
+    fields["hash_sizes"] = list(fields["hash_sizes"])
+    config.model = ml_collections.ConfigDict(fields)
+    config.model.encoder = stack_config(1024, 1, 16, window=512)
+    config.model.latent = stack_config(2048, 25, 16)
+    config.model.decoder = stack_config(1024, 9, 16, window=512)
+    return config
+
+
 # Paper model sizes (docs/architecture.md §15.2). Only the 1B row is confirmed by a released checkpoint;
 # the others are the spec's best reading of the paper's Table 10 ([UNSURE] there).
 PAPER_SIZES = {
@@ -301,18 +316,19 @@ def transformer_config(values: dict, where: str) -> TransformerConfig:
     return _record(TransformerConfig, dict(values), where)
 
 
-def model_config(config: ml_collections.ConfigDict) -> BLTConfig | ByteLMConfig:
-    """The validated frozen record for ``config.model`` (BLTConfig or ByteLMConfig)."""
+def model_config(config: ml_collections.ConfigDict) -> BLTConfig | ByteLMConfig | MegaByteConfig:
+    """The validated frozen record for ``config.model`` (BLTConfig, ByteLMConfig or MegaByteConfig)."""
     validate(config, for_training=False)
     return _model_record(config)
 
 
-def _model_record(config: ml_collections.ConfigDict) -> BLTConfig | ByteLMConfig:
+def _model_record(config: ml_collections.ConfigDict) -> BLTConfig | ByteLMConfig | MegaByteConfig:
     values = _plain(config.model)
-    if config.model_type == "blt":
+    if config.model_type in ("blt", "megabyte"):
         for stack in ("encoder", "latent", "decoder"):
             values[stack] = transformer_config(values[stack], f"config.model.{stack}")
-        return _record(BLTConfig, values, "config.model")
+        record = BLTConfig if config.model_type == "blt" else MegaByteConfig
+        return _record(record, values, "config.model")
     values["stack"] = transformer_config(values["stack"], "config.model.stack")
     return _record(ByteLMConfig, values, "config.model")
 
@@ -329,7 +345,7 @@ def _validate_patching(config: ml_collections.ConfigDict) -> None:
 
 
 def _schema(model_type: str) -> ml_collections.ConfigDict:
-    schemas = {"blt": base_blt_config, "token_lm": base_token_lm_config}
+    schemas = {"blt": base_blt_config, "megabyte": base_megabyte_config, "token_lm": base_token_lm_config}
     return schemas.get(model_type, base_byte_lm_config)()
 
 
@@ -404,6 +420,8 @@ def validate(config: ml_collections.ConfigDict, *, for_training: bool = True) ->
                 f">= {needed} for static patches of {config.patching.patch_size} bytes",
                 data.max_patches,
             )
+    elif isinstance(model, MegaByteConfig):
+        config_checks.validate_megabyte(model)
     else:
         config_checks.validate_stack(model.stack, "config.model.stack")
         config_checks.validate_common(model, "config.model", token_vocabulary=config.model_type == "token_lm")

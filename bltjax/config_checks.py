@@ -19,6 +19,7 @@ from bltjax.models.configs import (
     POOLING_MODES,
     REMAT_POLICIES,
     BLTConfig,
+    MegaByteConfig,
     TransformerConfig,
 )
 from bltjax.runtime import observability
@@ -145,6 +146,10 @@ def validate_blt(model: BLTConfig) -> None:
         f"one of {PATCH_QUERY_INITS}",
         model.patch_query_init,
     )
+    validate_hashing(model, w)
+
+
+def validate_hashing(model: BLTConfig | MegaByteConfig, w: str) -> None:
     require(
         all(positive_int(n) for n in model.hash_sizes),
         f"{w}.hash_sizes",
@@ -169,6 +174,26 @@ def validate_blt(model: BLTConfig) -> None:
         "an integer in [1, 2**31)",
         model.hash_vocab,
     )
+
+
+def validate_megabyte(model: MegaByteConfig) -> None:
+    w = "config.model"
+    for stack in ("encoder", "latent", "decoder"):
+        validate_stack(getattr(model, stack), f"{w}.{stack}")
+    validate_common(model, w)
+    require(
+        model.encoder.dim == model.decoder.dim,
+        f"{w}.decoder.dim",
+        f"the encoder width {model.encoder.dim} (the decoder adds global slots to encoder states)",
+        model.decoder.dim,
+    )
+    require(
+        positive_int(model.patch_size) and model.patch_size >= 2,
+        f"{w}.patch_size",
+        "an integer >= 2 (bytes per fixed patch)",
+        model.patch_size,
+    )
+    validate_hashing(model, w)
 
 
 def validate_training(config: ml_collections.ConfigDict) -> None:

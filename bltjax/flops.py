@@ -45,6 +45,15 @@ _ROWS = (
     ("byte embedding", None, ("byte_embedding",)),
     ("hash n-gram tables", None, ("hash_tables",)),
 )
+_MEGABYTE_ROWS = (
+    ("global (latent)", "global_", ("global",)),
+    ("encoder", "encoder", ("encoder",)),
+    ("decoder + head", "decoder", ("decoder", "output_head")),
+    ("concatenation projection W_in", "encoder_cross", ("global_input_projection",)),
+    ("global-to-byte projection D", "decoder_cross", ("decoder_patch_projection",)),
+    ("byte embedding", None, ("byte_embedding",)),
+    ("hash n-gram tables", None, ("hash_tables",)),
+)
 _BYTE_LM_ROWS = (
     ("transformer + head", "global_", ("global", "output_head")),
     ("byte embedding", None, ("byte_embedding",)),
@@ -69,11 +78,15 @@ def format_breakdown(
     matmul = matmul_flops_per_byte(config, mean_patch_size=n_p)
     params = parameter_counts(record)
     context = config.data.seq_len
+    rows = _ROWS if n_p is not None else _BYTE_LM_ROWS
     if token_lm:
         head = (f"token LM, context {context} tokens of {n_bpe:g} bytes (config.data.bytes_per_token or "
                 f"--bytes-per-token), vocabulary {record.vocab_size}: per-token FLOPs / bytes per token")  # fmt: skip
     elif n_p is None:
         head = f"byte LM, context {context} bytes (every byte is a position)"
+    elif config.model_type == "megabyte":
+        head = f"MegaByte, context {context} bytes, fixed patches of {n_p:g} bytes (config.model.patch_size)"
+        rows = _MEGABYTE_ROWS
     else:
         source = "--patch-size" if mean_patch_size is not None else f"config.patching ({config.patching.mode})"
         head = f"BLT, context {context} bytes, mean patch size {n_p:g} bytes (from {source})"
@@ -84,7 +97,7 @@ def format_breakdown(
         "| component | forward FLOPs/byte (paper) | share | train FLOPs/byte | bltjax matmul fwd/byte | parameters |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for label, field, components in _ROWS if n_p is not None else _BYTE_LM_ROWS:
+    for label, field, components in rows:
         count = sum(params.get(c, 0) for c in components)
         if field is None:
             lines.append(f"| {label} | 0 | 0.0% | 0 | 0 | {count:,} |")

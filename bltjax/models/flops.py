@@ -37,6 +37,11 @@ Parameters (`parameter_counts`, docs/architecture.md §14.4) are counted per com
 config alone, and equal the shapes Flax creates (tested); ``non_embedding`` leaves out the byte
 embedding, the hash tables and the output head, the paper's convention for model size.
 
+MegaByte (`megabyte_flops_per_byte`, `megabyte_matmul_flops_per_byte`, docs/architecture.md §19):
+BLT's sum with fixed patches of s bytes and the two cross-attention columns holding the
+concatenation projections instead (``encoder_cross``: W_in, s·h_E -> h_G per patch;
+``decoder_cross``: D, h_G -> s·h_D per patch).
+
 Token-level baselines (`token_lm_flops_per_byte`): a Llama over tokens of ``bytes_per_token``
 bytes on average, the paper's FL_BPE, for comparing a BLT with the token model of the same
 inference budget.
@@ -58,7 +63,7 @@ import ml_collections
 from jax.extend import core as jex_core
 
 from bltjax.config import model_config
-from bltjax.models.configs import BLTConfig, ByteLMConfig, TransformerConfig
+from bltjax.models.configs import BLTConfig, ByteLMConfig, MegaByteConfig, TransformerConfig
 
 # Output vocabulary of the analytic count: docs/architecture.md §14.2 writes the decoder head as
 # V = 256 (the byte values); the byte LM's analytic head uses the same so BLT and byte LM compare
@@ -176,6 +181,26 @@ def byte_lm_flops_per_byte(record: ByteLMConfig, *, context_bytes: float) -> Flo
     )
 
 
+def megabyte_flops_per_byte(record: MegaByteConfig, *, context_bytes: float) -> FlopBreakdown:
+    """MegaByte in the paper's primitives: BLT's FL_BLT at n_p = s with the cross-attentions replaced
+    by the concatenation projections, 2·s·h_E·h_G (W_in) and 2·h_G·s·h_D (D) per patch = 2·h·h_G per byte.
+
+    Per byte of the row, as the paper counts: the s - 1 prefix positions the encoder also runs are
+    left out (`megabyte_matmul_flops_per_byte` counts them).
+    """
+    n_ctx, s = float(context_bytes), float(record.patch_size)
+    if n_ctx <= 0:
+        raise ValueError(f"context_bytes must be positive, got {context_bytes}")
+    enc, lat, dec = record.encoder, record.latent, record.decoder
+    return FlopBreakdown(
+        global_=transformer_flops(lat.dim, lat.n_layers, _context(lat.window, n_ctx / s), 0) / s,
+        encoder=transformer_flops(enc.dim, enc.n_layers, _context(enc.window, n_ctx), 0),
+        decoder=transformer_flops(dec.dim, dec.n_layers, _context(dec.window, n_ctx), ANALYTIC_BYTE_VOCAB),
+        encoder_cross=2.0 * enc.dim * lat.dim,
+        decoder_cross=2.0 * lat.dim * dec.dim,
+    )
+
+
 def bpe_flops_per_byte(dim: int, layers: int, vocab: int, context_bytes: float, bytes_per_token: float) -> float:
     """The token baseline, forward: FL_BPE = TransfFL(h, l, n_ctx / n_bpe, |vocab|) / n_bpe (architecture.md §14.2)."""
     tokens = context_bytes / bytes_per_token
@@ -281,6 +306,29 @@ def byte_lm_matmul_flops_per_byte(
     return FlopBreakdown(global_=stack.n_layers * _block_matmul_flops(stack, keys) + 2 * stack.dim * record.vocab_size)
 
 
+def megabyte_matmul_flops_per_byte(
+    record: MegaByteConfig, *, context_bytes: int, dense_attention: bool = False
+) -> FlopBreakdown:
+    """Forward matmul FLOPs per byte of bltjax's MegaByte over rows of N = ``context_bytes`` bytes.
+
+    Exact shapes: the encoder runs N + s - 1 positions, the latent model ceil(N / s) patches.
+    """
+    n, s = int(context_bytes), record.patch_size
+    enc, lat, dec = record.encoder, record.latent, record.decoder
+    m, patches = n + s - 1, -(-n // s)
+
+    def keys(stack: TransformerConfig, length: float) -> float:
+        return length if dense_attention else mean_causal_keys(length, stack.window)
+
+    return FlopBreakdown(
+        global_=patches * lat.n_layers * _block_matmul_flops(lat, keys(lat, patches)) / n,
+        encoder=m * enc.n_layers * _block_matmul_flops(enc, keys(enc, m)) / n,
+        decoder=dec.n_layers * _block_matmul_flops(dec, keys(dec, n)) + 2 * dec.dim * record.vocab_size,
+        encoder_cross=patches * 2 * s * enc.dim * lat.dim / n,
+        decoder_cross=patches * 2 * lat.dim * s * dec.dim / n,
+    )
+
+
 # --- from an experiment config ----------------------------------------------------------------
 
 
@@ -299,8 +347,10 @@ def expected_patch_size(config: ml_collections.ConfigDict) -> float:
 
 
 def record_and_patch_size(config: ml_collections.ConfigDict, mean_patch_size: float | None):
-    """The model record, and the mean patch size for a BLT (None for a byte LM)."""
+    """The model record, and the mean patch size for a BLT or MegaByte (None for a byte LM)."""
     record = model_config(config)
+    if isinstance(record, MegaByteConfig):
+        return record, float(record.patch_size)
     if isinstance(record, BLTConfig):
         n_p = expected_patch_size(config) if mean_patch_size is None else float(mean_patch_size)
         return record, n_p
@@ -336,6 +386,8 @@ def analytic_flops_per_byte(
         )
     if n_p is None:
         return byte_lm_flops_per_byte(record, context_bytes=config.data.seq_len)
+    if isinstance(record, MegaByteConfig):
+        return megabyte_flops_per_byte(record, context_bytes=config.data.seq_len)
     return blt_flops_per_byte(record, context_bytes=config.data.seq_len, mean_patch_size=n_p)
 
 
@@ -355,6 +407,10 @@ def matmul_flops_per_byte(
         return FlopBreakdown(global_=per_token.global_ / token_bytes_per_token(config, bytes_per_token))
     if n_p is None:
         return byte_lm_matmul_flops_per_byte(record, context_bytes=config.data.seq_len, dense_attention=dense_attention)
+    if isinstance(record, MegaByteConfig):
+        return megabyte_matmul_flops_per_byte(
+            record, context_bytes=config.data.seq_len, dense_attention=dense_attention
+        )
     return blt_matmul_flops_per_byte(
         record, context_bytes=config.data.seq_len, mean_patch_size=n_p, dense_attention=dense_attention
     )
@@ -392,7 +448,7 @@ def _cross_layer_parameters(record: BLTConfig, stack: TransformerConfig) -> int:
     return stack.dim * (2 * q_width + 2 * kv_width) + 2 * stack.dim  # Q, K, V, O; query and key norms
 
 
-def parameter_counts(record: BLTConfig | ByteLMConfig) -> dict[str, int]:
+def parameter_counts(record: BLTConfig | ByteLMConfig | MegaByteConfig) -> dict[str, int]:
     """Parameters per component (docs/architecture.md §14.4), plus ``total`` and ``non_embedding``.
 
     Counted from the config alone (no allocation), exactly as the Flax modules create them:
@@ -405,6 +461,18 @@ def parameter_counts(record: BLTConfig | ByteLMConfig) -> dict[str, int]:
             "global": stack.n_layers * block_parameters(stack) + stack.dim,
             "byte_embedding": record.vocab_size * stack.dim,
             "output_head": stack.dim * record.vocab_size,
+        }
+    elif isinstance(record, MegaByteConfig):  # no cross-attention; W_in and D always exist
+        enc, lat, dec, s = record.encoder, record.latent, record.decoder, record.patch_size
+        counts = {
+            "global": lat.n_layers * block_parameters(lat),
+            "global_input_projection": s * enc.dim * lat.dim,
+            "encoder": enc.n_layers * block_parameters(enc),
+            "decoder": dec.n_layers * block_parameters(dec) + dec.dim,
+            "decoder_patch_projection": lat.dim * s * dec.dim,
+            "byte_embedding": record.vocab_size * enc.dim,
+            "hash_tables": record.num_hash_tables * record.hash_table_rows * enc.dim,
+            "output_head": dec.dim * record.vocab_size,
         }
     else:
         enc, lat, dec, k = record.encoder, record.latent, record.decoder, record.cross_attn_k

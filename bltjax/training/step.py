@@ -41,6 +41,7 @@ Batch = Mapping[str, jax.Array]
 MODEL_INPUTS = {
     "blt": ("tokens", "patch_lengths"),
     "byte_lm": ("tokens",),
+    "megabyte": ("tokens",),
     "token_lm": ("tokens",),
 }
 # Batch fields a model type needs besides its inputs, targets and loss mask: a token LM's bits per
