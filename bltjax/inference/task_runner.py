@@ -151,6 +151,18 @@ def _is_builtin(name: str) -> bool:
     return is_builtin(name)
 
 
+def require_harness():
+    """`bltjax.inference.harness` (which imports lm-eval), or a TaskError naming the extra to install."""
+    try:
+        from bltjax.inference import harness
+    except ModuleNotFoundError as err:
+        if err.name is None or not err.name.startswith("lm_eval"):
+            raise
+        message = 'lm-eval is not installed: pip install -e ".[eval]" (the eval extra, docs/evaluation.md)'
+        raise TaskError(message) from err
+    return harness
+
+
 def run_tasks(
     model_dir: str | os.PathLike,
     tasks: str | Iterable[str],
@@ -192,8 +204,7 @@ def run_task_results(
     model: Any = None,
 ) -> TaskResults:
     """`run_tasks` returning the `TaskResults` itself."""
-    # harness first: it sets the offline variables that `datasets` reads when lm_eval imports it.
-    from bltjax.inference import harness  # noqa: I001
+    harness = require_harness()  # first: it sets the offline variables that `datasets` reads at import
     import lm_eval
     from lm_eval.tasks import TaskManager
 
