@@ -173,4 +173,5 @@ def test_evaluate_watch_command_evaluates_a_finished_run_then_resumes(run, tmp_p
     out = capsys.readouterr().out
     assert "watch: resuming; already evaluated steps [2, 4]" in out and "evaluated steps []" in out
     assert evaluate.main(["--model", str(workdir), "--tasks", str(yaml), "--watch", "--step", "2"]) == 1
-    assert "--watch: evaluates every checkpoint into WORKDIR/eval/; leave out --step and --out" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--watch: evaluates every checkpoint into WORKDIR/eval/; leave out --step and --out" in err
