@@ -271,3 +271,18 @@ def test_a_sweep_plans_the_token_baseline_at_the_same_flops_and_trains_it(tmp_pa
     rows = {r.name: r for r in report.gather(out)}
     assert rows[token_job["name"]].final_bpb == pytest.approx(result.validation_bpb)
     assert rows[token_job["name"]].inference_flops_per_byte > 0
+
+
+def test_compile_roofline_and_generate_know_a_token_lm(token_run, tokens):
+    from bltjax.inference.generation.folders import GenerateError, generate_from_folder
+    from bltjax.runtime import aot, roofline
+
+    config = token_pipeline.with_bytes_per_token(_config(tokens.folder))
+    batch = aot._abstract_batch(config, None)
+    assert batch["target_bytes"].shape == (8, 64) and batch["target_bytes"].dtype == np.int32
+    # a step's model FLOPs: training FLOPs per byte x the bytes of its rows (tokens x bytes per token)
+    per_byte = flops.analytic_flops_per_byte(config).train
+    expected = per_byte * 8 * 64 * tokens.manifest.bytes_per_token
+    assert roofline.model_flops_per_step(config) == pytest.approx(expected, rel=1e-12)
+    with pytest.raises(GenerateError, match="token_lm"):  # its ids are not bytes: refused by name
+        generate_from_folder(workdir=token_run.workdir, prompts=["hi"], max_bytes=4, out=io.StringIO())

@@ -319,7 +319,8 @@ def format_bytes(value: int) -> str:
 
 def _abstract_batch(config: ml_collections.ConfigDict, batch_sharding: Any) -> dict[str, jax.ShapeDtypeStruct]:
     rows, n = int(config.data.batch_size), int(config.data.seq_len)
-    dtypes = {"tokens": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.bool_, "patch_lengths": jnp.int32}
+    dtypes = {"tokens": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.bool_, "patch_lengths": jnp.int32,
+              "target_bytes": jnp.int32}  # fmt: skip
     shapes = {"patch_lengths": (rows, int(config.data.get("max_patches", 0) or 0))}
     return {
         name: jax.ShapeDtypeStruct(shapes.get(name, (rows, n)), dtypes[name], sharding=batch_sharding)

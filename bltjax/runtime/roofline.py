@@ -227,4 +227,7 @@ def model_flops_per_step(config: Any) -> float:
         per_byte = flops.analytic_flops_per_byte(config).train
     except ValueError:  # e.g. a patching mode without an expected patch size
         return 0.0
-    return float(per_byte) * int(config.data.batch_size) * int(config.data.seq_len)
+    row_bytes = float(config.data.seq_len)
+    if config.get("model_type") == "token_lm":  # seq_len counts tokens of data.bytes_per_token bytes
+        row_bytes *= float(config.data.bytes_per_token)
+    return float(per_byte) * int(config.data.batch_size) * row_bytes

@@ -110,6 +110,11 @@ def generate_from_folder(
             f"--model: {loaded.source} is a MegaByte baseline (model_type 'megabyte'), which bltjax.generate does not "
             "decode (BLTs and byte LMs only); score it with python -m bltjax.eval"
         )
+    if config.model_type == "token_lm":  # its ids are BPE tokens, not the bytes the decoders emit
+        raise GenerateError(
+            f"--model: {loaded.source} is a BPE token LM (model_type 'token_lm'), which bltjax.generate does not "
+            "decode (BLTs and byte LMs only); score it with python -m bltjax.eval on its token folder"
+        )
     entropy = None
     if config.model_type == "blt":
         rule = IncrementalRule.from_config(config)
