@@ -15,6 +15,7 @@ import pathlib
 
 import flax.linen as nn
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -353,3 +354,61 @@ def test_generation_is_refused_with_a_clear_error(tmp_path):
     folder = checkpoints.save_model(tmp_path / "model", config, params)
     with pytest.raises(GenerateError, match=r"--model: .* is a MegaByte baseline .* python -m bltjax.eval"):
         generate_from_folder(workdir=folder, prompts=["hi"], max_bytes=2, out=io.StringIO())
+
+
+# --- sweeps -------------------------------------------------------------------------------------
+
+
+def _megabyte_sweep(data: pathlib.Path):
+    from bltjax.sweep import spec
+
+    sweep = spec.load_sweep(str(REPO / "experiments" / "patch_sweep.py"))
+    sweep.modes = ["static", "megabyte"]
+    sweep.patch_sizes = [4.0, 8.0]
+    sweep.baseline = ""
+    sweep.data.path = str(data)
+    return sweep
+
+
+def test_sweep_plans_megabyte_next_to_static_blts_at_the_same_budget(tmp_path, corpus_data):
+    from bltjax.sweep import plan
+
+    result = plan.make_plan(_megabyte_sweep(corpus_data), tmp_path, log=io.StringIO())
+    budget = result["budget"]["inference_flops_per_byte"]
+    jobs = result["jobs"]
+    assert [(j["kind"], j["patch_size"]) for j in jobs] == [
+        ("blt", 4.0), ("blt", 8.0), ("megabyte", 4.0), ("megabyte", 8.0)
+    ]  # fmt: skip
+    base = load_config(f"{REPO / 'experiments' / 'patch_sweep.py'}:blt")
+    for job in jobs[2:]:
+        assert job["name"].startswith(f"megabyte-ps{job['patch_size']:g}-")
+        assert job["fit"]["within_tolerance"], job["name"]
+        assert job["flops_per_byte"]["total_forward"] == pytest.approx(budget, rel=0.05)
+        config = ml_collections.ConfigDict(job["config"])
+        assert config.model_type == "megabyte" and config.model.patch_size == int(job["patch_size"])
+        assert config.model.encoder == base.model.encoder and config.model.decoder == base.model.decoder
+        assert list(config.model.hash_sizes) == [] and "patching" not in config
+        assert flops.analytic_flops_per_byte(config).total_forward == job["flops_per_byte"]["total_forward"]
+    # The larger patch buys the larger latent model, as for the static BLTs.
+    assert jobs[3]["parameters"]["global"] > jobs[2]["parameters"]["global"]
+
+
+@pytest.mark.slow
+def test_a_planned_megabyte_job_trains_and_reports_its_fixed_patch(tmp_path, corpus_data):
+    from bltjax.sweep import job_config, plan, report
+    from bltjax.training.trainer import train
+
+    sweep = _megabyte_sweep(corpus_data)
+    sweep.modes, sweep.patch_sizes = ["megabyte"], [4.0]
+    made = plan.make_plan(sweep, tmp_path, log=io.StringIO())
+    plan.write_plan(made, tmp_path)
+    job = made["jobs"][0]
+    config = job_config.get_config(str(plan.job_file(tmp_path, job["name"])))
+    assert config.data.path == str(corpus_data)
+    config.train.steps, config.train.log_every, config.train.eval_every = 3, 1, 3
+    config.optimizer.warmup_steps = 1
+    train(config, report.run_dir(tmp_path, job["name"]), console=io.StringIO())
+    (row,) = report.gather(tmp_path)
+    assert row.mode == "megabyte" and row.steps_done == 3 and row.final_bpb is not None
+    assert row.realised_patch_size == 4.0
+    assert row.inference_flops_per_byte == job["flops_per_byte"]["total_forward"]

@@ -43,7 +43,7 @@ def define_flags(values: flags.FlagValues) -> None:
            flag_values=values)  # fmt: skip
     string("base", None, "plan: BLT experiment path.py[:variant] whose latent model is scaled.", flag_values=values)
     string("baseline", None, "plan: byte-LM experiment for the byte baseline; 'none' for none.", flag_values=values)
-    multi("modes", None, "plan: patching modes (entropy space static); several may follow one --modes.",
+    multi("modes", None, "plan: patching modes (entropy space static megabyte); several may follow one --modes.",
           flag_values=values)  # fmt: skip
     flags.DEFINE_multi_float("patch_sizes", None, "plan: target mean patch sizes; several may follow one flag.",
                              flag_values=values)  # fmt: skip

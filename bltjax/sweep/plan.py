@@ -29,9 +29,9 @@ from typing import Any, TextIO
 import ml_collections
 from etils import epath
 
-from bltjax.config import ConfigError, model_config, validate
+from bltjax.config import ConfigError, base_megabyte_config, model_config, validate
 from bltjax.models import flops
-from bltjax.models.configs import BLTConfig, TransformerConfig
+from bltjax.models.configs import BLTConfig, MegaByteConfig, TransformerConfig
 from bltjax.runtime import paths
 from bltjax.runtime.atomic import write_atomic
 from bltjax.sweep import scaling, spec, stages
@@ -110,6 +110,8 @@ def _job(
         breakdown = flops.analytic_flops_per_byte(config, bytes_per_token=expected)
     elif isinstance(record, BLTConfig):
         breakdown = flops.blt_flops_per_byte(record, context_bytes=config.data.seq_len, mean_patch_size=expected)
+    elif isinstance(record, MegaByteConfig):
+        breakdown = flops.megabyte_flops_per_byte(record, context_bytes=config.data.seq_len)
     else:
         breakdown = flops.byte_lm_flops_per_byte(record, context_bytes=config.data.seq_len)
     values = config.to_dict()
@@ -277,6 +279,43 @@ def _token_job(
     return job
 
 
+# What a MegaByte job takes from the base BLT besides its stacks; not its hash n-grams (MegaByte has none).
+MEGABYTE_SHARED_FIELDS = ("vocab_size", "document_mask", "dtype", "param_dtype", "init_std_factor", "remat",
+                          "attention", "scan_layers")  # fmt: skip
+
+
+def _megabyte_job(
+    sweep: ml_collections.ConfigDict, base: ml_collections.ConfigDict, size: int, budget: float
+) -> dict[str, Any]:
+    """MegaByte (docs/architecture.md §19) with the base BLT's local and global stacks, data and schedule,
+    fixed patches of ``size`` bytes, its latent model fitted to the budget like a BLT's."""
+    values = base.to_dict()
+    del values["patching"]
+    model = base_megabyte_config().model.to_dict()
+    model.update({k: values["model"][k] for k in (*MEGABYTE_SHARED_FIELDS, "encoder", "latent", "decoder")})
+    values.update(model_type="megabyte", model=dict(model, patch_size=size))
+    config = ml_collections.ConfigDict(values)
+    config.data.path = ""
+    record = model_config(config)
+
+    def cost(stack: TransformerConfig) -> float:
+        candidate = dataclasses.replace(record, latent=stack)
+        return flops.megabyte_flops_per_byte(candidate, context_bytes=config.data.seq_len).total_forward
+
+    fit = scaling.fit_stack(
+        record.latent,
+        cost,
+        budget,
+        tolerance=float(sweep.tolerance),
+        max_layers=int(sweep.max_layers),
+        max_width_multiple=int(sweep.max_width_multiple),
+    )
+    config.model.latent = _stack_dict(fit.stack)
+    schedule = _schedule(sweep, config, fit)
+    _schedule_fields(config, schedule, int(sweep.evals))
+    return _job("megabyte", "megabyte", float(size), float(size), config, fit, schedule)
+
+
 def _schedule(
     sweep: ml_collections.ConfigDict,
     config: ml_collections.ConfigDict,
@@ -346,6 +385,9 @@ def make_plan(sweep: ml_collections.ConfigDict, sweep_dir: paths.PathLike, log: 
             jobs.append(_blt_job(sweep, base, mode, None, space["mean_patch_size"], budget, space["max_patches_seen"]))
             continue
         for size in sizes:
+            if mode == "megabyte":
+                jobs.append(_megabyte_job(sweep, base, int(size), budget))
+                continue
             expected = flops.realised_static_patch_size(int(base.data.seq_len), int(size)) if mode == "static" else size
             jobs.append(_blt_job(sweep, base, mode, size, expected, budget, None))
     if baseline is not None:

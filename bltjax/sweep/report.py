@@ -152,8 +152,8 @@ def gather_run(sweep_dir: epath.Path, job: Mapping[str, Any]) -> RunResult:
 
     realised = None
     inference = None
-    if job["kind"] == "byte_lm" and windows:
-        realised = 1.0
+    if job["kind"] in ("byte_lm", "megabyte") and windows:  # fixed patches: as planned
+        realised = float(job["expected_patch_size"])
         inference = job["flops_per_byte"]["total_forward"]
     elif job["kind"] == "token_lm" and windows:  # FL_BPE at the bytes per token its batches had
         per_token = [
@@ -254,7 +254,8 @@ def _label(r: RunResult) -> str:
     return f"{r.mode} ps {size}"
 
 
-_STYLES = {"entropy": ("-", "o"), "space": (":", "s"), "static": ("--", "^"), "byte": ("-.", "D"), "bpe": ("-.", "x")}
+_STYLES = {"entropy": ("-", "o"), "space": (":", "s"), "static": ("--", "^"), "megabyte": ("--", "v"),
+           "byte": ("-.", "D"), "bpe": ("-.", "x")}  # fmt: skip
 
 
 def _colour(r: RunResult, sizes: list[float]):

@@ -20,7 +20,7 @@ import ml_collections
 from bltjax.config import ConfigError, load_config
 from bltjax.runtime import paths
 
-SWEEP_MODES = ("entropy", "space", "static")
+SWEEP_MODES = ("entropy", "space", "static", "megabyte")  # megabyte: the MegaByte model, docs/architecture.md §19
 ROW_KINDS = ("windows", "packed")  # config.data.rows (bltjax/data/packing.py)
 # English prose and Python code of the bundled corpus (bltjax/data/corpus): the default data.
 DEFAULT_CORPUS = ("en_jargon_file_excerpt.jsonl", "en_fortunes.jsonl", "code_python_stdlib.jsonl")
@@ -35,7 +35,7 @@ def default_sweep() -> ml_collections.ConfigDict:
     # bpe_vocab_size ids learned on the sweep's train split; "" = no token baseline.
     sweep.token_baseline = ""
     sweep.bpe_vocab_size = 4096
-    sweep.modes = ["static"]  # patching modes compared: entropy, space, static
+    sweep.modes = ["static"]  # patching modes compared: entropy, space, static (BLTs), megabyte (MegaByte)
     sweep.patch_sizes = [4.0, 6.0, 8.0]  # target mean patch sizes (space: ignored, the data decides)
     # Forward FLOPs per byte every run spends at inference (docs/architecture.md §14); None = what the base
     # config spends at its own config.patching.patch_size.
@@ -167,9 +167,12 @@ def validate_sweep(sweep: ml_collections.ConfigDict) -> None:
         "distinct mean patch sizes > 1",
         sizes,
     )
-    if "static" in modes:
+    if "static" in modes or "megabyte" in modes:
         _require(
-            all(s.is_integer() for s in sizes), "patch_sizes", "whole numbers of bytes with static patching", sizes
+            all(s.is_integer() for s in sizes),
+            "patch_sizes",
+            "whole numbers of bytes with fixed (static, megabyte) patches",
+            sizes,
         )
     for name in ("budget_flops_per_byte", "budget_train_flops", "space_patch_size"):
         value = sweep[name]
