@@ -295,6 +295,18 @@ def test_generation_refuses_the_reset_and_other_modes_refuse_the_field():
         PatchingRule(mode="space", entropy_reset_on_newline=True)
 
 
+def test_hugging_face_export_warns_that_its_patcher_does_not_reset():
+    """transformers' in-forward patcher has no newline reset: exporting such a run says so."""
+    from bltjax.convert.export import _threshold
+
+    config = load_config(BLT_TINY)
+    config.patching.mode, config.patching.threshold = "entropy", 1.25
+    config.patching.entropy_reset_on_newline = True
+    log = io.StringIO()
+    assert _threshold(config, None, log) == 1.25
+    assert "entropy_reset_on_newline is set; transformers' patcher never resets" in log.getvalue()
+
+
 def test_cli_adds_a_rule_from_stored_entropies(corpus, entropy_model, tmp_path, capsys):
     from bltjax import entropy as program
 

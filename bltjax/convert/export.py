@@ -81,6 +81,12 @@ def _threshold(config, entropy, log: TextIO) -> float | None:
                 f"warning: config.patching.{name} is set; transformers' patcher applies the global threshold only",
                 file=log,
             )
+    if patching.get("entropy_reset_on_newline"):
+        print(
+            "warning: config.patching.entropy_reset_on_newline is set; transformers' patcher never resets the "
+            "entropy context at newlines, so its patches will differ from training's (docs/architecture.md §2.5)",
+            file=log,
+        )
     return None if patching.threshold is None else float(patching.threshold)
 
 
