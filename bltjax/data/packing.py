@@ -71,13 +71,13 @@ def _static_starts(tokens: np.ndarray, rule: PatchingRule) -> np.ndarray:
         mask[:] = True
         return mask
     size = int(rule.patch_size)
-    doc_starts = np.flatnonzero(tokens == BOS_ID)
-    if doc_starts.size == 0 or doc_starts[0] != 0:
-        doc_starts = np.concatenate([[0], doc_starts])
-    doc_of = np.repeat(doc_starts, np.diff(np.append(doc_starts, tokens.size)))  # each token's BOS position
-    offset = np.arange(tokens.size) - doc_of
     head = int(getattr(rule, "static_first_patch_rule", True))
-    mask[:] = ((offset - head) % size == 0) | (offset == 0)
+    doc_starts = np.flatnonzero(tokens == BOS_ID).tolist()
+    if not doc_starts or doc_starts[0] != 0:
+        doc_starts.insert(0, 0)
+    for first, stop in zip(doc_starts, doc_starts[1:] + [tokens.size], strict=True):  # one slice per document
+        mask[first] = True
+        mask[first + head : stop : size] = True
     return mask
 
 
@@ -108,13 +108,13 @@ def cut_rows(starts: np.ndarray, n_tokens: int, max_patches: int, seq_len: int) 
 
     `starts` are the sorted patch start positions of the shard; see the module docstring for the rule.
     """
-    starts = np.asarray(starts, dtype=np.int64).tolist()  # bisect on a list: no numpy call overhead per row
+    starts = np.asarray(starts, dtype=np.int64)
     out = [0]
     position = 0
     while position < n_tokens - 1:
-        after = bisect.bisect_right(starts, position + 1)  # first start > position + 1
+        after = int(np.searchsorted(starts, position + 1, side="right"))  # first start > position + 1
         boundary = after + max_patches - 2  # the (K + 1)-th boundary, counting position and position + 1
-        limit = starts[boundary] - 1 - position if boundary < len(starts) else n_tokens
+        limit = int(starts[boundary]) - 1 - position if boundary < starts.size else n_tokens
         position += min(seq_len, n_tokens - 1 - position, limit)
         out.append(position)
     return np.asarray(out, dtype=np.int64)
