@@ -106,21 +106,18 @@ def write_to_run(result: dict[str, Any], loaded) -> None:
 def evaluate_once(options: dict[str, Any], *, step: int | None, out: str | None) -> tuple[dict[str, Any], Any]:
     """Runs the tasks on one checkpoint, writes the JSON (and, for a workdir, the run's scalars)."""
     from bltjax.inference.evaluate import default_output_path
-    from bltjax.inference.task_runner import TaskError, require_harness, run_task_results
+    from bltjax.inference.task_runner import require_harness, run_task_results
 
     harness = require_harness()
     try:
-        model = harness.BltjaxLM(
-            path=options["model"], batch_size=options["batch_size"], max_length=options["max_length"],
-            entropy_model=options["entropy_model"], step=step,
+        results = run_task_results(
+            options["model"], options["tasks"], limit=options["limit"], batch_size=options["batch_size"],
+            seed=options["seed"], max_length=options["max_length"], entropy_model=options["entropy_model"],
+            step=step, num_fewshot=options["num_fewshot"],
         )  # fmt: skip
-        result = run_task_results(
-            options["model"], options["tasks"], limit=options["limit"], seed=options["seed"],
-            num_fewshot=options["num_fewshot"], model=model,
-        ).to_json()  # fmt: skip
     except harness.HarnessError as err:  # one error type for the command line: the message names the argument
         raise TaskError(str(err)) from err
-    loaded = model.scorer.loaded
+    result, loaded = results.to_json(), results.loaded
     path = write_json(result, out or default_output_path(loaded, TASKS_SPLIT))
     if loaded.step is not None:
         write_to_run(result, loaded)
@@ -135,7 +132,7 @@ def watch_record_path(options: dict[str, Any]) -> Any:
 
 
 def _main(command_line: cli.CommandLine) -> int:
-    from bltjax.inference.task_runner import TaskError, parse_task_list, require_harness
+    from bltjax.inference.task_runner import parse_task_list, require_harness
     from bltjax.inference.watch import watch_checkpoints
 
     values = command_line.flags

@@ -26,7 +26,7 @@ Conventions (docs/evaluation.md). Text is UTF-8 bytes, id = byte + 4 after a BOS
 * ``generate_until(context, {until, max_gen_toks, ...})``: cached generation
   (`generation.generate`), greedy unless ``do_sample``; stops at EOS or after ``max_gen_toks``
   bytes, and the text is cut at the first stop sequence. The prompt keeps its last
-  ``max_length - 1 - max_gen_toks`` bytes.
+  ``max_length - 1`` bytes (BOS + prompt fit the model's length); the bytes generated follow it.
 """
 
 from __future__ import annotations
@@ -219,8 +219,8 @@ class ByteScorer:
         for index, (_, kwargs) in enumerate(requests):
             groups.setdefault(json.dumps(kwargs, sort_keys=True, default=str), []).append(index)
         for key, members in groups.items():
-            settings = _generation_settings(json.loads(key), self.max_length)
-            keep = self.max_length - 1 - settings["max_bytes"]
+            settings = _generation_settings(json.loads(key))
+            keep = self.max_length - 1  # BOS + prompt fill at most max_length positions
             for chunk in _chunks(members, self.batch_size):
                 prompts = [requests[i][0].encode("utf-8", errors="ignore")[-keep:] for i in chunk]
                 loaded = self.loaded
@@ -240,7 +240,7 @@ class ByteScorer:
         return results  # type: ignore[return-value]
 
 
-def _generation_settings(kwargs: dict[str, Any], max_length: int) -> dict[str, Any]:
+def _generation_settings(kwargs: dict[str, Any]) -> dict[str, Any]:
     """lm-eval's gen_kwargs as `generate`'s arguments; unknown keys are an error (nothing silently ignored)."""
     kwargs = dict(kwargs)
     until = kwargs.pop("until", None) or []
@@ -257,9 +257,8 @@ def _generation_settings(kwargs: dict[str, Any], max_length: int) -> dict[str, A
         raise HarnessError(
             f"gen_kwargs: unknown key {unknown[0]!r}; expected until, max_gen_toks, do_sample, temperature, top_p, seed"
         )
-    if not 1 <= max_bytes <= max_length - 2:
-        raise HarnessError(f"gen_kwargs.max_gen_toks: expected 1..{max_length - 2} (max_length={max_length} "
-                           f"leaves room for a prompt), got {max_bytes}")  # fmt: skip
+    if max_bytes < 1:
+        raise HarnessError(f"gen_kwargs.max_gen_toks: expected a positive number of bytes, got {max_bytes}")
     return {"until": until, "max_bytes": max_bytes, "temperature": temperature, "top_p": top_p, "seed": seed}
 
 

@@ -53,9 +53,10 @@ class TaskResults:
     versions: dict[str, Any]  # task versions lm-eval reports
     lm_eval_version: str
     seconds: float
+    loaded: Any = dataclasses.field(default=None, repr=False, compare=False)  # the InferenceModel scored
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "loaded"}
 
     def scalars(self) -> dict[str, float]:
         """``<task>/<metric>`` -> value: what the run's writers get (TensorBoard tags ``tasks/<task>/<metric>``)."""
@@ -212,11 +213,6 @@ def run_task_results(
     if limit is not None and not limit > 0:
         raise TaskError(f"--limit: expected a positive number of documents (or a fraction below 1), got {limit}")
     started = time.time()
-    if model is None:
-        model = harness.BltjaxLM(
-            path=str(model_dir), batch_size=batch_size, max_length=max_length,
-            entropy_model=None if entropy_model is None else str(entropy_model), step=step,
-        )  # fmt: skip
     extra = [include_path] if isinstance(include_path, (str, os.PathLike)) else list(include_path or [])
     with tempfile.TemporaryDirectory(prefix="bltjax-tasks-") as build_dir:
         names, include, registry_names = resolve_tasks(entries, build_dir, seed=seed)
@@ -231,6 +227,11 @@ def run_task_results(
                 f"--tasks: {unknown[0]!r} is no task lm-eval knows, no task YAML file or folder, and no built-in "
                 "task (python -m bltjax.tasks list names those)"
             )
+        if model is None:  # loaded once the tasks are known to exist: a typo fails in seconds
+            model = harness.BltjaxLM(
+                path=str(model_dir), batch_size=batch_size, max_length=max_length,
+                entropy_model=None if entropy_model is None else str(entropy_model), step=step,
+            )  # fmt: skip
         raw = lm_eval.simple_evaluate(
             model=model, tasks=names, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
             bootstrap_iters=DEFAULT_BOOTSTRAP_ITERS, log_samples=False, random_seed=seed, numpy_random_seed=seed,
@@ -256,6 +257,7 @@ def run_task_results(
         versions={task: str(version) for task, version in raw.get("versions", {}).items()},
         lm_eval_version=_installed_version(),
         seconds=time.time() - started,
+        loaded=loaded,
     )
 
 
