@@ -12,15 +12,18 @@ import pathlib
 import numpy as np
 import pytest
 import test_pipeline as tp
+import test_sidecar_modes as sidecar_modes
 
 from bltjax.config import ConfigError, base_blt_config, base_byte_lm_config, validate
-from bltjax.data import packing, pipeline
+from bltjax.data import packing, pipeline, sidecar_rules, sidecars
 from bltjax.data.pipeline import DataError, batch_at_step, make_dataset, make_iterator
 from bltjax.patching import PatchingRule, patch_start_mask
 from bltjax.tokenizer import BOE_ID
 from bltjax.training import padding
 
 N, K = tp.N, 16
+# test_sidecar_modes' folder with the sidecars of every entropy rule, and the model it needs.
+rule_corpus, entropy_model = sidecar_modes.corpus, sidecar_modes.entropy_model
 
 
 @pytest.fixture(scope="module")
@@ -77,29 +80,25 @@ def test_row_cut_by_hand():
 
 
 @pytest.mark.parametrize("mode,extra", MODES)
-def test_rows_cover_every_target_once_with_the_documents_patching(data_dir, written, mode, extra):
-    truth = written[1]
-    config = packed_config(mode, max_patches=N + 1 if mode == "byte" else K, **extra)
-    source = packed_source(data_dir, config)
-    rule = PatchingRule.from_config(config.patching)
-    kmax = int(config.data.max_patches)
+def check_rows(source: packing.PackedSource, streams: dict, masks: dict, seq_len: int) -> tuple[int, int]:
+    """Every row against its shard: tokens, BOE padding, lengths that follow the shard's patch
+    starts (first patch forced to 1 byte), and every token but the first a target exactly once.
+    Returns (rows using every column, rows stopped by the byte cap)."""
+    kmax = source.max_patches
     full_rows = cap_rows = 0
     for number, shard in enumerate(source.windows.shards):
-        stream = truth[shard.info.name]["stream"]
-        starts = truth[shard.info.name]["starts"] if mode == "entropy" else None
-        mask = packing.shard_start_mask(stream, rule, starts)
+        stream, mask = streams[shard.info.name], masks[shard.info.name]
         covered = np.zeros(stream.size, dtype=int)
-        rows = [i for i in range(len(source)) if source.locate(i)[0] == number]
-        for index in rows:
+        for index in (i for i in range(len(source)) if source.locate(i)[0] == number):
             _, first, n = source.locate(index)
             element = source[index]
             window, lengths = element["window"].astype(np.int32), element["lengths"]
-            assert int(element["row_bytes"]) == n and 1 <= n <= N
+            assert int(element["row_bytes"]) == n and 1 <= n <= seq_len
             np.testing.assert_array_equal(window[: n + 1], stream[first : first + n + 1])
             assert (window[n + 1 :] == BOE_ID).all()
-            assert lengths.sum() == N + 1 and lengths[0] == 1 and np.count_nonzero(lengths) <= kmax
+            assert lengths.sum() == seq_len + 1 and lengths[0] == 1 and np.count_nonzero(lengths) <= kmax
             used = lengths[lengths > 0].copy()
-            used[-1] -= N - n  # the padding joined the last patch
+            used[-1] -= seq_len - n  # the padding joined the last patch
             row_mask = np.zeros(n + 1, dtype=bool)
             row_mask[np.cumsum(used)[:-1]] = True
             row_mask[0] = True
@@ -108,11 +107,46 @@ def test_rows_cover_every_target_once_with_the_documents_patching(data_dir, writ
             np.testing.assert_array_equal(row_mask, expected)
             covered[first + 1 : first + n + 1] += 1
             full_rows += np.count_nonzero(lengths) == kmax
-            cap_rows += n == N
+            cap_rows += n == seq_len
             # K columns, or the byte cap, or the shard's end stopped the row.
-            assert np.count_nonzero(lengths) == kmax or n == N or first + n == stream.size - 1
+            assert np.count_nonzero(lengths) == kmax or n == seq_len or first + n == stream.size - 1
         assert (covered[1:] == 1).all() and covered[0] == 0  # every token but the first: one target
+    return full_rows, cap_rows
+
+
+@pytest.mark.parametrize("mode,extra", MODES)
+def test_rows_cover_every_target_once_with_the_documents_patching(data_dir, written, mode, extra):
+    truth = written[1]
+    config = packed_config(mode, max_patches=N + 1 if mode == "byte" else K, **extra)
+    source = packed_source(data_dir, config)
+    rule = PatchingRule.from_config(config.patching)
+    streams = {name: shard["stream"] for name, shard in truth.items()}
+    masks = {
+        name: packing.shard_start_mask(shard["stream"], rule, shard["starts"] if mode == "entropy" else None)
+        for name, shard in truth.items()
+    }
+    full_rows, cap_rows = check_rows(source, streams, masks, N)
     assert full_rows > 0 and (cap_rows > 0 or mode == "static" or extra)  # short patches never reach the cap
+
+
+@pytest.mark.parametrize("name", ["monotonic", "combined", "topk"])
+def test_every_entropy_rule_packs_from_its_own_sidecar(rule_corpus, name):
+    """The rules of test_sidecar_modes' corpus (a random entropy model, every rule's bits): packed
+    rows follow the bits of the configured rule, with max_patch_length applied on top."""
+    data, rules = rule_corpus
+    for max_patch_length in (None, 3):
+        rule = PatchingRule.from_config(rules[name], max_patch_length=max_patch_length)
+        config = sidecar_modes._rule_config(data, rule)
+        config.data.rows, config.data.max_patches = "packed", 24
+        source = packing.PackedSource(pipeline.make_source(config, data, "train"), 24, rule)
+        streams, masks = {}, {}
+        for shard in source.windows.shards:
+            tokens, _ = sidecars.read_shard(data, shard.info)
+            bits = sidecars.read_starts(data, shard.info.name, sidecar_rules.rule_tag(rule), shard.n_tokens)
+            streams[shard.info.name] = np.asarray(tokens)
+            masks[shard.info.name] = packing.shard_start_mask(np.asarray(tokens), rule, np.asarray(bits, bool))
+        full_rows, _ = check_rows(source, streams, masks, int(config.data.seq_len))
+        assert full_rows > 0
 
 
 def test_batches_mask_padding_and_are_a_function_of_seed_and_step(data_dir):
