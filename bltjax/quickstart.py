@@ -10,6 +10,9 @@ r"""The README's main job, end to end on the bundled corpus (about 10 minutes on
     5. train     entropy-patched BLT      -> WORKDIR/blt             (CONFIG:blt)
     6. report    validation bits-per-byte, checkpoints and TensorBoard folders, and a greedy
                  sample from the BLT (cached generation with incremental entropy patching)
+    7. tasks     accuracy of the BLT and of its entropy model (a byte LM) on a few built-in
+                 lm-eval tasks (bltjax.tasks): the corpus cloze clean and under one of the BLT
+                 paper's noises, and one CUTE-style character task; needs the `eval` extra
 
 Every stage is resumable: rerunning the command skips what is complete and continues a
 training stage from its latest checkpoint. The same stages are separate commands
@@ -22,6 +25,8 @@ from the repository root (as `launch/quickstart.sh` does). The corpus ships insi
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import pathlib
 import sys
@@ -38,6 +43,7 @@ from bltjax.data import entropy, prepare
 from bltjax.data import shards as shard_format
 from bltjax.inference.generation.folders import generate_from_folder
 from bltjax.runtime import cli, compile_cache
+from bltjax.runtime.atomic import write_atomic
 from bltjax.runtime.paths import resolve
 from bltjax.training.trainer import train
 
@@ -52,6 +58,12 @@ DEFAULT_CORPUS = (
     "zh_tang_song_poems.jsonl",
 )
 SAMPLE_PROMPTS = ("A hacker is ", "def main(")
+STAGES = 7
+# One clean multiple-choice task, the same under one of the paper's noises (randomcase keeps the
+# length, so it costs what the clean one does), and one character task in multiple-choice form
+# (the tiny models' exact-match generation scores are zero). Chance is 1/4 on all three.
+TASKS = ("corpus_cloze", "corpus_cloze_randomcase", "cute_spelling_mc")
+CHANCE = 0.25
 
 
 def resolve_config_file(path: str) -> pathlib.Path:
@@ -84,7 +96,7 @@ def experiment_config(
 
 
 def _stage(number: int, text: str) -> float:
-    print(f"\n== {number}/6 {text}", flush=True)
+    print(f"\n== {number}/{STAGES} {text}", flush=True)
     return time.time()
 
 
@@ -101,8 +113,10 @@ def run(
     blt_steps: int | None = None,
     patch_size: float = 4.5,
     sample_bytes: int = 96,
+    task_examples: int = 50,
 ) -> dict[str, float]:
-    """Runs (or completes) every stage; returns the validation bits-per-byte of both models."""
+    """Runs (or completes) every stage; returns the validation bits-per-byte of both models and, when
+    the tasks ran, their accuracies (``"<model>/<task>/acc"``)."""
     config_path = resolve_config_file(config_file)  # before any work: a bad flag fails at once
     workdir = resolve(workdir)
     began = time.time()
@@ -147,8 +161,34 @@ def run(
         # found next to the run and accepted because the sidecars name its fingerprint.
         print(f"   greedy samples ({sample_bytes} bytes each):")
         generate_from_folder(workdir=workdir / "blt", prompts=list(SAMPLE_PROMPTS), max_bytes=sample_bytes)
+    scores = {"entropy_model_bpb": entropy_run.validation_bpb, "blt_bpb": blt_run.validation_bpb}
+    if task_examples > 0:
+        started = _stage(7, f"tasks: accuracy on {task_examples} examples each (chance {CHANCE:.2f})")
+        scores.update(task_scores(workdir, {"entropy_model": export, "blt": workdir / "blt"}, task_examples))
+        _done(started)
     print(f"   total {time.time() - began:.0f} s")
-    return {"entropy_model_bpb": entropy_run.validation_bpb, "blt_bpb": blt_run.validation_bpb}
+    return scores
+
+
+def task_scores(workdir: pathlib.Path, models: dict[str, os.PathLike], examples: int) -> dict[str, float]:
+    """Accuracy of each model on `TASKS` (the first ``examples`` documents), printed as a table and written
+    to WORKDIR/eval/quickstart_tasks.json; nothing but a note when lm-eval (the ``eval`` extra) is missing."""
+    if importlib.util.find_spec("lm_eval") is None:
+        print("   skipped: lm-eval is not installed (pip install -e '.[eval]'; launch/quickstart.sh installs it)")
+        return {}
+    from bltjax.inference.task_runner import run_tasks  # noqa: PLC0415 - imports lm-eval
+
+    results = {name: run_tasks(model, list(TASKS), limit=examples) for name, model in models.items()}
+    scores = {f"{name}/{task}/acc": result["tasks"][task]["acc"] for name, result in results.items() for task in TASKS}
+    width = max(len(task) for task in TASKS) + 2
+    print(("   " + " " * 15 + "".join(task.ljust(width) for task in TASKS)).rstrip())
+    for name in models:
+        print((f"   {name:<15}" + "".join(f"{scores[f'{name}/{task}/acc']:<{width}.3f}" for task in TASKS)).rstrip())
+    out = workdir / "eval" / "quickstart_tasks.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, (json.dumps({"examples": examples, "results": results}, indent=2) + "\n").encode())
+    print(f"   written: {out}")
+    return scores
 
 
 def define_flags(values: flags.FlagValues) -> None:
@@ -164,6 +204,8 @@ def define_flags(values: flags.FlagValues) -> None:
     flags.DEFINE_integer("sample_bytes", 96, "Bytes generated per sample prompt at the end; 0 = none.",
                          flag_values=values)  # fmt: skip
     flags.DEFINE_list("corpus", list(DEFAULT_CORPUS), "Files of bltjax/data/corpus to train on.", flag_values=values)
+    flags.DEFINE_integer("task_examples", 50, "Examples per task in the last stage's accuracies; 0 = no tasks.",
+                         flag_values=values)  # fmt: skip
 
 
 def _main(command_line: cli.CommandLine) -> int:
@@ -177,6 +219,7 @@ def _main(command_line: cli.CommandLine) -> int:
         blt_steps=values.blt_steps,
         patch_size=values.patch_size,
         sample_bytes=values.sample_bytes,
+        task_examples=values.task_examples,
     )
     return 0
 

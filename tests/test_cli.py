@@ -1,6 +1,7 @@
 """The command-line entry points, run as a user runs them (in subprocesses)."""
 
 import importlib.util
+import json
 import os
 import pathlib
 import re
@@ -38,12 +39,12 @@ def test_main_job_runs_every_stage_and_resumes(tmp_path):
         BLTJAX_COMPILE_CACHE=str(REPO / ".pytest_cache" / "jax_quickstart"),
     )
     command = ["bash", "launch/quickstart.sh", "--workdir", str(tmp_path / "qs"), "--entropy_steps=3",
-               "--blt_steps=3", "--sample_bytes=16",
+               "--blt_steps=3", "--sample_bytes=16", "--task_examples=4",
                "--corpus=jargon_file_4.4.7_appendix_a.txt,zh_tang_song_poems.jsonl"]  # fmt: skip
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    for stage in range(1, 7):
-        assert f"== {stage}/6" in result.stdout
+    for stage in range(1, 8):
+        assert f"== {stage}/7" in result.stdout
     bpb = float(re.search(r"BLT validation bpb: +([0-9.]+)", result.stdout).group(1))
     assert 2.0 < bpb < 12.0
     assert (tmp_path / "qs" / "blt" / "checkpoints" / "3").is_dir()
@@ -52,6 +53,14 @@ def test_main_job_runs_every_stage_and_resumes(tmp_path):
     # The greedy samples: the exported entropy model was found next to the run (fingerprint check).
     assert f"entropy model: {tmp_path / 'qs' / 'entropy_model' / 'export'}" in result.stdout
     assert result.stdout.count("=== prompt") == 2 and result.stdout.count("global steps") == 2
+    # Stage 7: both models' accuracies on the built-in tasks (bltjax.tasks), numbers only.
+    header = re.search(r"^ +corpus_cloze +corpus_cloze_randomcase +cute_spelling_mc$", result.stdout, re.M)
+    assert header, result.stdout[-2000:]
+    for model in ("entropy_model", "blt"):
+        row = re.search(rf"^   {model} +([0-9.]+) +([0-9.]+) +([0-9.]+)$", result.stdout, re.M)
+        assert row and all(0.0 <= float(acc) <= 1.0 for acc in row.groups()), result.stdout[-2000:]
+    tasks = json.loads((tmp_path / "qs" / "eval" / "quickstart_tasks.json").read_text())
+    assert tasks["examples"] == 4 and tasks["results"]["blt"]["n_samples"]["cute_spelling_mc"] == 4
 
     rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
