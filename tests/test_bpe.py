@@ -4,6 +4,7 @@ every byte, trained deterministically on the train split, and token shards whose
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -155,3 +156,72 @@ def test_command_line(corpus_data, tmp_path, capsys):
     assert "no-data" in capsys.readouterr().err
     default = bpe.default_folder(corpus_data, 512)
     assert default == corpus_data / "bpe-512"
+
+
+def test_bpe_delimiter_patching_starts_after_each_delimiter(token_folder, corpus_data, tmp_path):
+    """docs/architecture.md §3.11: id 3 before every token's bytes; patches start at 0, 1 and after each delimiter."""
+    import jax.numpy as jnp
+
+    from bltjax.patching import PatchingRule, patch_lengths
+    from bltjax.patching.incremental import IncrementalRule
+    from bltjax.patching.traced import patch_lengths_jnp
+
+    out = bpe.write_delimited(corpus_data, VOCAB, out=tmp_path / "delimited", tokens=token_folder.folder)
+    manifest = shard_format.load_manifest(out)  # a byte-shard folder: every reader of byte shards reads it
+    assert manifest.settings["bpe_delimited"] is True
+    for split in shard_format.SPLITS:
+        for info, tokens_info in zip(manifest.shards(split), token_folder.manifest.shards(split), strict=True):
+            shard_format.verify_shard(out, split, info.index, manifest)
+            stream = np.asarray(shard_format.read_shard(out, split, info.index)[0])
+            source = np.asarray(shard_format.read_shard(corpus_data, split, info.index)[0])
+            np.testing.assert_array_equal(stream[stream != byte_ids.BPE_ID], source)  # the bytes, unchanged
+            assert (stream == byte_ids.BPE_ID).sum() == tokens_info.tokens - 2 * tokens_info.documents  # one per token
+    rule = PatchingRule(mode="bpe")
+    stream = np.asarray(shard_format.read_shard(out, "train", 0)[0]).astype(np.int32)
+    windows = np.stack([stream[start : start + 65] for start in range(0, 64 * 16, 64)])
+    inputs = windows[:, :-1]
+    lengths = patch_lengths(inputs, rule, include_next_token=True)
+    np.testing.assert_array_equal(
+        np.asarray(patch_lengths_jnp(jnp.asarray(inputs), rule, max_patches=65, include_next_token=True)),
+        np.pad(lengths, ((0, 0), (0, 65 - lengths.shape[1]))),
+    )
+    for row, window in zip(lengths, inputs, strict=True):
+        starts = np.cumsum(row[row > 0])[:-1]  # every start after the forced 0 and 1
+        expected = np.flatnonzero(window == byte_ids.BPE_ID) + 1  # up to N: the virtual next token's patch
+        np.testing.assert_array_equal(starts[1:], expected[expected >= 2])
+        assert row.sum() == 65
+    step = IncrementalRule.of(rule)  # generation decides the same, one byte at a time
+    positions = jnp.arange(2, 64)
+    natural = step.natural_starts(
+        jnp.asarray(rule.values()), positions, None, None, jnp.asarray(inputs[0, 1:63]), jnp.asarray(inputs[0, 0:62])
+    )
+    np.testing.assert_array_equal(np.asarray(natural), inputs[0, 1:63] == byte_ids.BPE_ID)
+
+
+@pytest.mark.slow
+def test_a_blt_trains_and_evaluates_with_bpe_delimiter_patching(token_folder, corpus_data, tmp_path):
+    import io
+
+    import jax
+
+    from bltjax.config import load_config
+    from bltjax.inference.evaluate import evaluate
+    from bltjax.inference.restore import load_for_inference
+    from bltjax.training.metrics import read_jsonl
+    from bltjax.training.trainer import train
+
+    folder = bpe.write_delimited(corpus_data, VOCAB, out=tmp_path / "delimited", tokens=token_folder.folder)
+    config = load_config("experiments/blt_tiny.py")
+    config.patching.mode, config.patching.threshold, config.patching.patch_size = "bpe", None, 3.0
+    config.data.path, config.train.steps, config.train.log_every = str(folder), 12, 4
+    config.train.eval_every, config.train.checkpoint_every, config.optimizer.warmup_steps = 0, 0, 2
+    config.mesh.data = 1
+    result = train(config, tmp_path / "run", console=io.StringIO(), devices=jax.devices()[:1])
+    records = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["split"] == "train"]
+    assert result.final_step == 12 and records[-1]["loss"] < records[0]["loss"]
+    assert 2.0 < records[-1]["mean_patch_size"] < 6.0  # a token's bytes plus its delimiter
+    evaluated = evaluate(load_for_inference(tmp_path / "run", devices=jax.devices()[:1]), folder, progress=False)
+    assert evaluated.patching["mode"] == "bpe" and math.isfinite(evaluated.bpb_bytes)
+    # bpb_bytes counts text bytes only: the delimiters are targets but not bytes
+    source = shard_format.load_manifest(corpus_data)
+    assert evaluated.n_bytes == sum(info.bytes for info in source.shards("validation"))

@@ -136,7 +136,7 @@ def _tiny():
             lambda c: (setattr(c.patching, "mode", "static"), setattr(c.patching, "threshold", 1.0)),
             "config.patching.threshold",
         ),
-        (lambda c: setattr(c.patching, "mode", "bpe"), "config.patching.mode"),
+        (lambda c: setattr(c.patching, "mode", "unigram"), "config.patching.mode"),
         (lambda c: setattr(c.model, "dtype", "float16"), "config.model.dtype"),
     ],
 )

@@ -648,7 +648,7 @@ H = np.ones((2, 6), dtype=np.float32)
             {"mode": "byte", "max_patch_length": 0},
             "patching.max_patch_length: expected None or an int >= 1",
         ),
-        (IDS, {"mode": "bpe"}, "patching.mode: expected one of"),
+        (IDS, {"mode": "unigram"}, "patching.mode: expected one of"),
         (IDS + 300, {"mode": "space"}, r"tokens: expected ids in \[0, 260\)"),
     ],
 )
@@ -870,7 +870,7 @@ def test_one_record_drives_numpy_traced_incremental_and_config(rule):
 @pytest.mark.parametrize(
     "fields, field",
     [
-        ({"mode": "bpe"}, "patching.mode"),
+        ({"mode": "unigram"}, "patching.mode"),
         ({"mode": "static", "patch_size": 2.5}, "patching.patch_size"),
         ({"mode": "space", "threshold": 1.0}, "patching.threshold"),
         ({"mode": "entropy", "threshold": 1.0, "threshold_add": 0.1, "monotonicity": True}, "patching.threshold_add"),

@@ -460,3 +460,84 @@ def tokenize_data(
     if (folder / PROGRESS_FILE).exists():
         (folder / PROGRESS_FILE).unlink()
     return TokenizeResult(folder, load_manifest(folder), trained, written, kept)
+
+
+# --- BPE-delimited byte shards (BLT's optional BPE-delimiter patching) ------------------------
+
+
+def delimited_folder(data_dir: paths.PathLike, vocab_size: int) -> epath.Path:
+    return paths.resolve(data_dir) / f"bpe-{vocab_size}-delimited"
+
+
+def _delimited_stream(ids: np.ndarray, tokenizer: BPETokenizer) -> np.ndarray:
+    """Byte ids with ``BPE_ID`` before every token's bytes; special ids stay themselves (one gather)."""
+    pieces = [np.array([i], np.int64) if i < OFFSET else np.frombuffer(b, np.uint8).astype(np.int64) + OFFSET
+              for i, b in enumerate(tokenizer._bytes)]  # fmt: skip
+    pieces = [p if i < OFFSET else np.concatenate([[byte_ids.BPE_ID], p]) for i, p in enumerate(pieces)]
+    lengths = np.array([p.size for p in pieces], np.int64)
+    flat, starts = np.concatenate(pieces), np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    out_lengths = lengths[ids]
+    first = np.concatenate([[0], np.cumsum(out_lengths)[:-1]])
+    positions = np.repeat(starts[ids] - first, out_lengths) + np.arange(int(out_lengths.sum()))
+    return flat[positions]
+
+
+def write_delimited(
+    data_dir: paths.PathLike,
+    vocab_size: int,
+    *,
+    out: paths.PathLike | None = None,
+    tokens: paths.PathLike | None = None,
+) -> epath.Path:
+    """Byte shards of DATA with the BPE delimiter id 3 before the bytes of every token of DATA/bpe-<V>
+    (docs/architecture.md §3.11): a byte-shard folder (`bltjax.data.shards`; its ``bytes`` count the
+    delimiters too) that a BLT with ``patching.mode = "bpe"`` trains on. Needs `tokenize_data` first
+    (``tokens``: its folder, default DATA/bpe-<V>)."""
+    data = paths.resolve(data_dir)
+    tokens_dir = default_folder(data, vocab_size) if tokens is None else paths.resolve(tokens)
+    manifest, tokenizer = load_manifest(tokens_dir), BPETokenizer.from_folder(tokens_dir)
+    if manifest.vocab_size != vocab_size:
+        raise BPEError(f"{manifest.path}: field 'tokenizer.vocab_size' is {manifest.vocab_size}, not {vocab_size}")
+    folder = delimited_folder(data, vocab_size) if out is None else paths.resolve(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    if (folder / MANIFEST_NAME).exists():
+        (folder / MANIFEST_NAME).unlink()
+    splits: dict[str, list[dict]] = {}
+    for split in shard_format.SPLITS:
+        splits[split] = []
+        for info in manifest.shards(split):
+            ids, offsets = shard_format.read_shard(tokens_dir, split, info.index)
+            ids = np.asarray(ids, np.int64)
+            stream = _delimited_stream(ids, tokenizer).astype(shard_format.TOKEN_DTYPE)
+            piece_ends = np.concatenate([[0], np.cumsum(np.where(ids < OFFSET, 1, 1 + tokenizer.stream_bytes[ids]))])
+            new_offsets = piece_ends[np.asarray(offsets)].astype(shard_format.OFFSET_DTYPE)
+            write_atomic(folder / info.tokens_file, stream.tobytes())
+
+            def save(local: str, values: np.ndarray = new_offsets) -> None:
+                with open(local, "wb") as file:
+                    np.save(file, values, allow_pickle=False)
+
+            write_atomic(folder / info.docs_file, save)
+            splits[split].append({
+                "name": info.name, "documents": info.documents, "tokens": int(stream.size),
+                "bytes": int(stream.size) - 2 * info.documents, "tokens_sha256": sha256_file(folder / info.tokens_file),
+                "docs_sha256": sha256_file(folder / info.docs_file),
+            })  # fmt: skip
+    document = {
+        "format": shard_format.FORMAT_NAME,
+        "format_version": shard_format.FORMAT_VERSION,
+        "settings": {
+            "bpe_delimited": True,  # 'bytes' count the delimiters (id 3) too
+            "bpe_delimiter_id": byte_ids.BPE_ID,
+            "token_folder": os.fspath(tokens_dir),
+            "tokenizer_sha256": manifest.tokenizer_sha256,
+            "token_dtype": shard_format.TOKEN_DTYPE.str,
+            "token_offset": OFFSET,
+            "bos_id": byte_ids.BOS_ID,
+            "eos_id": byte_ids.EOS_ID,
+        },
+        "splits": splits,
+        "summary": {},
+    }
+    write_atomic(folder / MANIFEST_NAME, (json.dumps(document, indent=1) + "\n").encode("utf-8"))
+    return folder

@@ -53,7 +53,7 @@ import numpy as np
 
 from bltjax.patching.lengths import flat_lengths_from_mask, pack_rows, split_flat, start_mask_from_lengths
 from bltjax.patching.rule import SPACE_LIKE, PatchingError, PatchingRule, resolve
-from bltjax.tokenizer import OFFSET, VOCAB_SIZE
+from bltjax.tokenizer import BPE_ID, OFFSET, VOCAB_SIZE
 
 _TILE = 1 << 16  # elements per tile: temporaries of a few hundred KiB stay in L2
 
@@ -173,6 +173,9 @@ def _rule_start_mask(
             # end(i) = space_like(i) and not space_like(i-1), or token i is special.
             np.greater(space_like[:, 1:], space_like[:, :-1], out=out)
             out |= ids[:, 1:] < OFFSET
+            continue
+        if kind == "bpe":  # p starts a patch iff token p - 1 is a BPE delimiter (it ends its patch, §3.11)
+            np.equal(tokens[rows, lo + 1 : hi + 1], BPE_ID, out=out)
             continue
         previous = entropies[rows, lo + 1 : hi + 1]  # H_{p-1}
         if kind == "global":

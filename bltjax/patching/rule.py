@@ -21,7 +21,7 @@ The modes of docs/architecture.md §3, and the `kind` each combination of fields
 * ``entropy_reset_on_newline`` says how the entropies were computed, not how they are compared:
   the entropy model's context restarts after every newline byte (docs/architecture.md §2.5). The
   patchers take the entropies as given; the data pipeline checks that the sidecars were computed
-  that way, and generation refuses it (`bltjax.patching.incremental`).
+  that way, and generation's cached entropy model resets its context the same way.
 
 Nothing here imports jax, so data-loader workers can hold rules.
 """
@@ -38,9 +38,9 @@ import numpy as np
 
 from bltjax.tokenizer import OFFSET, VOCAB_SIZE
 
-MODES = ("entropy", "space", "static", "byte")
+MODES = ("entropy", "space", "static", "byte", "bpe")  # bpe: after each BPE delimiter id 3 (§3.11)
 _FLAGS = ("monotonicity", "reference_quirks", "static_first_patch_rule", "entropy_float16", "entropy_reset_on_newline")
-KINDS = ("byte", "static", "space", "global", "monotonic", "combined", "topk")
+KINDS = ("byte", "static", "space", "bpe", "global", "monotonic", "combined", "topk")
 
 
 class PatchingError(ValueError):
@@ -133,7 +133,7 @@ class PatchingRule:
         if self.mode == "static":
             if not (_is_whole(self.patch_size) and self.patch_size >= 1):
                 raise fail("patch_size", "a whole number >= 1 when patching.mode='static'")
-        elif self.mode in ("space", "byte"):
+        elif self.mode in ("space", "byte", "bpe"):
             if self.patch_size is not None:
                 raise fail("patch_size", f"None when patching.mode={self.mode!r}")
         elif self.threshold is None:  # top-k entropy patching

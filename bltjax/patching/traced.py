@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from bltjax.patching.offline import check_entropies, check_tokens
 from bltjax.patching.rule import SPACE_LIKE, PatchingError, PatchingRule, resolve
-from bltjax.tokenizer import OFFSET
+from bltjax.tokenizer import BPE_ID, OFFSET
 
 if TYPE_CHECKING:
     import jax
@@ -56,6 +56,8 @@ def _start_mask(structure: PatchingRule, include_next_token: bool, tokens: Any, 
             space_like = jnp.asarray(SPACE_LIKE)[tokens[:, : total - 1]]
             ends = space_like[:, 1:] & ~space_like[:, :-1]
             candidates = ends | (tokens[:, 1 : total - 1] < OFFSET)
+        elif kind == "bpe":  # after each BPE delimiter (§3.11)
+            candidates = tokens[:, 1 : total - 1] == BPE_ID
         else:
             previous = entropies[:, 1 : total - 1].astype(cmp)  # H_{p-1}
             rise = previous - entropies[:, 0 : total - 2].astype(cmp)  # H_{p-1} - H_{p-2}
