@@ -151,7 +151,8 @@ def test_inconsistent_configs_name_the_field(edit, field):
 
 PROGRAMS = ("train", "eval", "generate", "compile", "flops", "describe", "quickstart", "prepare", "entropy",
             "calibrate", "sweep")  # fmt: skip
-OPTIONAL_PROGRAMS = ("export", "bpe")  # added by later work (HF export, the token baseline); checked when present
+OPTIONAL_PROGRAMS = ("export", "bpe", "evaluate")  # added by later work (HF export, the token baseline, lm-eval
+# tasks); checked when present
 TINY = "experiments/blt_tiny.py"
 
 
@@ -231,6 +232,11 @@ def _bad_inputs(tmp: pathlib.Path) -> dict[str, dict[str, list[str] | None]]:
             "missing_config": None,
             "missing_folder": ["--data", nodata, "--target-patch-size", "4"],
             "bad_value": ["--data", nodata, "--target-patch-size=abc"],
+        },
+        "evaluate": {
+            "missing_config": None,
+            "missing_folder": ["--model", nomodel, "--tasks", "corpus_cloze"],  # a built-in task: the model is read
+            "bad_value": ["--model", nomodel, "--tasks", "corpus_cloze", "--limit=abc"],
         },
         "export": {
             "missing_config": None,

@@ -8,6 +8,7 @@ giving it back while the watcher waits, as the trainer would.
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -38,8 +39,6 @@ def byte_lm_run_config(data_dir):
 
 def write_choice_task(folder):
     """A 3-question multiple-choice task as a local lm-eval YAML over JSONL (absolute data path)."""
-    import json
-
     folder.mkdir(parents=True, exist_ok=True)
     docs = [
         {"context": "The cat sat on the", "choices": ["mat.", "sky."], "label": 0},
@@ -175,3 +174,21 @@ def test_evaluate_watch_command_evaluates_a_finished_run_then_resumes(run, tmp_p
     assert evaluate.main(["--model", str(workdir), "--tasks", str(yaml), "--watch", "--step", "2"]) == 1
     err = capsys.readouterr().err
     assert "--watch: evaluates every checkpoint into WORKDIR/eval/; leave out --step and --out" in err
+
+
+@pytest.mark.slow
+def test_eval_watch_command_writes_bits_per_byte_of_every_checkpoint_once(run, corpus_data, tmp_path, capsys):
+    """``python -m bltjax.eval --watch``: the same watcher around bits-per-byte."""
+    from bltjax import eval as eval_program
+
+    workdir = tmp_path / "run"
+    shutil.copytree(run, workdir)
+    argv = ["--model", str(workdir), "--data", str(corpus_data), "--batch-size", "8", "--watch", "--watch-timeout",
+            "5", "--poll-seconds", "1"]  # fmt: skip
+    assert eval_program.main(argv) == 0
+    assert "watch: evaluated steps [2, 4]; stopped at final step" in capsys.readouterr().out
+    for step in (2, 4):
+        assert json.loads((workdir / "eval" / f"validation-step{step}.json").read_text())["step"] == step
+    assert watch.read_record(workdir / "eval" / "watch-validation.json") == {"evaluated": [2, 4], "skipped": []}
+    assert eval_program.main(argv) == 0
+    assert "evaluated steps []; stopped at final step" in capsys.readouterr().out
