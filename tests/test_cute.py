@@ -8,6 +8,7 @@ import collections
 import json
 import random
 import re
+import shutil
 
 import pytest
 
@@ -126,6 +127,7 @@ def test_cloze_questions_end_with_their_own_verse_and_distractors_with_others():
     assert docs == cloze.documents(50, seed=0) and cloze.documents(10, seed=0) == docs[:10]
     verses = {" ".join(words) for words in cloze.verses()}
     for doc in docs:
+        assert len(f"{doc.context} {doc.choices[doc.label]}".encode()) <= cloze.MAX_VERSE_BYTES
         assert f"{doc.context} {doc.choices[doc.label]}" in verses
         assert len(set(doc.choices)) == 4
         assert all(f"{doc.context} {choice}" not in verses for i, choice in enumerate(doc.choices) if i != doc.label)
@@ -159,7 +161,32 @@ def test_built_tasks_load_in_lm_eval_offline(tmp_path, monkeypatch):
     assert [spelling.doc_to_text(d) for d in docs] == [e["prompt"] for e in expected]
     assert [spelling.doc_to_target(d) for d in docs] == [e["answer"] for e in expected]
     assert spelling.OUTPUT_TYPE == "generate_until" and spelling.config.generation_kwargs["until"] == ["\n"]
+    longest = max(len(e["answer"].encode()) for e in expected)  # decoding budget: the longest answer and a margin
+    assert spelling.config.generation_kwargs["max_gen_toks"] == longest + build.ANSWER_MARGIN_BYTES
     doc = next(iter(choice.eval_docs))
     assert choice.OUTPUT_TYPE == "multiple_choice" and choice.doc_to_choice(doc)[choice.doc_to_target(doc)] == \
         expected[0]["answer"]  # fmt: skip
     assert loaded["corpus_cloze_drop"].OUTPUT_TYPE == "multiple_choice"
+
+
+def test_a_tiny_model_scores_built_in_tasks_through_the_task_runner(fixtures_dir, tmp_path):
+    """A character task (both scorings) and a noised cloze, by name, on the tiny Hugging Face BLT fixture."""
+    pytest.importorskip("lm_eval", reason="lm-eval is the eval extra")
+    from bltjax.inference.task_runner import run_tasks  # noqa: PLC0415
+
+    model = tmp_path / "hf_blt"
+    shutil.copytree(fixtures_dir / "hf_blt_tiny_b", model)
+    result = run_tasks(model, "cute_swap_char,cute_swap_char_mc,corpus_cloze_uppercase", limit=3, batch_size=4)
+    assert result["n_samples"] == {"cute_swap_char": 3, "cute_swap_char_mc": 3, "corpus_cloze_uppercase": 3}
+    assert result["tasks"]["cute_swap_char"]["exact_match"] in (0, 1 / 3, 2 / 3, 1)
+    assert result["tasks"]["cute_swap_char_mc"]["acc"] in (0, 1 / 3, 2 / 3, 1)
+    assert result["tasks"]["corpus_cloze_uppercase"]["acc"] in (0, 1 / 3, 2 / 3, 1)
+
+
+def test_the_command_spells_its_flags_both_ways_and_refuses_a_bad_side(tmp_path, capsys):
+    from bltjax.tasks.__main__ import PROGRAM  # noqa: PLC0415
+
+    for spelling in ("--apply-to=context", "--apply_to=context"):
+        assert PROGRAM.parse(["tasks", "noise", spelling]).flags.apply_to == "context"
+    assert tasks_main(["noise", "--task", "x", "--out", str(tmp_path), "--apply-to", "prompt"]) == 2
+    assert "apply_to" in capsys.readouterr().err

@@ -24,7 +24,7 @@ from bltjax.tasks.cute import TaskBuildError
 DEFAULT_EXAMPLES = 200
 CLOZE = "corpus_cloze"
 GENERATION_STOP = "\n"  # every answer is one line; the solved shots are separated by blank lines
-MAX_ANSWER_BYTES = 128  # the longest answer (a 10-word sentence with an inserted word) is under 100 bytes
+ANSWER_MARGIN_BYTES = 8  # generation budget beyond a task's longest answer: the blank before it, the end of line
 
 
 def builtin_task_names() -> list[str]:
@@ -121,7 +121,12 @@ def _cute_documents(category: str, examples: int, seed: int, multiple_choice: bo
         "output_type": "generate_until",
         "doc_to_text": "prompt",
         "doc_to_target": "answer",
-        "generation_kwargs": {"until": [GENERATION_STOP], "do_sample": False, "max_gen_toks": MAX_ANSWER_BYTES},
+        # Decoding runs to max_gen_toks before cutting at the stop, so the budget is the longest answer's.
+        "generation_kwargs": {
+            "until": [GENERATION_STOP],
+            "do_sample": False,
+            "max_gen_toks": max(len(e.answer.encode()) for e in built) + ANSWER_MARGIN_BYTES,
+        },
         # CUTE scores the exact answer; the space after "Answer:" and the end of line are not part of it.
         "metric_list": [{**_mean("exact_match"), "regexes_to_ignore": ["^\\s+", "\\s+$"]}],
     }

@@ -19,18 +19,19 @@ from bltjax.tasks.noise import ChoiceDocument
 
 SOURCE = "en_kjv_excerpt.jsonl"
 MIN_VERSE_WORDS = 10  # both halves need a few words for the ending to be predictable from the context
+MAX_VERSE_BYTES = 160  # short questions keep scoring cheap and every ending within a small model's context
 CHOICES = 4
 
 
 @functools.cache
 def verses() -> tuple[tuple[str, ...], ...]:
-    """Verses of at least 10 words, as word tuples, without their numbers, in corpus order."""
+    """Verses of at least 10 words and at most 160 bytes, as word tuples, without their numbers, in corpus order."""
     found = []
     with open(CORPUS_DIR / SOURCE, encoding="utf-8") as handle:
         for line in handle:
             for verse_line in json.loads(line)["text"].splitlines()[2:]:  # title and blank line first
                 words = tuple(verse_line.split()[1:])
-                if len(words) >= MIN_VERSE_WORDS:
+                if len(words) >= MIN_VERSE_WORDS and len(" ".join(words).encode()) <= MAX_VERSE_BYTES:
                     found.append(words)
     return tuple(found)
 
