@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from absl import flags
 
 from bltjax.config import ConfigError
+from bltjax.data.bpe import BPEError
 from bltjax.runtime import cli
 from bltjax.runtime.paths import resolve
 from bltjax.sweep.launchers import LauncherError
@@ -28,7 +29,7 @@ from bltjax.sweep.stages import StageError
 # Which flags each sub-command reads: the others are refused for it.
 COMMAND_FLAGS = {
     "plan": ("out", "sweep", "base", "baseline", "modes", "patch_sizes", "budget_flops_per_byte",
-             "budget_train_flops", "rows", "force"),
+             "budget_train_flops", "rows", "force", "token_baseline", "bpe_vocab_size"),
     "run": ("only", "stages_only", "keep_going", "print_commands", "launcher"),
     "report": (),
 }  # fmt: skip
@@ -51,6 +52,10 @@ def define_flags(values: flags.FlagValues) -> None:
     flags.DEFINE_float("budget_train_flops", None, "plan: training FLOPs of each run.", flag_values=values)
     flags.DEFINE_bool("force", False, "plan: replace a different plan in --out.", flag_values=values)
     string("rows", None, "plan: how BLT rows are built, windows or packed (config.data.rows).", flag_values=values)
+    string("token_baseline", None, "plan: token-LM experiment (experiments/token_lm.py) for the BPE token baseline; "
+           "'none' for none.", flag_values=values)  # fmt: skip
+    flags.DEFINE_integer("bpe_vocab_size", None, "plan: the token baseline's BPE vocabulary (python -m bltjax.bpe).",
+                         flag_values=values)  # fmt: skip
     multi("only", None, "run: job names to run (default: all); several may follow one --only.", flag_values=values)
     flags.DEFINE_bool("stages_only", False, "run: only the shared stages (data, entropy model).", flag_values=values)
     flags.DEFINE_bool("keep_going", False, "run: go on with the next job when one fails.", flag_values=values)
@@ -72,6 +77,8 @@ def _plan(values: flags.FlagValues) -> int:
         "budget_flops_per_byte": values.budget_flops_per_byte,
         "budget_train_flops": values.budget_train_flops,
         "rows": values.rows,
+        "token_baseline": "" if values.token_baseline == "none" else values.token_baseline,
+        "bpe_vocab_size": values.bpe_vocab_size,
     }
     with sweep.ignore_type():
         for key, value in overrides.items():
@@ -138,7 +145,7 @@ PROGRAM = cli.Program(
     define_flags,
     _main,
     doc=__doc__,
-    errors=(ConfigError, PlanError, StageError, LauncherError, FileNotFoundError),
+    errors=(ConfigError, PlanError, StageError, LauncherError, FileNotFoundError, BPEError),
     multi_word=("modes", "patch_sizes", "only"),
     positional=True,
     passthrough=True,
