@@ -288,11 +288,45 @@ def test_reset_is_recorded_and_a_mismatch_is_refused(corpus, entropy_model, tmp_
     np.testing.assert_allclose(stored[cut:stop].astype(np.float32), alone, rtol=2e-3, atol=2e-3)
 
 
-def test_generation_refuses_the_reset_and_other_modes_refuse_the_field():
-    with pytest.raises(PatchingError, match=r"patching\.entropy_reset_on_newline: expected False for generation"):
-        IncrementalRule(mode="entropy", threshold=1.0, entropy_reset_on_newline=True)
+def test_other_modes_refuse_the_reset_field():
     with pytest.raises(PatchingError, match=r"patching\.entropy_reset_on_newline: expected False when"):
         PatchingRule(mode="space", entropy_reset_on_newline=True)
+
+
+def test_generation_resets_the_entropy_context_like_the_sidecars(fixtures_dir):
+    """Generation with the reset: the entropy model's segmented forward (a segment ends at each
+    newline) gives the entropy pass's values, and the cached decoder (prefill + one step per
+    byte) patches exactly as the full forward and the patcher on those entropies."""
+    from bltjax.convert import hf
+    from bltjax.inference.generation import decode, full_forward, teacher_forced
+
+    path = fixtures_dir / "hf_blt_tiny_b"
+    model, params = hf.load_hf_blt(path)
+    entropy_model, entropy_params, threshold = hf.load_hf_entropy_model(path)
+    ids = encode("ab\ncd ef\n\ngh ij kl mn\nop", eos=False).astype(np.int64)  # BOS + bytes, 3 newlines
+    n = ids.size
+    sidecar = E.compute_entropies(
+        entropy_model, entropy_params, ids, np.array([0, n]), context=128, reset_on_newline=True, dtype=np.float32
+    )
+    segmented = np.asarray(
+        next_byte_entropy(decode._byte_lm_forward(entropy_model.config, True)(entropy_params, ids[None]))
+    )
+    plain = np.asarray(next_byte_entropy(decode._byte_lm_forward(entropy_model.config)(entropy_params, ids[None])))
+    np.testing.assert_allclose(segmented[0], sidecar, rtol=1e-5, atol=1e-5)
+    first_newline = int(np.flatnonzero(ids == NEWLINE)[0])
+    assert not np.allclose(plain[0, first_newline + 1 :], sidecar[first_newline + 1 :], atol=1e-3)
+
+    rule = IncrementalRule(mode="entropy", threshold=threshold, entropy_reset_on_newline=True)
+    entropy = (entropy_model, entropy_params)
+    reference = full_forward(model, params, rule, [ids.tolist()], entropy_model=entropy)
+    expected = patch_lengths(ids[None].astype(np.int32), rule, entropies=sidecar[None], include_next_token=True)[0]
+    assert reference.patch_lengths[0].tolist() == expected[expected > 0].tolist()
+    for prefill_length in (3, n // 2):
+        (forced,) = teacher_forced(
+            model, params, rule, [ids.tolist()], prefill_length=prefill_length, entropy_model=entropy
+        )
+        assert forced.patch_lengths == tuple(reference.patch_lengths[0].tolist())
+        np.testing.assert_allclose(forced.logits, reference.logits[0, prefill_length - 1 : n], atol=1e-4, rtol=0)
 
 
 def test_hugging_face_export_warns_that_its_patcher_does_not_reset():

@@ -22,7 +22,9 @@ from bltjax.models.layers import (
     truncated_normal_init,
 )
 from bltjax.models.partitioning import constrain
-from bltjax.tokenizer import EOS_ID
+from bltjax.tokenizer import EOS_ID, OFFSET
+
+NEWLINE_ID = ord("\n") + OFFSET  # the byte 0x0A: where `reset_on_newline` starts a new context
 
 
 class ByteLM(nn.Module):
@@ -56,23 +58,32 @@ class ByteLM(nn.Module):
     def _logits(self, x: jax.Array) -> jax.Array:
         return self.output(self.final_norm(x)).astype(jnp.float32)
 
-    def __call__(self, tokens: jax.Array) -> jax.Array:
+    def _segments(self, tokens: jax.Array, reset_on_newline: bool, valid: jax.Array | None = None) -> jax.Array | None:
+        """Attention segments: a segment ends at each EOS (document masks) and, with
+        `reset_on_newline`, at each newline byte (the entropy context reset, docs/architecture.md §2.5)."""
+        if not (self.config.document_mask or reset_on_newline):
+            return None
+        ends = tokens == EOS_ID if self.config.document_mask else jnp.zeros(tokens.shape, bool)
+        if reset_on_newline:
+            ends = ends | (tokens == NEWLINE_ID)
+        return eos_segment_ids(ends if valid is None else ends & valid)
+
+    def __call__(self, tokens: jax.Array, reset_on_newline: bool = False) -> jax.Array:
         tokens = jnp.asarray(tokens, jnp.int32)
-        segments = eos_segment_ids(tokens == EOS_ID) if self.config.document_mask else None
+        segments = self._segments(tokens, reset_on_newline)
         x = constrain(self._embed(tokens), ("batch", "length", "act_embed"))
         x = constrain(self.transformer(x, positions_like(tokens), segments), ("batch", "length", "act_embed"))
         return constrain(self._logits(x), ("batch", "length", "act_vocab"))
 
     def prefill(
-        self, tokens_BT: jax.Array, valid_BT: jax.Array, caches: tuple[KVCache, ...]
+        self, tokens_BT: jax.Array, valid_BT: jax.Array, caches: tuple[KVCache, ...], reset_on_newline: bool = False
     ) -> tuple[jax.Array, tuple[KVCache, ...]]:
         """The training call over left-aligned prompts that also fills ``caches`` with the ``valid_BT`` keys.
 
         Padding after a row's prompt cannot affect its real positions (causal attention).
         Returns (logits [B, T, V], caches).
         """
-        is_eos = (tokens_BT == EOS_ID) & valid_BT
-        segments = eos_segment_ids(is_eos) if self.config.document_mask else None
+        segments = self._segments(tokens_BT, reset_on_newline, valid_BT)
         x, caches = self.transformer.prefill(
             self._embed(tokens_BT), positions_like(tokens_BT), segments, caches, valid_BT
         )

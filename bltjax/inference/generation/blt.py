@@ -147,7 +147,7 @@ class CachedBLT:
     def entropy_model(self) -> CachedByteLM | None:
         if not self.rule.needs_entropy:
             return None
-        return CachedByteLM(self.entropy_config, self.max_positions)
+        return CachedByteLM(self.entropy_config, self.max_positions, self.rule.entropy_reset_on_newline)
 
     def _stacks(self, params: Params) -> tuple[LocalEncoder, LatentTransformer, LocalDecoder]:
         """The BLT's three stacks bound to their parameter sub-trees, as inside `BLT.apply`.

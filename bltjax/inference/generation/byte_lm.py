@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from bltjax.kernels.kv_cache import KVCache
-from bltjax.models.byte_lm import ByteLM
+from bltjax.models.byte_lm import NEWLINE_ID, ByteLM
 from bltjax.models.configs import ByteLMConfig
 from bltjax.models.layers import dtype_of, empty_kv_caches
 from bltjax.tokenizer import EOS_ID
@@ -26,7 +26,7 @@ class ByteLMState(NamedTuple):
     """Per-row decoding state of a `ByteLM`."""
 
     position: jax.Array  # [B] int32: the position the next byte will take (= bytes processed)
-    eos_before: jax.Array  # [B] int32: EOS tokens processed so far (the next byte's segment)
+    eos_before: jax.Array  # [B] int32: segment ends (EOS; + newlines with the reset) so far: the next byte's segment
     caches: tuple[KVCache, ...]
 
 
@@ -35,10 +35,24 @@ class CachedByteLM:
     """Prefill / step functions of one `ByteLMConfig` for ``max_positions`` positions per row.
 
     Hashable (frozen, all fields hashable), so it can be a static argument of `jax.jit`.
+    ``reset_on_newline``: a new attention segment after every newline byte, as the entropy pass's
+    newline reset (docs/architecture.md §2.5).
     """
 
     config: ByteLMConfig
     max_positions: int
+    reset_on_newline: bool = False
+
+    def _ends(self, tokens: jax.Array) -> jax.Array:
+        """Where a segment ends: EOS, and with the reset each newline (EOS only with document masks)."""
+        if not self.reset_on_newline:
+            return tokens == EOS_ID
+        eos = tokens == EOS_ID if self.config.document_mask else jnp.zeros(tokens.shape, bool)
+        return eos | (tokens == NEWLINE_ID)
+
+    @property
+    def _segmented(self) -> bool:
+        return self.config.document_mask or self.reset_on_newline
 
     @property
     def model(self) -> ByteLM:
@@ -61,18 +75,20 @@ class CachedByteLM:
         b, t = tokens_BT.shape
         valid = jnp.arange(t)[None, :] < lengths_B[:, None]
         caches = self.init_state(b).caches
-        logits, caches = self.model.apply({"params": params}, tokens_BT, valid, caches, method=ByteLM.prefill)
-        eos_before = jnp.sum((tokens_BT == EOS_ID) & valid, axis=1, dtype=jnp.int32)
+        logits, caches = self.model.apply(
+            {"params": params}, tokens_BT, valid, caches, self.reset_on_newline, method=ByteLM.prefill
+        )
+        eos_before = jnp.sum(self._ends(tokens_BT) & valid, axis=1, dtype=jnp.int32)
         return ByteLMState(lengths_B.astype(jnp.int32), eos_before, caches), logits
 
     def step(
         self, params: dict[str, Any], state: ByteLMState, token_B: jax.Array, active_B: jax.Array
     ) -> tuple[ByteLMState, jax.Array]:
         """Feeds one byte per row; inactive rows keep their state. Returns (state, logits [B, V])."""
-        segment = state.eos_before if self.config.document_mask else None
+        segment = state.eos_before if self._segmented else None
         logits, caches = self.model.apply(
             {"params": params}, token_B, state.position, segment, state.caches, active_B, method=ByteLM.step
         )
         advance = active_B.astype(jnp.int32)
-        eos = ((token_B == EOS_ID) & active_B).astype(jnp.int32)
+        eos = (self._ends(token_B) & active_B).astype(jnp.int32)
         return ByteLMState(state.position + advance, state.eos_before + eos, caches), logits

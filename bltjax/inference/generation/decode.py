@@ -436,9 +436,9 @@ def _blt_forward(config: BLTConfig):
 
 
 @functools.cache
-def _byte_lm_forward(config: ByteLMConfig):
+def _byte_lm_forward(config: ByteLMConfig, reset_on_newline: bool = False):
     model = ByteLM(config)
-    return jax.jit(lambda params, tokens: model.apply({"params": params}, tokens))
+    return jax.jit(lambda params, tokens: model.apply({"params": params}, tokens, reset_on_newline))
 
 
 _choose_next_jit = jax.jit(choose_next)
@@ -501,7 +501,8 @@ def full_forward(
         entropy = _entropy_parts(entropy_model)
         if entropy is None:
             raise ValueError(NEEDS_ENTROPY_MODEL)
-        entropies = np.asarray(_entropies_jit(_byte_lm_forward(entropy[0])(entropy[1], tokens)))
+        forward = _byte_lm_forward(entropy[0], rule.entropy_reset_on_newline)
+        entropies = np.asarray(_entropies_jit(forward(entropy[1], tokens)))
     patch_lengths = recompute_patch_lengths(tokens, lengths, rule, entropies, width)
     logits = np.asarray(_blt_forward(model.config)(params, tokens, patch_lengths))
     per_row = []
