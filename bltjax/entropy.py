@@ -2,10 +2,10 @@
 
     python -m bltjax.entropy --data DATA --entropy-model ENTROPY_MODEL_DIR --threshold 1.335442066192627
     python -m bltjax.entropy --data DATA --entropy-model ENTROPY_MODEL_DIR --target-patch-size 4.5
-    python -m bltjax.entropy --data DATA --entropy-model ENTROPY_MODEL_DIR --rule monotonic --threshold 0.4
-    python -m bltjax.entropy --data DATA --entropy-model ENTROPY_MODEL_DIR --rule combined --threshold 1.3 \
-        --threshold-add 0.1 [--reference-quirks]
-    python -m bltjax.entropy --data DATA --entropy-model ENTROPY_MODEL_DIR --rule topk --patch-size 4.5
+    python -m bltjax.entropy --data DATA --entropy-model M --rule monotonic --threshold 0.4
+    python -m bltjax.entropy --data DATA --entropy-model M --rule combined --threshold 1.3 --threshold-add 0.1
+    python -m bltjax.entropy --data DATA --entropy-model M --rule monotonic --target-patch-size 4.5
+    python -m bltjax.entropy --data DATA --entropy-model M --rule topk --patch-size 4.5 [--reset-on-newline]
 
 Each run adds the start bits of one entropy patching rule (``--rule``, default global) to those
 already listed; ``--reset-on-newline`` restarts the entropy model's context after every newline
@@ -51,8 +51,8 @@ def define_flags(values: flags.FlagValues) -> None:
     flags.DEFINE_float("patch_size", None, "--rule topk: floor(N / s) patches per document.", flag_values=values)
     flags.DEFINE_bool("reset_on_newline", False, "Restart the entropy context after every newline byte "
                       "(config.patching.entropy_reset_on_newline).", flag_values=values)  # fmt: skip
-    flags.DEFINE_float("target_patch_size", None, "Instead of --threshold: calibrate the threshold on the train split "
-                       "for this mean patch size.", flag_values=values)  # fmt: skip
+    flags.DEFINE_float("target_patch_size", None, "Instead of --threshold: calibrate the threshold (--rule global or "
+                       "monotonic) on the train split for this mean patch size.", flag_values=values)  # fmt: skip
     flags.DEFINE_enum("unit", "tokens", list(UNITS), "What --target-patch-size counts.", flag_values=values)
     flags.DEFINE_integer("calibration_tokens", None, "Calibrate on at most this many train tokens.",
                          flag_values=values)  # fmt: skip
