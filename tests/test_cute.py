@@ -190,3 +190,20 @@ def test_the_command_spells_its_flags_both_ways_and_refuses_a_bad_side(tmp_path,
         assert PROGRAM.parse(["tasks", "noise", spelling]).flags.apply_to == "context"
     assert tasks_main(["noise", "--task", "x", "--out", str(tmp_path), "--apply-to", "prompt"]) == 2
     assert "apply_to" in capsys.readouterr().err
+
+
+def test_documented_task_commands_use_only_flags_the_command_defines():
+    """Every ``python -m bltjax.tasks`` in the README, docs/ and the package names only flags it defines."""
+    from bltjax.tasks.__main__ import PROGRAM  # noqa: PLC0415
+
+    root = cute.CORPUS_DIR.parents[2]
+    sources = [root / "README.md", *sorted((root / "docs").glob("*.md")), *sorted((root / "bltjax").rglob("*.py"))]
+    commands = [
+        match.group(1)
+        for path in sources
+        for match in re.finditer(r"python -m bltjax\.tasks([^\n`#|]*)", path.read_text().replace("\\\n", " "))
+    ]
+    assert len(commands) >= 5
+    unknown = [flag for command in commands for flag in re.findall(r"(?<![\w-])--?([A-Za-z][\w.-]*)", command)
+               if not PROGRAM.knows(flag)]  # fmt: skip
+    assert not unknown
