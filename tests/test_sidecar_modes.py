@@ -358,6 +358,11 @@ def test_cli_adds_a_rule_from_stored_entropies(corpus, entropy_model, tmp_path, 
     assert "--threshold_add is required" in capsys.readouterr().err
     assert program.main([*argv[:4], "--rule", "topk", "--patch-size", "4", "--threshold-add", "1"]) == 2
     assert "--threshold-add does not go with --rule topk" in capsys.readouterr().err
+    assert program.main([*argv[:4], "--rule", "monotonic", "--target-patch-size", "5"]) == 0
+    calibrated = [r for r in json.loads((copy / S.SIDECARS_FILE).read_text())["rules"].values() if r["calibration"]]
+    assert [r["kind"] for r in calibrated] == ["monotonic"] and "rule=monotonic tag=m" in capsys.readouterr().out
+    assert program.main([*argv[:4], "--rule", "topk", "--target-patch-size", "5"]) == 2
+    assert "calibrates the global and monotonic rules, not --rule topk" in capsys.readouterr().err
 
 
 # --- training and evaluation ------------------------------------------------------------------------
