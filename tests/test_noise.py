@@ -190,3 +190,17 @@ def test_noise_applies_to_a_hellaswag_task_as_lm_eval_renders_it(tmp_path, monke
     task = loaded["tasks"]["hellaswag_tiny_drop"]
     first = next(iter(task.eval_docs))
     assert task.doc_to_text(first) == dropped[0]["context"] and task.doc_to_target(first) == 3
+
+
+def test_a_task_whose_data_is_not_here_is_one_clear_error(tmp_path):
+    _lm_eval()
+    yaml = tmp_path / "gone.yaml"
+    yaml.write_text(
+        "task: gone\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {tmp_path / 'missing.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
+        "doc_to_text: context\ndoc_to_choice: choices\ndoc_to_target: label\n"
+    )
+    with pytest.raises(build.TaskBuildError, match=r"--task '.*gone\.yaml': its data is not on this machine"):
+        build.noise_task(str(yaml), "drop", tmp_path / "out")
+    with pytest.raises(build.TaskBuildError, match="lm-eval knows no task 'no_such_task'"):
+        build.noise_task("no_such_task", "drop", tmp_path / "out")

@@ -170,6 +170,8 @@ def _yaml_task_name(path: pathlib.Path) -> object:
 
 def _load_lm_eval_task(task: str):
     """An lm-eval task object from a registered name or a task YAML file (offline if its data is cached)."""
+    for variable in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):  # as bltjax.evaluate: fail rather than download
+        os.environ.setdefault(variable, "1")
     from lm_eval.tasks import TaskManager  # noqa: PLC0415 - optional extra (`eval`)
 
     path = pathlib.Path(task)
@@ -184,7 +186,14 @@ def _load_lm_eval_task(task: str):
         name, manager = task, TaskManager()
     if name not in manager.all_tasks:
         raise TaskBuildError(f"--task {task!r}: lm-eval knows no task {name!r} (a registered name or a task YAML file)")
-    loaded = manager.load([name])
+    try:
+        loaded = manager.load([name])
+    except (ConnectionError, FileNotFoundError) as err:  # what `datasets` raises for data it cannot reach
+        raise TaskBuildError(
+            f"--task {task!r}: its data is not on this machine ({err}); with HF_DATASETS_OFFLINE=1 (the default "
+            f"here) lm-eval reads only cached or local data: fetch it once with HF_DATASETS_OFFLINE=0 "
+            f"HF_HUB_OFFLINE=0, or pass a task YAML over local files"
+        ) from err
     if name in loaded["groups"] or name not in loaded["tasks"]:
         raise TaskBuildError(f"--task {task!r}: {name!r} is a group or tag; name one of its multiple-choice tasks")
     return name, loaded["tasks"][name]
