@@ -9,11 +9,13 @@ import json
 import math
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import pytest
@@ -501,3 +503,67 @@ def test_sigterm_to_the_runner_goes_to_the_running_job_and_starts_nothing_new(mo
     assert _fake_sweep(monkeypatch, tmp_path, checkpointing)() == runner.PREEMPTED == 143
     assert started == ["a"]
     assert signal.getsignal(signal.SIGTERM) is previous  # the runner's handler is gone again
+
+
+def test_seeds_run_every_job_once_per_seed(sweep_file, tmp_path, capsys):
+    """--seeds: each job once per seed, named {group}-s{seed}-{hash}; the copies differ in config.seed only,
+    and a sweep without seeds keeps its names (docs/sweeps.md, "Seeds")."""
+    plain, seeded = tmp_path / "plain", tmp_path / "seeded"
+    assert sweep_main(["plan", "--sweep", str(sweep_file), "--out", str(plain)]) == 0
+    assert sweep_main(["plan", "--sweep", str(sweep_file), "--out", str(seeded), "--seeds", "0", "1", "2"]) == 0
+    before, jobs = plan.load_plan(plain)["jobs"], plan.load_plan(seeded)["jobs"]
+    assert [j["name"].rsplit("-", 1)[0] for j in before] == ["static-ps4", "byte"]
+    assert "seed" not in before[0]
+    assert [(j["group"], j["seed"]) for j in jobs] == [
+        (group, seed) for group in ("static-ps4", "byte") for seed in (0, 1, 2)
+    ]
+    for job in jobs:
+        assert re.fullmatch(rf"{job['group']}-s{job['seed']}-[0-9a-f]{{8}}", job["name"])
+        assert job["config"]["seed"] == job["seed"]
+        original = next(b for b in before if b["name"].startswith(job["group"] + "-"))
+        assert {**job["config"], "seed": original["config"]["seed"]} == original["config"]
+        assert job["schedule"] == original["schedule"] and job["fitted_stack"] == original["fitted_stack"]
+        written = json.loads((seeded / "jobs" / f"{job['name']}.json").read_text())
+        assert job_config.get_config(str(seeded / "jobs" / f"{job['name']}.json")).seed == job["seed"]
+        assert written["config"]["seed"] == job["seed"]
+    assert len({j["name"] for j in jobs}) == 6
+    capsys.readouterr()
+    assert sweep_main(["plan", "--sweep", str(sweep_file), "--out", str(tmp_path / "x"), "--seeds", "1", "1"]) == 1
+    assert "sweep.seeds: expected None or distinct integers >= 0" in capsys.readouterr().err
+
+
+def test_monotonic_jobs_calibrate_and_read_their_own_threshold(sweep_file, tmp_path, monkeypatch):
+    """Mode monotonic: an entropy BLT with the approximate-monotonic rule, whose threshold the shared stage
+    calibrates for that rule (entropy.run(target_kind="monotonic")) beside the global rule's."""
+    from bltjax.convert import hub
+    from bltjax.data import entropy as sidecars
+
+    out = tmp_path / "mono"
+    sweep = spec.load_sweep(str(sweep_file))
+    sweep.modes, sweep.patch_sizes, sweep.baseline = ["entropy", "monotonic"], [4.0], ""
+    sweep.entropy.model = str(tmp_path / "exported_entropy_model")
+    made = plan.make_plan(sweep, out)
+    plan.write_plan(made, out)
+    by_mode = {job["mode"]: job for job in made["jobs"]}
+    assert by_mode["monotonic"]["config"]["patching"]["monotonicity"] is True
+    assert by_mode["entropy"]["config"]["patching"]["monotonicity"] is False
+    assert by_mode["monotonic"]["config"]["patching"]["mode"] == "entropy"
+
+    calls = []
+
+    def fake_run(data, model, *, target_patch_size, target_kind="global", **kwargs):
+        calls.append((target_kind, target_patch_size))
+        threshold = {"global": 1.5, "monotonic": 0.75}[target_kind]
+        return types.SimpleNamespace(threshold=threshold, tag=f"{target_kind[0]}{threshold}", calibration={})
+
+    monkeypatch.setattr(sidecars, "run", fake_run)
+    monkeypatch.setattr(hub, "resolve_model_source", lambda source: pathlib.Path(source))
+    monkeypatch.setattr(stages, "measure_patch_size", lambda config, data: {"overflow": 0.0, "max_patches_seen": 1})
+    monkeypatch.setattr(stages, "ensure_data", lambda sweep_dir, data, log: out.absolute() / "data")
+    runner.run_stages(out.absolute(), made, made["jobs"], log=sys.stdout)
+    assert sorted(calls) == [("global", 4.0), ("monotonic", 4.0)]
+    assert set(stages.read_thresholds(out)) == {"4", "monotonic:4"}
+    for mode, threshold in (("entropy", 1.5), ("monotonic", 0.75)):
+        config = job_config.get_config(str(plan.job_file(out, by_mode[mode]["name"])))
+        assert config.patching.threshold == threshold
+        assert config.patching.monotonicity is (mode == "monotonic")

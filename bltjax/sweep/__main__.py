@@ -29,7 +29,7 @@ from bltjax.sweep.stages import StageError
 # Which flags each sub-command reads: the others are refused for it.
 COMMAND_FLAGS = {
     "plan": ("out", "sweep", "base", "baseline", "modes", "patch_sizes", "budget_flops_per_byte",
-             "budget_train_flops", "rows", "force", "token_baseline", "bpe_vocab_size"),
+             "budget_train_flops", "rows", "force", "token_baseline", "bpe_vocab_size", "seeds"),
     "run": ("only", "stages_only", "keep_going", "print_commands", "launcher"),
     "report": (),
 }  # fmt: skip
@@ -44,8 +44,8 @@ def define_flags(values: flags.FlagValues) -> None:
            flag_values=values)  # fmt: skip
     string("base", None, "plan: BLT experiment path.py[:variant] whose latent model is scaled.", flag_values=values)
     string("baseline", None, "plan: byte-LM experiment for the byte baseline; 'none' for none.", flag_values=values)
-    multi("modes", None, "plan: patching modes (entropy space static megabyte); several may follow one --modes.",
-          flag_values=values)  # fmt: skip
+    multi("modes", None, "plan: patching modes (entropy monotonic space static megabyte); several may follow "
+          "one --modes.", flag_values=values)  # fmt: skip
     flags.DEFINE_multi_float("patch_sizes", None, "plan: target mean patch sizes; several may follow one flag.",
                              flag_values=values)  # fmt: skip
     flags.DEFINE_float("budget_flops_per_byte", None, "plan: inference budget, forward FLOPs/byte.", flag_values=values)
@@ -56,6 +56,8 @@ def define_flags(values: flags.FlagValues) -> None:
            "'none' for none.", flag_values=values)  # fmt: skip
     flags.DEFINE_integer("bpe_vocab_size", None, "plan: the token baseline's BPE vocabulary (python -m bltjax.bpe).",
                          flag_values=values)  # fmt: skip
+    flags.DEFINE_multi_integer("seeds", None, "plan: training seeds, one run of every job per seed; several may "
+                               "follow one --seeds.", flag_values=values)  # fmt: skip
     multi("only", None, "run: job names to run (default: all); several may follow one --only.", flag_values=values)
     flags.DEFINE_bool("stages_only", False, "run: only the shared stages (data, entropy model).", flag_values=values)
     flags.DEFINE_bool("keep_going", False, "run: go on with the next job when one fails.", flag_values=values)
@@ -79,6 +81,7 @@ def _plan(values: flags.FlagValues) -> int:
         "rows": values.rows,
         "token_baseline": "" if values.token_baseline == "none" else values.token_baseline,
         "bpe_vocab_size": values.bpe_vocab_size,
+        "seeds": values.seeds,
     }
     with sweep.ignore_type():
         for key, value in overrides.items():
@@ -146,7 +149,7 @@ PROGRAM = cli.Program(
     _main,
     doc=__doc__,
     errors=(ConfigError, PlanError, StageError, LauncherError, FileNotFoundError, BPEError),
-    multi_word=("modes", "patch_sizes", "only"),
+    multi_word=("modes", "patch_sizes", "only", "seeds"),
     positional=True,
     passthrough=True,
 )

@@ -40,7 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     target = job.get("entropy_target")
     if target is not None:
         thresholds = stages.read_thresholds(sweep_dir)
-        key = stages.target_key(target)
+        key = stages.target_key(target, job.get("entropy_rule", "global"))
         if key not in thresholds:
             raise ConfigError(
                 f"{sweep_dir / stages.STAGES_DIR / stages.ENTROPY_RECORD}: no threshold for target patch size {key}; "

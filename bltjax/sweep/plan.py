@@ -174,10 +174,12 @@ def _blt_job(
 ) -> dict[str, Any]:
     config = ml_collections.ConfigDict(base.to_dict())
     seq_len = int(config.data.seq_len)
-    config.patching.mode = mode
+    config.patching.mode = "entropy" if mode == "monotonic" else mode
     config.patching.threshold = None
     config.patching.threshold_add = None
-    config.patching.monotonicity = False
+    config.patching.monotonicity = mode == "monotonic"
+    if mode == "monotonic":  # the rule needs a threshold to validate; job_config puts the calibrated one in
+        config.patching.threshold = 0.0
     config.patching.patch_size = float(size if size is not None else round(expected, 3))
     config.data.rows = sweep.get("rows", "windows")
     config.data.max_patches = _max_patches(
@@ -405,7 +407,7 @@ def make_plan(sweep: ml_collections.ConfigDict, sweep_dir: paths.PathLike, log: 
         tokens = stages.ensure_tokens(folder, int(sweep.bpe_vocab_size), log)
         jobs.append(_token_job(sweep, token_baseline, base, budget, tokens))
     entropy = None
-    if "entropy" in modes:
+    if any(mode in spec.ENTROPY_MODES for mode in modes):
         experiment = None
         if sweep.entropy.config and not sweep.entropy.model:
             experiment = spec.load_experiment(sweep.entropy.config, "entropy.config")
@@ -422,10 +424,11 @@ def make_plan(sweep: ml_collections.ConfigDict, sweep_dir: paths.PathLike, log: 
         inputs = {"data": data}
         if job["kind"] == "token_lm":
             inputs["tokens"] = {"vocab_size": job["tokens"]["vocab_size"]}
-        if job["mode"] == "entropy":
+        if job["mode"] in spec.ENTROPY_MODES:
             inputs["entropy"] = {k: v for k, v in entropy.items() if k != "targets"}
         job["hash"] = job_hash(job["kind"], job["mode"], job["patch_size"], job["config"], inputs)
         job["name"] = job_name(job["kind"], job["mode"], job["patch_size"], job["hash"])
+    jobs = _with_seeds(jobs, sweep.get("seeds"))
     names = [job["name"] for job in jobs]
     if len(set(names)) != len(names):
         raise ConfigError(f"sweep: two jobs have the same config (names {sorted(names)}); remove the duplicate")
@@ -442,6 +445,23 @@ def make_plan(sweep: ml_collections.ConfigDict, sweep_dir: paths.PathLike, log: 
         "stages": {"data": data, "entropy": entropy, "space": space, "tokens": tokens},
         "jobs": jobs,
     }
+
+
+def _with_seeds(jobs: list[dict[str, Any]], seeds: Any) -> list[dict[str, Any]]:
+    """Each job once per seed (config.seed), seeds next to each other; None: the jobs as they are."""
+    if seeds is None:
+        return jobs
+    seeded = []
+    for job in jobs:
+        for seed in seeds:
+            copy = json.loads(canonical_json(job))
+            copy["config"]["seed"] = int(seed)
+            copy["seed"] = int(seed)
+            copy["group"] = job["name"].rsplit("-", 1)[0]  # what the seeds of one job share (report, results)
+            copy["hash"] = job_hash(copy["kind"], copy["mode"], copy["patch_size"], copy["config"], {"of": job["hash"]})
+            copy["name"] = f"{copy['group']}-s{seed}-{copy['hash']}"
+            seeded.append(copy)
+    return seeded
 
 
 # --- files ----------------------------------------------------------------------------------------
@@ -469,13 +489,14 @@ def write_plan(plan: Mapping[str, Any], sweep_dir: paths.PathLike, *, force: boo
             f"{sorted(old ^ new)[:2]}); use a new --out, or --force to replace it (finished runs stay in runs/)"
         )
     for job in plan["jobs"]:
-        entropy_target = job["patch_size"] if job["mode"] == "entropy" else None
+        entropy_target = job["patch_size"] if job["mode"] in spec.ENTROPY_MODES else None
         record = {
             "format": JOB_FORMAT[0],
             "version": JOB_FORMAT[1],
             "name": job["name"],
             "hash": job["hash"],
             "entropy_target": entropy_target,
+            "entropy_rule": "monotonic" if job["mode"] == "monotonic" else "global",
             "data": plan["stages"]["data"],
             "tokens": job.get("tokens"),  # the token baseline's folder inside the data folder
             "config": job["config"],

@@ -52,6 +52,8 @@ class RunResult:
 
     name: str
     mode: str
+    group: str  # the job's name without seed and hash: runs that differ only in their seed share it
+    seed: int | None  # config.seed when the sweep lists seeds
     patch_size: float | None  # the target (None: space and byte)
     status: str  # done / partial / not started
     steps_done: int
@@ -179,6 +181,8 @@ def gather_run(sweep_dir: epath.Path, job: Mapping[str, Any]) -> RunResult:
     return RunResult(
         name=job["name"],
         mode=job["mode"],
+        group=job.get("group", job["name"].rsplit("-", 1)[0]),
+        seed=job.get("seed"),
         patch_size=job["patch_size"],
         status=status,
         steps_done=steps_done,
@@ -254,8 +258,8 @@ def _label(r: RunResult) -> str:
     return f"{r.mode} ps {size}"
 
 
-_STYLES = {"entropy": ("-", "o"), "space": (":", "s"), "static": ("--", "^"), "megabyte": ("--", "v"),
-           "byte": ("-.", "D"), "bpe": ("-.", "x")}  # fmt: skip
+_STYLES = {"entropy": ("-", "o"), "monotonic": ("-", "P"), "space": (":", "s"), "static": ("--", "^"),
+           "megabyte": ("--", "v"), "byte": ("-.", "D"), "bpe": ("-.", "x")}  # fmt: skip
 
 
 def _colour(r: RunResult, sizes: list[float]):

@@ -32,7 +32,7 @@ from etils import epath
 
 from bltjax.runtime import paths
 from bltjax.runtime.atomic import write_atomic
-from bltjax.sweep import job_config, launchers, stages
+from bltjax.sweep import job_config, launchers, spec, stages
 from bltjax.sweep.plan import PlanError, job_file, load_plan
 from bltjax.training.metrics import METRICS_FILE, read_jsonl
 
@@ -202,10 +202,11 @@ def run_stages(sweep_dir: epath.Path, plan: Mapping[str, Any], jobs: Sequence[Ma
     data = stages.ensure_data(sweep_dir, plan["stages"]["data"], log)
     for vocab in sorted({int(job["tokens"]["vocab_size"]) for job in jobs if job.get("tokens")}):
         stages.ensure_tokens(data, vocab, log)  # the token baseline's tokenizer and shards
-    entropy_jobs = [job for job in jobs if job["mode"] == "entropy"]
+    entropy_jobs = [job for job in jobs if job["mode"] in spec.ENTROPY_MODES]
     if not entropy_jobs:
         return
-    stages.ensure_entropy(sweep_dir, plan["stages"]["entropy"], data, [j["patch_size"] for j in entropy_jobs], log)
+    targets = sorted({("monotonic" if j["mode"] == "monotonic" else "global", j["patch_size"]) for j in entropy_jobs})
+    stages.ensure_entropy(sweep_dir, plan["stages"]["entropy"], data, targets, log)
     for job in entropy_jobs:  # the calibrated patching against the planned patch columns
         config = job_config.get_config(str(job_file(sweep_dir, job["name"])))
         seen = stages.measure_patch_size(config, data)

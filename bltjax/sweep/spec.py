@@ -20,7 +20,10 @@ import ml_collections
 from bltjax.config import ConfigError, load_config
 from bltjax.runtime import paths
 
-SWEEP_MODES = ("entropy", "space", "static", "megabyte")  # megabyte: the MegaByte model, docs/architecture.md §19
+# entropy: the global threshold rule; monotonic: the approximate-monotonic rule (docs/architecture.md §3.5);
+# megabyte: the MegaByte model (docs/architecture.md §19).
+SWEEP_MODES = ("entropy", "monotonic", "space", "static", "megabyte")
+ENTROPY_MODES = ("entropy", "monotonic")  # modes whose thresholds the shared entropy stage calibrates
 ROW_KINDS = ("windows", "packed")  # config.data.rows (bltjax/data/packing.py)
 # English prose and Python code of the bundled corpus (bltjax/data/corpus): the default data.
 DEFAULT_CORPUS = ("en_jargon_file_excerpt.jsonl", "en_fortunes.jsonl", "code_python_stdlib.jsonl")
@@ -35,7 +38,10 @@ def default_sweep() -> ml_collections.ConfigDict:
     # bpe_vocab_size ids learned on the sweep's train split; "" = no token baseline.
     sweep.token_baseline = ""
     sweep.bpe_vocab_size = 4096
-    sweep.modes = ["static"]  # patching modes compared: entropy, space, static (BLTs), megabyte (MegaByte)
+    sweep.modes = ["static"]  # patching modes compared: entropy, monotonic, space, static (BLTs), megabyte (MegaByte)
+    # Training seeds (config.seed: initialisation and data order): every job runs once per seed, named
+    # ...-s{seed}-{hash}; None = once, with the base's own seed (and no seed in the name).
+    sweep.seeds = None
     sweep.patch_sizes = [4.0, 6.0, 8.0]  # target mean patch sizes (space: ignored, the data decides)
     # Forward FLOPs per byte every run spends at inference (docs/architecture.md §14); None = what the base
     # config spends at its own config.patching.patch_size.
@@ -192,7 +198,16 @@ def validate_sweep(sweep: ml_collections.ConfigDict) -> None:
         "data.corpus (files to prepare) or data.path (a prepared folder)",
         {"corpus": list(data.corpus), "path": data.path},
     )
-    if "entropy" in modes:
+    seeds = sweep.get("seeds")
+    if seeds is not None:
+        seeds = list(seeds)
+        _require(
+            bool(seeds) and all(isinstance(x, int) and x >= 0 for x in seeds) and len(set(seeds)) == len(seeds),
+            "seeds",
+            "None or distinct integers >= 0",
+            seeds,
+        )
+    if any(m in ENTROPY_MODES for m in modes):
         _require(
             bool(sweep.entropy.config) or bool(sweep.entropy.model),
             "entropy",

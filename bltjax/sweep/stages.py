@@ -162,20 +162,22 @@ def read_thresholds(sweep_dir: paths.PathLike) -> dict[str, dict[str, Any]]:
     return _read_json(path).get("targets", {})
 
 
-def target_key(patch_size: float) -> str:
-    """The key of a target patch size in stages/entropy.json ('4', '4.5')."""
-    return f"{float(patch_size):g}"
+def target_key(patch_size: float, rule: str = "global") -> str:
+    """The key of a target patch size in stages/entropy.json: '4', '4.5' (global rule), 'monotonic:4'."""
+    size = f"{float(patch_size):g}"
+    return size if rule == "global" else f"{rule}:{size}"
 
 
 def ensure_entropy(
     sweep_dir: epath.Path,
     entropy: Mapping[str, Any],
     data: epath.Path,
-    targets: Sequence[float],
+    targets: Sequence[float | tuple[str, float]],
     log: TextIO = sys.stdout,
 ) -> dict[str, float]:
     """Trains and exports the entropy model (unless ``entropy.model`` names one), writes the
-    sidecars and calibrates one threshold per target; returns {target_key: threshold}."""
+    sidecars and calibrates one threshold per target (a patch size for the global rule, or
+    (rule, size) with rule 'global' or 'monotonic'); returns {target_key: threshold}."""
     from bltjax.data import entropy as sidecars
 
     record_path = sweep_dir / STAGES_DIR / ENTROPY_RECORD
@@ -186,7 +188,8 @@ def ensure_entropy(
             f"use a new sweep folder, or delete {record_path.parent} to redo the shared stages"
         )
     done = read_thresholds(sweep_dir)
-    missing = [t for t in targets if target_key(t) not in done]
+    targets = [t if isinstance(t, tuple) else ("global", t) for t in targets]
+    missing = [(rule, size) for rule, size in targets if target_key(size, rule) not in done]
     if not missing:
         return {key: float(value["threshold"]) for key, value in done.items()}
     if entropy.get("model"):
@@ -195,19 +198,22 @@ def ensure_entropy(
         export = resolve_model_source(entropy["model"])  # a folder, a training workdir or a Hub id
     else:
         export = _train_entropy_model(sweep_dir, entropy, data, log)
-    for target in missing:
+    for rule, target in missing:
         print(
-            f"sweep: entropy sidecars, threshold for a mean patch of {target:g} {entropy['unit']}", file=log, flush=True
+            f"sweep: entropy sidecars, {rule} threshold for a mean patch of {target:g} {entropy['unit']}",
+            file=log,
+            flush=True,
         )
         summary = sidecars.run(
             data,
             export,
             target_patch_size=float(target),
+            target_kind=rule,
             unit=str(entropy["unit"]),
             context=int(entropy["context"]),
             log=log,
         )
-        done[target_key(target)] = {
+        done[target_key(target, rule)] = {
             "threshold": float(summary.threshold),
             "tag": summary.tag,
             "calibration": summary.calibration,
