@@ -567,3 +567,14 @@ def test_monotonic_jobs_calibrate_and_read_their_own_threshold(sweep_file, tmp_p
         config = job_config.get_config(str(plan.job_file(out, by_mode[mode]["name"])))
         assert config.patching.threshold == threshold
         assert config.patching.monotonicity is (mode == "monotonic")
+
+
+def test_mode_patch_sizes_give_a_mode_its_own_sizes(sweep_file, tmp_path):
+    """mode_patch_sizes: static at 4 only while the sweep's patch_sizes are 4 and 8; a bad list names its field."""
+    sweep = spec.load_sweep(f"{sweep_file}:wide")
+    sweep.mode_patch_sizes.static = [4.0]
+    jobs = plan.make_plan(sweep, tmp_path / "own")["jobs"]
+    assert [(j["mode"], j["patch_size"]) for j in jobs] == [("static", 4.0), ("space", None)]
+    sweep.mode_patch_sizes.static = [4.5]
+    with pytest.raises(ConfigError, match=r"sweep.mode_patch_sizes.static: expected whole numbers of bytes"):
+        spec.validate_sweep(sweep)

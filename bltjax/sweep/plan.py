@@ -355,7 +355,6 @@ def make_plan(sweep: ml_collections.ConfigDict, sweep_dir: paths.PathLike, log: 
         if baseline.model_type != "byte_lm":
             raise ConfigError(f"sweep.baseline: expected a byte LM experiment, got model_type {baseline.model_type!r}")
     modes = list(sweep.modes)
-    sizes = [float(s) for s in sweep.patch_sizes]
     budget = sweep.budget_flops_per_byte
     budget_source = "sweep"
     if budget is None:
@@ -386,7 +385,7 @@ def make_plan(sweep: ml_collections.ConfigDict, sweep_dir: paths.PathLike, log: 
         if mode == "space":
             jobs.append(_blt_job(sweep, base, mode, None, space["mean_patch_size"], budget, space["max_patches_seen"]))
             continue
-        for size in sizes:
+        for size in spec.mode_sizes(sweep, mode):
             if mode == "megabyte":
                 jobs.append(_megabyte_job(sweep, base, int(size), budget))
                 continue
@@ -418,7 +417,7 @@ def make_plan(sweep: ml_collections.ConfigDict, sweep_dir: paths.PathLike, log: 
             "model": sweep.entropy.model,
             "context": int(sweep.entropy.context),
             "unit": sweep.entropy.unit,
-            "targets": [s for s in sizes],
+            "targets": sorted({s for m in modes if m in spec.ENTROPY_MODES for s in spec.mode_sizes(sweep, m)}),
         }
     for job in jobs:
         inputs = {"data": data}

@@ -43,6 +43,8 @@ def default_sweep() -> ml_collections.ConfigDict:
     # ...-s{seed}-{hash}; None = once, with the base's own seed (and no seed in the name).
     sweep.seeds = None
     sweep.patch_sizes = [4.0, 6.0, 8.0]  # target mean patch sizes (space: ignored, the data decides)
+    # Per mode, other sizes than patch_sizes (None = patch_sizes): e.g. entropy at 4, 6, 8, the rest at 6.
+    sweep.mode_patch_sizes = ml_collections.ConfigDict({mode: None for mode in SWEEP_MODES if mode != "space"})
     # Forward FLOPs per byte every run spends at inference (docs/architecture.md §14); None = what the base
     # config spends at its own config.patching.patch_size.
     sweep.budget_flops_per_byte = None
@@ -150,6 +152,12 @@ def load_sweep(spec: str | None) -> ml_collections.ConfigDict:
     return sweep
 
 
+def mode_sizes(sweep: ml_collections.ConfigDict, mode: str) -> list[float]:
+    """The target patch sizes of one mode: its own list in mode_patch_sizes, else patch_sizes."""
+    own = sweep.mode_patch_sizes.get(mode)
+    return [float(s) for s in (sweep.patch_sizes if own is None else own)]
+
+
 def _require(ok: bool, field: str, expected: str, got: object) -> None:
     if not ok:
         raise ConfigError(f"sweep.{field}: expected {expected}, got {got!r}")
@@ -165,21 +173,24 @@ def validate_sweep(sweep: ml_collections.ConfigDict) -> None:
         f"distinct modes out of {SWEEP_MODES}",
         modes,
     )
-    sizes = [float(s) for s in sweep.patch_sizes]
-    needs_sizes = any(m != "space" for m in modes)
-    _require(
-        (bool(sizes) or not needs_sizes) and all(s > 1 for s in sizes) and len(set(sizes)) == len(sizes),
-        "patch_sizes",
-        "distinct mean patch sizes > 1",
-        sizes,
-    )
-    if "static" in modes or "megabyte" in modes:
+    for mode in modes:
+        if mode == "space":
+            continue
+        field = "patch_sizes" if sweep.mode_patch_sizes.get(mode) is None else f"mode_patch_sizes.{mode}"
+        sizes = [float(s) for s in mode_sizes(sweep, mode)]
         _require(
-            all(s.is_integer() for s in sizes),
-            "patch_sizes",
-            "whole numbers of bytes with fixed (static, megabyte) patches",
+            bool(sizes) and all(s > 1 for s in sizes) and len(set(sizes)) == len(sizes),
+            field,
+            "distinct mean patch sizes > 1",
             sizes,
         )
+        if mode in ("static", "megabyte"):
+            _require(
+                all(s.is_integer() for s in sizes),
+                field,
+                "whole numbers of bytes with fixed (static, megabyte) patches",
+                sizes,
+            )
     for name in ("budget_flops_per_byte", "budget_train_flops", "space_patch_size"):
         value = sweep[name]
         _require(value is None or float(value) > 0, name, "None or a positive number", value)
