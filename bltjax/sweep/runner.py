@@ -209,6 +209,8 @@ def run_stages(sweep_dir: epath.Path, plan: Mapping[str, Any], jobs: Sequence[Ma
     stages.ensure_entropy(sweep_dir, plan["stages"]["entropy"], data, targets, log)
     for job in entropy_jobs:  # the calibrated patching against the planned patch columns
         config = job_config.get_config(str(job_file(sweep_dir, job["name"])))
+        if config.data.get("rows", "windows") == "packed":  # packed rows take whole patches: nothing truncates
+            continue
         seen = stages.measure_patch_size(config, data)
         if seen["overflow"] > OVERFLOW_WARNING:
             print(

@@ -1,0 +1,199 @@
+"""experiments/paper_ordering.py and the study it runs (bltjax/sweep/study.py, study_report.py):
+seeds put together, claims judged against the seed noise, the page written from the numbers."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import pathlib
+
+import pytest
+
+from bltjax.models import flops
+from bltjax.sweep import plan, spec, study, study_report
+from bltjax.sweep.study import Claim, GroupResult
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+EXPERIMENT = REPO / "experiments" / "paper_ordering.py"
+
+
+def _experiment():
+    module_spec = importlib.util.spec_from_file_location("paper_ordering", EXPERIMENT)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def _group(name: str, bpb: tuple[float, ...], mode: str = "entropy") -> GroupResult:
+    return GroupResult(
+        group=name, mode=mode, patch_size=6.0, seeds=tuple(range(len(bpb))), bpb=bpb, realised_patch_size=6.1,
+        inference_flops_per_byte=1e6, planned_train_flops=2e12, flops_spent=2.2e12, non_embedding_parameters=10**6,
+        stack="5 x 192", wall_time_s=60.0,
+    )  # fmt: skip
+
+
+def test_seed_statistics_are_the_sample_mean_and_std():
+    g = _group("a", (3.0, 3.1, 3.2))
+    assert g.mean == pytest.approx(3.1)
+    assert g.std == pytest.approx(0.1)  # n - 1 in the denominator
+    assert _group("b", (3.0,)).std is None and _group("c", ()).mean is None
+
+
+@pytest.mark.parametrize(
+    "better, other, status",
+    [
+        ((3.00, 3.01, 3.02), (3.20, 3.21, 3.22), "agrees"),  # gap -0.2, 2 se ~ 0.016
+        ((3.20, 3.21, 3.22), (3.00, 3.01, 3.02), "disagrees"),
+        ((3.00, 3.10, 3.20), (3.05, 3.15, 3.25), "inside the seed noise"),  # gap -0.05, 2 se ~ 0.16
+        ((3.0,), (3.2,), "one seed: no noise estimate"),
+        ((), (3.2, 3.3), "not measured"),
+    ],
+)
+def test_a_claim_is_judged_against_two_standard_errors(better, other, status):
+    claim = Claim("k", "a beats b", "somewhere", "a", "b")
+    verdict = study.judge(claim, {"a": _group("a", better), "b": _group("b", other)})
+    assert verdict.status == status
+    if len(better) >= 2 and len(other) >= 2:
+        se = math.sqrt(_group("a", better).std ** 2 / 3 + _group("b", other).std ** 2 / 3)
+        assert verdict.standard_error == pytest.approx(se)
+        assert verdict.gap == pytest.approx(sum(better) / 3 - sum(other) / 3)
+    assert study.judge(Claim("k", "s", "w", "a", "missing"), {"a": _group("a", better)}).status == "not measured"
+
+
+def test_the_page_is_written_from_the_numbers(tmp_path):
+    groups = [_group("entropy-ps6", (2.90, 2.91, 2.92)), _group("static-ps6", (3.10, 3.11, 3.12), mode="static")]
+    claim = Claim("k", "Entropy beats static", "arXiv 2412.09871, §2", "entropy-ps6", "static-ps6")
+    verdicts = [study.judge(claim, {g.group: g for g in groups})]
+    plots = study_report.write_plots(groups, tmp_path / "results")
+    assert [p.name for p in plots] == [study_report.PLOT_FINAL, study_report.PLOT_PATCH_SIZES, study_report.PLOT_CURVES]
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in plots)
+    page = study_report.Page("T", "python x", "setup text", "caveat text", "scale text", "2026-12-04", "2 cores", "abc")
+    text = study_report.render(page, groups, verdicts, plots, tmp_path / "results.md", {"training": 600.0})
+    assert "| entropy-ps6 | BLT, entropy (global) | 6 / 6.10 | 5 x 192 | 1.00M |" in text
+    assert "2.9100 ± 0.0100" in text and "3.1100 ± 0.0100" in text
+    assert "| Entropy beats static | arXiv 2412.09871, §2 | entropy-ps6 vs static-ps6 | -0.2000 |" in text
+    assert "**agrees** with the paper" in text
+    assert "![final_bpb](results/final_bpb.png)" in text
+    assert "10 min in all (training 10.0 min)" in text
+
+
+def test_the_default_study_plans_every_model_at_one_budget_with_three_seeds(tmp_path):
+    sweep = spec.load_sweep(f"{EXPERIMENT}:default")
+    sweep.space_patch_size = 6.26  # the data's mean (measured when unset; kept fixed here to stay fast)
+    sweep.token_baseline = ""  # the BPE stage trains a tokenizer; its job is tested in tests/test_token_lm.py
+    jobs = plan.make_plan(sweep, tmp_path / "po")["jobs"]
+    groups = {}
+    for job in jobs:
+        groups.setdefault(job["group"], []).append(job["seed"])
+    assert groups == {
+        name: [0, 1, 2]
+        for name in (
+            "entropy-ps4",
+            "entropy-ps6",
+            "entropy-ps8",
+            "monotonic-ps6",
+            "space",
+            "static-ps6",
+            "megabyte-ps6",
+            "byte",
+        )  # fmt: skip
+    }
+    for job in jobs:  # matched inference and training FLOPs
+        assert abs(job["flops_per_byte"]["total_forward"] / 1.0e6 - 1) <= 0.05
+        assert job["schedule"]["train_flops"] == pytest.approx(float(sweep.budget_train_flops), rel=0.01)
+        if job["kind"] == "blt":
+            assert job["config"]["data"]["rows"] == "packed"
+    claimed = {name for c in _experiment().claims() for name in (c.better, c.other)}
+    assert claimed <= set(groups) | {"bpe"}
+
+
+def test_the_gpu_study_plans_100m_models(tmp_path):
+    """The scale-up config of docs/results.md: every BLT's latent model has 100M+ parameters."""
+    sweep = spec.load_sweep(f"{EXPERIMENT}:gpu")
+    sweep.space_patch_size = 4.5
+    sweep.token_baseline = ""
+    made = plan.make_plan(sweep, tmp_path / "gpu")
+    blts = [job for job in made["jobs"] if job["kind"] == "blt"]
+    assert blts and all(job["parameters"]["global"] >= 100e6 for job in blts)
+    base = _experiment().get_config("blt_gpu")
+    assert made["budget"]["inference_flops_per_byte"] == pytest.approx(
+        flops.analytic_flops_per_byte(base).total_forward
+    )
+    assert all(job["config"]["data"]["seq_len"] == 4096 for job in blts)
+
+
+def test_the_gpu_study_needs_a_data_folder(capsys):
+    assert _experiment().main(["--variant", "gpu"]) == 1
+    assert "--data: expected a prepared data folder for the gpu study" in capsys.readouterr().err
+
+
+TINY_STUDY = """
+from ml_collections import ConfigDict
+from bltjax.config import base_blt_config, base_byte_lm_config, stack_config
+
+
+def _train(config):
+    config.data.seq_len = 64
+    config.data.batch_size = 8
+    config.train.steps = 4
+    config.train.log_every = 1
+    config.train.eval_batches = 1
+    config.train.async_checkpoint = False
+    config.optimizer.warmup_steps = 1
+    return config
+
+
+def get_config(arg=None):
+    if arg == "byte":
+        config = base_byte_lm_config()
+        config.model.stack = stack_config(32, 1, 2)
+        return _train(config)
+    config = base_blt_config()
+    config.model.encoder = stack_config(32, 1, 2, window=16)
+    config.model.latent = stack_config(64, 1, 2)
+    config.model.decoder = stack_config(32, 1, 2, window=16)
+    config.model.hash_sizes = [3]
+    config.model.hash_vocab = 256
+    config.patching.mode = "static"
+    config.patching.threshold = None
+    config.patching.patch_size = 4.0
+    config.data.max_patches = 17
+    return _train(config)
+
+
+def get_sweep(arg=None):
+    return ConfigDict(dict(base=__file__ + ":blt", baseline=__file__ + ":byte", modes=["static"], patch_sizes=[4.0],
+                           seeds=[0, 1], evals=2, min_steps=2,
+                           data=dict(corpus=["jargon_file_4.4.7_appendix_a.txt", "zh_tang_song_poems.jsonl"],
+                                     val_fraction=0.1, shard_bytes=64 * 1024)))
+"""
+
+
+@pytest.mark.slow
+def test_a_study_trains_every_seed_scores_it_and_writes_the_page(tmp_path):
+    """The study's machinery end to end on a tiny sweep (two groups, two seeds, two jobs at a time): each run
+    trains, is scored over the whole validation split, the seeds are put together and judged, and a relaunch
+    redoes nothing. (The paper_ordering plan itself: the tests above; its smoke study: docs/results.md.)"""
+    sweep_file = tmp_path / "tiny_study.py"
+    sweep_file.write_text(TINY_STUDY)
+    out = tmp_path / "study_sweep"
+    made = plan.make_plan(spec.load_sweep(str(sweep_file)), out)
+    plan.write_plan(made, out)
+    assert study.train_all(out, parallel=2) == [] and study.evaluate_all(out, parallel=2) == []
+    claim = Claim("k", "a BLT beats the byte LM", "nowhere", "static-ps4", "byte")
+    groups, verdicts = study.write_study(out, [claim])
+    assert [(g.group, g.seeds) for g in groups] == [("static-ps4", (0, 1)), ("byte", (0, 1))]
+    for g in groups:
+        for seed, bpb in zip(g.seeds, g.bpb, strict=True):
+            evaluation = json.loads(next((out / "study" / "eval").glob(f"{g.group}-s{seed}-*.json")).read_text())
+            assert evaluation["split"] == "validation" and evaluation["bpb_bytes"] == bpb
+        assert g.bpb[0] != g.bpb[1]  # the seeds differ (initialisation and data order)
+        assert g.flops_spent is not None and g.flops_spent > 0 and len(g.curve) == 2
+    assert verdicts[0].status in ("agrees", "disagrees", "inside the seed noise")
+    assert verdicts[0].gap == pytest.approx(groups[0].mean - groups[1].mean)
+    record = json.loads((out / "study" / "study.json").read_text())
+    assert record["claims"][0]["status"] == verdicts[0].status and set(record["timing"]) >= {"stages", "training"}
+    trained = record["timing"]["training"]
+    assert study.train_all(out, parallel=2) == [] and study.evaluate_all(out, parallel=2) == []
+    assert study.read_timing(out)["training"] - trained < 2.0  # every run was done: nothing started
