@@ -156,7 +156,10 @@ class ByteScorer:
         """Per input row, float64 log-softmax [len, V] of one training-mode forward (rows padded to a full batch)."""
         padded = list(rows) + [rows[0]] * (self.batch_size - len(rows))  # one shape per width: one compilation
         loaded = self.loaded
-        logits = full_forward(loaded.model, loaded.params, loaded.config, padded, entropy_model=self.entropy_model)
+        # Widths and patch columns in powers of two: requests of every length share a few compiled shapes.
+        logits = full_forward(
+            loaded.model, loaded.params, loaded.config, padded, entropy_model=self.entropy_model, power_of_two=True
+        )
         out = []
         for row, ids in enumerate(rows):
             x = logits.logits[row, : len(ids)].astype(np.float64)

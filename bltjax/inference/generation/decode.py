@@ -19,7 +19,7 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -446,7 +446,12 @@ _entropies_jit = jax.jit(next_byte_entropy)
 
 
 def recompute_patch_lengths(
-    tokens: np.ndarray, lengths: Sequence[int], rule: IncrementalRule, entropies: np.ndarray | None, width: int
+    tokens: np.ndarray,
+    lengths: Sequence[int],
+    rule: IncrementalRule,
+    entropies: np.ndarray | None,
+    width: int,
+    round_columns: Callable[[int], int] | None = None,
 ) -> np.ndarray:
     """Training-convention patch lengths [B, P] for left-aligned rows padded to ``width`` tokens.
 
@@ -464,10 +469,19 @@ def recompute_patch_lengths(
         row_lengths = row_lengths[row_lengths > 0].copy()
         row_lengths[-1] += width - n
         rows.append(row_lengths)
-    out = np.zeros((len(rows), _round_up(max(r.size for r in rows), RECOMPUTE_BUCKET)), np.int32)
+    columns = max(r.size for r in rows)
+    out = np.zeros((len(rows), (round_columns or _bucket)(columns)), np.int32)
     for row, row_lengths in enumerate(rows):
         out[row, : row_lengths.size] = row_lengths
     return out
+
+
+def _bucket(n: int) -> int:
+    return _round_up(n, RECOMPUTE_BUCKET)
+
+
+def _power_of_two_bucket(n: int) -> int:
+    return max(RECOMPUTE_BUCKET, 1 << max(0, n - 1).bit_length())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -479,15 +493,25 @@ class FullForward:
 
 
 def full_forward(
-    model: BLT | ByteLM, params: Any, config: Any, sequences: Sequence[Sequence[int]], *, entropy_model: Any = None
+    model: BLT | ByteLM,
+    params: Any,
+    config: Any,
+    sequences: Sequence[Sequence[int]],
+    *,
+    entropy_model: Any = None,
+    power_of_two: bool = False,
 ) -> FullForward:
     """Entropy model + patcher + `BLT.apply` (or `ByteLM.apply`) over id sequences, as training runs them.
 
     Rows are padded to a multiple of `RECOMPUTE_BUCKET` and patched alone (no row sees another).
+    ``power_of_two`` rounds the width and the patch columns up to powers of two instead: a caller
+    with many different lengths (the lm-eval harness) then compiles a few shapes, not one per
+    multiple of 64. Padding joins each row's last patch, which no real position reads.
     """
     params = nn.meta.unbox(params)
     lengths = [len(seq) for seq in sequences]
-    width = _round_up(max(lengths), RECOMPUTE_BUCKET)
+    bucket = _power_of_two_bucket if power_of_two else _bucket
+    width = bucket(max(lengths))
     tokens = np.full((len(sequences), width), BOE_ID, np.int32)
     for row, seq in enumerate(sequences):
         tokens[row, : len(seq)] = seq
@@ -503,7 +527,7 @@ def full_forward(
             raise ValueError(NEEDS_ENTROPY_MODEL)
         forward = _byte_lm_forward(entropy[0], rule.entropy_reset_on_newline)
         entropies = np.asarray(_entropies_jit(forward(entropy[1], tokens)))
-    patch_lengths = recompute_patch_lengths(tokens, lengths, rule, entropies, width)
+    patch_lengths = recompute_patch_lengths(tokens, lengths, rule, entropies, width, bucket)
     logits = np.asarray(_blt_forward(model.config)(params, tokens, patch_lengths))
     per_row = []
     for row, n in enumerate(lengths):
