@@ -9,6 +9,7 @@ import math
 import pathlib
 
 import pytest
+from test_sweep import TINY_SWEEP
 
 from bltjax.models import flops
 from bltjax.sweep import plan, spec, study, study_report
@@ -128,57 +129,17 @@ def test_the_gpu_study_needs_a_data_folder(capsys):
     assert "--data: expected a prepared data folder for the gpu study" in capsys.readouterr().err
 
 
-TINY_STUDY = """
-from ml_collections import ConfigDict
-from bltjax.config import base_blt_config, base_byte_lm_config, stack_config
-
-
-def _train(config):
-    config.data.seq_len = 64
-    config.data.batch_size = 8
-    config.train.steps = 4
-    config.train.log_every = 1
-    config.train.eval_batches = 1
-    config.train.async_checkpoint = False
-    config.optimizer.warmup_steps = 1
-    return config
-
-
-def get_config(arg=None):
-    if arg == "byte":
-        config = base_byte_lm_config()
-        config.model.stack = stack_config(32, 1, 2)
-        return _train(config)
-    config = base_blt_config()
-    config.model.encoder = stack_config(32, 1, 2, window=16)
-    config.model.latent = stack_config(64, 1, 2)
-    config.model.decoder = stack_config(32, 1, 2, window=16)
-    config.model.hash_sizes = [3]
-    config.model.hash_vocab = 256
-    config.patching.mode = "static"
-    config.patching.threshold = None
-    config.patching.patch_size = 4.0
-    config.data.max_patches = 17
-    return _train(config)
-
-
-def get_sweep(arg=None):
-    return ConfigDict(dict(base=__file__ + ":blt", baseline=__file__ + ":byte", modes=["static"], patch_sizes=[4.0],
-                           seeds=[0, 1], evals=2, min_steps=2,
-                           data=dict(corpus=["jargon_file_4.4.7_appendix_a.txt", "zh_tang_song_poems.jsonl"],
-                                     val_fraction=0.1, shard_bytes=64 * 1024)))
-"""
-
-
 @pytest.mark.slow
 def test_a_study_trains_every_seed_scores_it_and_writes_the_page(tmp_path):
     """The study's machinery end to end on a tiny sweep (two groups, two seeds, two jobs at a time): each run
     trains, is scored over the whole validation split, the seeds are put together and judged, and a relaunch
     redoes nothing. (The paper_ordering plan itself: the tests above; its smoke study: docs/results.md.)"""
-    sweep_file = tmp_path / "tiny_study.py"
-    sweep_file.write_text(TINY_STUDY)
+    sweep_file = tmp_path / "tiny_sweep.py"
+    sweep_file.write_text(TINY_SWEEP)  # static BLT at 4 and the byte LM, 40 steps of 8 x 64 bytes
+    sweep = spec.load_sweep(str(sweep_file))
+    sweep.seeds, sweep.evals = [0, 1], 2
     out = tmp_path / "study_sweep"
-    made = plan.make_plan(spec.load_sweep(str(sweep_file)), out)
+    made = plan.make_plan(sweep, out)
     plan.write_plan(made, out)
     assert study.train_all(out, parallel=2) == [] and study.evaluate_all(out, parallel=2) == []
     claim = Claim("k", "a BLT beats the byte LM", "nowhere", "static-ps4", "byte")

@@ -83,6 +83,18 @@ def _stack_dict(stack: TransformerConfig) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dataclasses.asdict(stack))
 
 
+def _fit(sweep: ml_collections.ConfigDict, stack: TransformerConfig, cost, budget: float) -> scaling.StackFit:
+    """`scaling.fit_stack` under the sweep's limits (tolerance, depth, width)."""
+    return scaling.fit_stack(
+        stack,
+        cost,
+        budget,
+        tolerance=float(sweep.tolerance),
+        max_layers=int(sweep.max_layers),
+        max_width_multiple=int(sweep.max_width_multiple),
+    )
+
+
 def _schedule_fields(config: ml_collections.ConfigDict, schedule: scaling.Schedule, evals: int) -> None:
     """Steps and batch from the schedule; evaluation, checkpoint and log cadence from the steps."""
     steps = schedule.steps
@@ -192,14 +204,7 @@ def _blt_job(
         candidate = dataclasses.replace(record, latent=stack)
         return flops.blt_flops_per_byte(candidate, context_bytes=seq_len, mean_patch_size=expected).total_forward
 
-    fit = scaling.fit_stack(
-        record.latent,
-        cost,
-        budget,
-        tolerance=float(sweep.tolerance),
-        max_layers=int(sweep.max_layers),
-        max_width_multiple=int(sweep.max_width_multiple),
-    )
+    fit = _fit(sweep, record.latent, cost, budget)
     config.model.latent = _stack_dict(fit.stack)
     schedule = _schedule(sweep, config, fit)
     _schedule_fields(config, schedule, int(sweep.evals))
@@ -223,14 +228,7 @@ def _byte_job(
         candidate = dataclasses.replace(record, stack=stack)
         return flops.byte_lm_flops_per_byte(candidate, context_bytes=config.data.seq_len).total_forward
 
-    fit = scaling.fit_stack(
-        record.stack,
-        cost,
-        budget,
-        tolerance=float(sweep.tolerance),
-        max_layers=int(sweep.max_layers),
-        max_width_multiple=int(sweep.max_width_multiple),
-    )
+    fit = _fit(sweep, record.stack, cost, budget)
     config.model.stack = _stack_dict(fit.stack)
     schedule = _schedule(sweep, config, fit)
     _schedule_fields(config, schedule, int(sweep.evals))
@@ -265,14 +263,7 @@ def _token_job(
             stack, context_bytes=context, bytes_per_token=n_bpe, vocab=record.vocab_size
         ).total_forward
 
-    fit = scaling.fit_stack(
-        record.stack,
-        cost,
-        budget,
-        tolerance=float(sweep.tolerance),
-        max_layers=int(sweep.max_layers),
-        max_width_multiple=int(sweep.max_width_multiple),
-    )
+    fit = _fit(sweep, record.stack, cost, budget)
     config.model.stack = _stack_dict(fit.stack)
     schedule = _schedule(sweep, config, fit, bytes_per_position=n_bpe)
     _schedule_fields(config, schedule, int(sweep.evals))
@@ -304,14 +295,7 @@ def _megabyte_job(
         candidate = dataclasses.replace(record, latent=stack)
         return flops.megabyte_flops_per_byte(candidate, context_bytes=config.data.seq_len).total_forward
 
-    fit = scaling.fit_stack(
-        record.latent,
-        cost,
-        budget,
-        tolerance=float(sweep.tolerance),
-        max_layers=int(sweep.max_layers),
-        max_width_multiple=int(sweep.max_width_multiple),
-    )
+    fit = _fit(sweep, record.latent, cost, budget)
     config.model.latent = _stack_dict(fit.stack)
     schedule = _schedule(sweep, config, fit)
     _schedule_fields(config, schedule, int(sweep.evals))
