@@ -359,6 +359,7 @@ TWO_WORD_FLAGS = {
     "sweep": ("patch-sizes", "6", "patch_sizes", [6.0], ["plan"]),
     "export": ("shard-size", "7GB", "shard_size", "7GB", []),
     "bpe": ("vocab-size", "512", "vocab_size", 512, []),
+    "evaluate": ("num-fewshot", "3", "num_fewshot", 3, []),
 }
 
 

@@ -52,8 +52,6 @@ class RunResult:
 
     name: str
     mode: str
-    group: str  # the job's name without seed and hash: runs that differ only in their seed share it
-    seed: int | None  # config.seed when the sweep lists seeds
     patch_size: float | None  # the target (None: space and byte)
     status: str  # done / partial / not started
     steps_done: int
@@ -67,6 +65,8 @@ class RunResult:
     wall_time_s: float
     non_embedding_parameters: int
     stack: str
+    group: str  # the job's name without seed and hash: runs that differ only in their seed share it
+    seed: int | None  # config.seed when the sweep lists seeds
     curve: tuple[tuple[float, float], ...]  # (training FLOPs spent, validation bpb)
 
     def row(self) -> dict[str, Any]:
