@@ -3,6 +3,7 @@ r"""The paper's orderings, reproduced at matched FLOPs on the bundled corpus, wi
   python experiments/paper_ordering.py                      # 2 CPU cores -> docs/results.md + docs/results/*.png
   python experiments/paper_ordering.py --variant smoke --out /tmp/po --results /tmp/po/results.md   # minutes
   python experiments/paper_ordering.py --variant gpu --data gs://bucket/prepared --out gs://bucket/po --parallel 1
+  python -m bltjax.flops --config experiments/paper_ordering.py:blt --patch-size 4     # the base at the budget
 
 Every model spends the same forward FLOPs per byte (BUDGET, the inference budget) and the same
 training FLOPs (steps x batch x bytes x 3 x forward): the byte LM, the BPE token LM, MegaByte,
