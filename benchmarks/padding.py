@@ -27,6 +27,7 @@ import numpy as np
 from bltjax.config import load_config
 from bltjax.data import prepare
 from bltjax.data.pipeline import batch_at_step, make_dataset
+from bltjax.runtime.atomic import write_atomic
 from bltjax.sweep import spec, stages
 from bltjax.training import padding
 
@@ -53,6 +54,25 @@ def measure(config, data: pathlib.Path, batches: int) -> dict[str, float]:
         # Padded bytes still cost their FLOPs; empty columns cost the latent's share. Real-byte share:
         "flops_spent_per_real_byte": meter.flops_per_step * batches / real_bytes,
     }
+
+
+def markdown_table(data: dict) -> str:
+    """The table of a benchmarks/padding.json (printed here and rendered into docs/design.md by tables.py)."""
+    lines = [
+        "| mode | rows | max_patches | padded columns | padded bytes | real bytes/row | patches/row "
+        "| train FLOPs/real byte |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in data["results"]:
+        mode = r["mode"] if r["patch_size"] is None else f"{r['mode']} {r['patch_size']}"
+        if r["patch_size"] is None and "expected_patch_size" in r:
+            mode += f" (mean {r['expected_patch_size']:.2f})"
+        lines.append(
+            f"| {mode} | {r['rows']} | {r['max_patches']} | {100 * r['padded_patch_fraction']:.1f}% | "
+            f"{100 * r['padded_byte_fraction']:.1f}% | {r['real_bytes_per_row']:.1f} | {r['patches_per_row']:.1f} | "
+            f"{r['flops_spent_per_real_byte']:.4g} |"
+        )
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -89,18 +109,7 @@ def main() -> None:
     print(
         f"seq_len {seq_len}, {args.batches} batches of {base.data.batch_size} rows, seed 0; space mean {space_mean:.3f}"
     )
-    print(
-        "| mode | rows | max_patches | padded columns | padded bytes | real bytes/row | patches/row "
-        "| train FLOPs/real byte |"
-    )
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
-    for r in results:
-        mode = r["mode"] if r["patch_size"] is None else f"{r['mode']} {r['patch_size']}"
-        print(
-            f"| {mode} | {r['rows']} | {r['max_patches']} | {100 * r['padded_patch_fraction']:.1f}% | "
-            f"{100 * r['padded_byte_fraction']:.1f}% | {r['real_bytes_per_row']:.1f} | {r['patches_per_row']:.1f} | "
-            f"{r['flops_spent_per_real_byte']:.4g} |"
-        )
+    print(markdown_table({"results": results}))
     if args.out:
         record = {
             "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -111,7 +120,7 @@ def main() -> None:
             "space_mean_patch_size": space_mean,
             "results": results,
         }
-        args.out.write_text(json.dumps(record, indent=1) + "\n")
+        write_atomic(args.out, (json.dumps(record, indent=1) + "\n").encode())
 
 
 if __name__ == "__main__":

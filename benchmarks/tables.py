@@ -76,6 +76,12 @@ def rate(value: float) -> str:
     return f"{value:.1f}" if value >= 10 else f"{value:.3g}"
 
 
+def scientific(value: float) -> str:
+    """5.0e6 rather than Python's 5.0e+06."""
+    mantissa, exponent = f"{value:.1e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
 def times(value: float) -> str:
     return f"{value:.0f}x" if value >= 10 else f"{value:.1f}x"
 
@@ -226,10 +232,108 @@ def data_table(data: dict) -> str:
 
 def pod_table(data: dict) -> str:
     """benchmarks/pod_variants.py's own table (one renderer for its printout and the docs)."""
-    spec = importlib.util.spec_from_file_location("pod_variants", REPO / "benchmarks" / "pod_variants.py")
+    return _benchmark_module("pod_variants").markdown_table(data)
+
+
+# --- benchmarks/padding.json -------------------------------------------------------------------------------
+
+
+def _benchmark_module(name: str):
+    """benchmarks/NAME.py, whose own markdown_table renders its JSON (one renderer for its printout and the docs)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.markdown_table(data)
+    return module
+
+
+def padding_table(data: dict) -> str:
+    return (
+        _benchmark_module("padding").markdown_table(data)
+        + f"\n\n{run_of(data)}; `{field(data, 'command')}` (`benchmarks/padding.json`)."
+    )
+
+
+def padding_summary(data: dict) -> str:
+    rows = {(r["mode"], r["patch_size"], r["rows"]): r for r in field(data, "results")}
+    windows, packed = rows.get(("space", None, "windows")), rows.get(("space", None, "packed"))
+    if windows is None or packed is None:
+        raise FigureError("expected space rows for both 'windows' and 'packed' in 'results'")
+    return (
+        f"space patching (mean {field(data, 'space_mean_patch_size'):.2f} bytes): windows with the "
+        f"{windows['max_patches']} columns that the sweep's factor {field(data, 'max_patches_factor'):g} plans leave "
+        f"{100 * windows['padded_patch_fraction']:.1f}% of them empty; packed rows with {packed['max_patches']} "
+        f"columns leave {100 * packed['padded_patch_fraction']:.1f}% of columns and "
+        f"{100 * packed['padded_byte_fraction']:.1f}% of bytes empty, and the training FLOPs spent per real byte "
+        f"of the base model fall from {scientific(windows['flops_spent_per_real_byte'])} to "
+        f"{scientific(packed['flops_spent_per_real_byte'])} ({run_of(data)}, `benchmarks/padding.json`)"
+    )
+
+
+# --- benchmarks/records/*.json: one-off measurements whose program wrote no JSON then ----------------------
+
+
+def _recorded(data: dict, source: str) -> str:
+    return (
+        f"{run_of(data)}, recorded at commit {field(data, 'recorded_at_commit')}: `{field(data, 'command')}` "
+        f"(`{source}`)."
+    )
+
+
+def scan_layers_table(data: dict) -> str:
+    lines = [
+        "| scan_layers | compile | generated code | temporaries | peak per chip | host RSS |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in field(data, "rows"):
+        lines.append(
+            f"| {str(r['scan_layers']).lower()} | {r['compile_s']:.1f} s | {r['generated_code']} "
+            f"| {r['temporaries_gib']:.2f} GiB | {r['peak_gib']:.2f} GiB | {r['host_rss_gb']:.1f} GB |"
+        )
+    return "\n".join(lines) + "\n\n" + _recorded(data, "benchmarks/records/scan_layers.json")
+
+
+def cross_attention_table(data: dict) -> str:
+    lines = [
+        "| cross-attention | peak per chip | HBM bytes per step | compile (2 cores) |",
+        "|---|---|---|---|",
+    ]
+    for r in field(data, "rows"):
+        note = f" ({r['compile_note']})" if r.get("compile_note") else ""
+        lines.append(
+            f"| {r['cross_attention']} | {r['peak_gib']:.2f} GiB | memory term {r['memory_term_s']:.2f} s "
+            f"| {r['compile_s']:.0f} s{note} |"
+        )
+    return "\n".join(lines) + "\n\n" + _recorded(data, "benchmarks/records/cross_attention_tpu.json")
+
+
+def multislice_table(data: dict) -> str:
+    lines = ["| run | mesh | peak per chip | compile |", "|---|---|---|---|"]
+    limit = field(data, "limit_gib")
+    for r in field(data, "rows"):
+        peak = "(tiny)"
+        if r["peak_gib"] is not None:
+            peak = f"{r['peak_gib']:.2f} GiB ({100 * r['peak_gib'] / limit:.1f} % of the limit)"
+        compile_s = f"~{r['compile_s']:.0f} s" if r.get("compile_approx") else f"{r['compile_s']:.0f} s"
+        lines.append(f"| {r['run']} | {r['mesh']} | {peak} | {compile_s} |")
+    return "\n".join(lines) + "\n\n" + _recorded(data, "benchmarks/records/multislice.json")
+
+
+def generate_refactor_table(data: dict) -> str:
+    lines = [
+        "| batch | before: seconds, 3 runs | after: seconds, 3 runs | before: median | after: median |",
+        "|---|---|---|---|---|",
+    ]
+    generated = field(data, "max_bytes")
+
+    def median(values: list[float]) -> str:
+        middle = sorted(values)[len(values) // 2]
+        return f"{middle:.2f} s ({generated * batch / middle:.0f} bytes/s)"
+
+    for r in field(data, "rows"):
+        batch = r["batch"]
+        before, after = ", ".join(f"{v:.2f}" for v in r["before_s"]), ", ".join(f"{v:.2f}" for v in r["after_s"])
+        lines.append(f"| {batch} | {before} | {after} | {median(r['before_s'])} | {median(r['after_s'])} |")
+    return "\n".join(lines) + "\n\n" + _recorded(data, "benchmarks/records/generate_refactor.json")
 
 
 BLOCKS: dict[str, Block] = {
@@ -239,6 +343,12 @@ BLOCKS: dict[str, Block] = {
     "training-summary": Block("benchmarks/train.json", training_summary, inline=True),
     "data-throughput": Block("benchmarks/data.json", data_table),
     "pod-variants": Block("benchmarks/pod_variants.json", pod_table),
+    "padding": Block("benchmarks/padding.json", padding_table),
+    "padding-summary": Block("benchmarks/padding.json", padding_summary, inline=True),
+    "scan-layers": Block("benchmarks/records/scan_layers.json", scan_layers_table),
+    "cross-attention-tpu": Block("benchmarks/records/cross_attention_tpu.json", cross_attention_table),
+    "multislice": Block("benchmarks/records/multislice.json", multislice_table),
+    "generate-refactor": Block("benchmarks/records/generate_refactor.json", generate_refactor_table),
 }
 
 

@@ -65,8 +65,11 @@ def test_every_block_names_the_date_and_machine_of_its_run():
         ("data.json", lambda d: d["results"][0]["pipeline"].update(bytes_per_s=12.5e6), "12.50"),
         ("pod_variants.json", lambda d: d["rows"][1].update(peak_gib=52.25), "52.25 GiB"),
         ("generate.json", lambda d: d.update(date="2031-01-02 03:04 UTC"), "2031-01-02 03:04 UTC"),
+        ("padding.json", lambda d: d["results"][1].update(padded_patch_fraction=0.125), "12.5%"),
+        ("records/scan_layers.json", lambda d: d["rows"][1].update(compile_s=99.25), "99.2 s"),
+        ("records/multislice.json", lambda d: d["rows"][1].update(peak_gib=42.75), "42.75 GiB"),
     ],
-    ids=["generate", "train", "data", "pod_variants", "date"],
+    ids=["generate", "train", "data", "pod_variants", "date", "padding", "scan_layers", "multislice"],
 )
 def test_a_changed_json_value_fails_the_check_until_rendered(copy, name, change, figure):
     assert tables.drift(copy) == []
