@@ -228,6 +228,8 @@ def test_the_bundled_patch_sweep_plans_eight_runs(tmp_path):
         by_mode.setdefault(job["mode"], []).append(job["parameters"]["global"])
     assert by_mode["static"] == sorted(by_mode["static"]) and by_mode["entropy"] == sorted(by_mode["entropy"])
     assert result["stages"]["entropy"]["targets"] == [4.0, 6.0, 8.0]
+    table = "\n".join(line for line in plan.format_plan(result).splitlines() if line.startswith("|"))
+    assert table in (REPO / "docs" / "sweeps.md").read_text(), "docs/sweeps.md: paste this plan's table:\n" + table
 
 
 def test_bad_sweeps_name_the_field(sweep_file, tmp_path, capsys):
