@@ -155,6 +155,9 @@ def test_a_study_trains_every_seed_scores_it_and_writes_the_page(tmp_path):
     assert verdicts[0].gap == pytest.approx(groups[0].mean - groups[1].mean)
     record = json.loads((out / "study" / "study.json").read_text())
     assert record["claims"][0]["status"] == verdicts[0].status and set(record["timing"]) >= {"stages", "training"}
+    page = study_report.Page("t", "python x.py", "", "", "", "2026-12-04 09:00 UTC", "2 CPU cores", "abc1234")
+    published = json.loads(study_report.write_record(out, page, tmp_path / "results").read_text())
+    assert published == dict(record, date=page.date, machine=page.machine, commit="abc1234", command="python x.py")
     trained = record["timing"]["training"]
     assert study.train_all(out, parallel=2) == [] and study.evaluate_all(out, parallel=2) == []
     assert study.read_timing(out)["training"] - trained < 2.0  # every run was done: nothing started

@@ -9,6 +9,7 @@ comes from the experiment file as text.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -16,11 +17,12 @@ from collections.abc import Sequence
 from etils import epath
 
 from bltjax.runtime.atomic import write_atomic
-from bltjax.sweep.study import NOISE_SIGMAS, GroupResult, Verdict
+from bltjax.sweep.study import NOISE_SIGMAS, GroupResult, Verdict, study_dir
 
 PLOT_FINAL = "final_bpb.png"
 PLOT_PATCH_SIZES = "entropy_patch_sizes.png"
 PLOT_CURVES = "bpb_vs_train_flops.png"
+RECORD = "study.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,3 +229,16 @@ def render(
 def write_page(text: str, path: epath.Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, text.encode())
+
+
+def write_record(sweep_dir: epath.Path, page: Page, folder: epath.Path) -> epath.Path:
+    """SWEEP/study/study.json with the run's date, machine, commit and command, beside the page's plots.
+
+    The page ships in the repository but the sweep folder does not; with the numbers beside the page,
+    figures quoted elsewhere (the README) are rendered from them and checked (benchmarks/tables.py)."""
+    record = json.loads((study_dir(sweep_dir) / "study.json").read_text())
+    run = {"date": page.date, "machine": page.machine, "commit": page.commit, "command": page.command}
+    path = folder / RECORD
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, (json.dumps(dict(run, **record), indent=1, allow_nan=True) + "\n").encode())
+    return path
