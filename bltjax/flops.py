@@ -58,6 +58,10 @@ _BYTE_LM_ROWS = (
     ("transformer + head", "global_", ("global", "output_head")),
     ("byte embedding", None, ("byte_embedding",)),
 )
+_TOKEN_LM_ROWS = (  # the byte LM's parameter tree over token ids: its "byte_embedding" embeds tokens
+    ("transformer + head", "global_", ("global", "output_head")),
+    ("token embedding", None, ("byte_embedding",)),
+)
 
 
 def format_breakdown(
@@ -80,6 +84,7 @@ def format_breakdown(
     context = config.data.seq_len
     rows = _ROWS if n_p is not None else _BYTE_LM_ROWS
     if token_lm:
+        rows = _TOKEN_LM_ROWS
         head = (f"token LM, context {context} tokens of {n_bpe:g} bytes (config.data.bytes_per_token or "
                 f"--bytes-per-token), vocabulary {record.vocab_size}: per-token FLOPs / bytes per token")  # fmt: skip
     elif n_p is None:

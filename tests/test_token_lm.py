@@ -173,6 +173,14 @@ def test_flops_per_byte_of_a_token_lm(tokens):
     assert filled.data.bytes_per_token == tokens.manifest.bytes_per_token
 
 
+def test_the_flops_table_of_a_token_lm_names_its_token_embedding(tokens):
+    from bltjax.flops import format_breakdown
+
+    table = format_breakdown(_config(tokens.folder))
+    assert table.startswith("token LM, context") and "| token embedding | 0 |" in table
+    assert "byte embedding" not in table
+
+
 TOKEN_SWEEP = """
 from ml_collections import ConfigDict
 from bltjax.config import base_blt_config, base_token_lm_config, stack_config
