@@ -336,6 +336,74 @@ def generate_refactor_table(data: dict) -> str:
     return "\n".join(lines) + "\n\n" + _recorded(data, "benchmarks/records/generate_refactor.json")
 
 
+def residual_summary(data: dict) -> str:
+    before, inside, outside = field(data, "rows")
+    gb = [f"{row['bytes_accessed_gb']:.2f} GB" for row in (before, inside, outside)]
+    return (
+        f"{gb[0]} accessed per step {before['variant']}, {gb[1]} with the {inside['variant']}, {gb[2]} again "
+        f"with the {outside['variant']} (FLOPs and temporaries likewise back to the earlier program: "
+        f"{outside['flops']:.5g}, {outside['temporaries_gb']:.2f} GB; "
+        + _recorded(data, "benchmarks/records/cross_attention_residual.json").removesuffix(".")
+        + ")"
+    )
+
+
+# --- docs/results/study.json (experiments/paper_ordering.py) ----------------------------------------------
+
+MODELS = {
+    "byte": "byte LM",
+    "bpe": "BPE token LM",
+    "megabyte": "MegaByte",
+    "space": "BLT, space",
+    "static": "BLT, static",
+    "entropy": "BLT, entropy (global)",
+    "monotonic": "BLT, entropy (monotonic)",
+}
+
+
+def _bpb(group: dict) -> str:
+    if group.get("mean") is None:
+        return "not evaluated"
+    return f"{group['mean']:.3f}" if group.get("std") is None else f"{group['mean']:.3f} ± {group['std']:.3f}"
+
+
+def results_table(data: dict) -> str:
+    """The README's view of the reproduction: one row per model, then each claim's verdict."""
+    lines = [
+        "| run | model | patch (bytes, realised) | non-embedding params | seeds | validation bpb, mean ± std |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for g in field(data, "groups"):
+        patch = "-" if g.get("realised_patch_size") is None else f"{g['realised_patch_size']:.2f}"
+        lines.append(
+            f"| {g['group']} | {MODELS.get(g['mode'], g['mode'])} | {patch} "
+            f"| {g['non_embedding_parameters'] / 1e6:.2f}M | {len(g['seeds'])} | {_bpb(g)} |"
+        )
+    lines += ["", "| the paper says | compared | gap (bpb, first - second; < 0: the paper's order) | here |"]
+    lines.append("|---|---|---:|---|")
+    for c in field(data, "claims"):
+        gap = "-" if c.get("gap") is None else f"{c['gap']:+.3f}"
+        lines.append(f"| {c['statement']} ({c['source']}) | {c['better']} vs {c['other']} | {gap} | {c['status']} |")
+    statuses = [c["status"] for c in field(data, "claims")]
+    verbs = {"agrees": "agree", "disagrees": "disagree"}  # other statuses read as they are
+    counts = ", ".join(f"{statuses.count(s)} {verbs.get(s, s)}" for s in dict.fromkeys(statuses))
+    lines.append(
+        f"\nOf the paper's {len(statuses)} orderings tested here: {counts} (why tiny models may differ: the page)."
+    )
+    lines.append(
+        f"\n{run_of(data)}, commit {field(data, 'commit')}: `{field(data, 'command')}` "
+        f"(`docs/results/study.json`; the whole page: docs/results.md)."
+    )
+    return "\n".join(lines)
+
+
+def results_timing(data: dict) -> str:
+    timing = field(data, "timing")
+    phases = ", ".join(f"{name} {seconds / 60:.0f} min" for name, seconds in sorted(timing.items()))
+    runs = sum(len(g["seeds"]) for g in field(data, "groups"))
+    return f"{runs} runs in {sum(timing.values()) / 60:.0f} min ({phases}; {run_of(data)}, `docs/results/study.json`)"
+
+
 BLOCKS: dict[str, Block] = {
     "generation": Block("benchmarks/generate.json", generation_table),
     "generation-summary": Block("benchmarks/generate.json", generation_summary, inline=True),
@@ -349,6 +417,11 @@ BLOCKS: dict[str, Block] = {
     "cross-attention-tpu": Block("benchmarks/records/cross_attention_tpu.json", cross_attention_table),
     "multislice": Block("benchmarks/records/multislice.json", multislice_table),
     "generate-refactor": Block("benchmarks/records/generate_refactor.json", generate_refactor_table),
+    "cross-attention-residual": Block(
+        "benchmarks/records/cross_attention_residual.json", residual_summary, inline=True
+    ),
+    "results": Block("docs/results/study.json", results_table),
+    "results-timing": Block("docs/results/study.json", results_timing, inline=True),
 }
 
 

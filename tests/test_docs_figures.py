@@ -68,8 +68,21 @@ def test_every_block_names_the_date_and_machine_of_its_run():
         ("padding.json", lambda d: d["results"][1].update(padded_patch_fraction=0.125), "12.5%"),
         ("records/scan_layers.json", lambda d: d["rows"][1].update(compile_s=99.25), "99.2 s"),
         ("records/multislice.json", lambda d: d["rows"][1].update(peak_gib=42.75), "42.75 GiB"),
+        ("../docs/results/study.json", lambda d: d["groups"][0].update(mean=1.2345), "1.234 ±"),
+        ("../docs/results/study.json", lambda d: d["claims"][0].update(status="not measured"), "| not measured |"),
     ],
-    ids=["generate", "train", "data", "pod_variants", "date", "padding", "scan_layers", "multislice"],
+    ids=[
+        "generate",
+        "train",
+        "data",
+        "pod_variants",
+        "date",
+        "padding",
+        "scan_layers",
+        "multislice",
+        "results",
+        "verdict",
+    ],  # fmt: skip
 )
 def test_a_changed_json_value_fails_the_check_until_rendered(copy, name, change, figure):
     assert tables.drift(copy) == []
