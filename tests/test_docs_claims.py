@@ -110,3 +110,19 @@ def test_the_checks_catch_a_renamed_test_and_an_untested_row():
     readme = "## Status\n\n| part | state |\n|---|---|\n| a | b (`tests/test_a.py::test_b`) |\n| c | d |\n\n## Next\n"
     rows = _status_rows(readme)
     assert [part for part, row in rows if not TEST_REFERENCE.search(row)] == ["c"]
+
+
+def test_the_launching_guide_lists_the_memory_the_compiler_assumes():
+    """docs/launching.md's target table names the HBM that `bltjax.compile` checks against (runtime/aot.py)."""
+    from bltjax.runtime.aot import ACCELERATORS
+
+    text = (ROOT / "docs" / "launching.md").read_text(encoding="utf-8")
+    rows = {re.findall(r"`(\w+)-N`", row)[0]: row for row in text.splitlines() if re.match(r"\| `[a-z0-9]+-N`", row)}
+    tpus = [name for name, acc in ACCELERATORS.items() if acc.platform == "tpu"]
+    assert sorted(rows) == sorted([*tpus, "h100"]), "docs/launching.md: one row per TPU generation and the GPU row"
+    for name in tpus:
+        assert f"| {ACCELERATORS[name].hbm_gib:g} GiB |" in rows[name], f"docs/launching.md: the {name} row's HBM"
+        per = "N/2 chips" if ACCELERATORS[name].count_per_device == 2 else "N chips"
+        assert per in rows[name], f"docs/launching.md: the {name} row's device count"
+    gpus = " / ".join(f"{ACCELERATORS[n].hbm_gib:g}" for n in ("h100", "h200", "a100"))
+    assert f"| {gpus} GiB |" in rows["h100"], "docs/launching.md: the GPU row's HBM"
