@@ -336,6 +336,20 @@ def generate_refactor_table(data: dict) -> str:
     return "\n".join(lines) + "\n\n" + _recorded(data, "benchmarks/records/generate_refactor.json")
 
 
+def pod_history_table(data: dict) -> str:
+    lines = [
+        f"| variant | peak per chip | temporaries | % of {field(data, 'limit_gib'):g} GiB | compile |",
+        "|---|---|---|---|---|",
+    ]
+    for r in field(data, "rows"):
+        share = 100 * r["peak_gib"] / data["limit_gib"]
+        lines.append(
+            f"| {r['variant']} | {r['peak_gib']:.2f} GiB | {r['temporaries_gib']:.2f} GiB | {share:.1f} % "
+            f"| {r['compile_s']:.0f} s |"
+        )
+    return "\n".join(lines) + "\n\n" + _recorded(data, "benchmarks/records/pod_variants_22c2052.json")
+
+
 def residual_summary(data: dict) -> str:
     before, inside, outside = field(data, "rows")
     gb = [f"{row['bytes_accessed_gb']:.2f} GB" for row in (before, inside, outside)]
@@ -420,6 +434,7 @@ BLOCKS: dict[str, Block] = {
     "cross-attention-residual": Block(
         "benchmarks/records/cross_attention_residual.json", residual_summary, inline=True
     ),
+    "pod-variants-22c2052": Block("benchmarks/records/pod_variants_22c2052.json", pod_history_table),
     "results": Block("docs/results/study.json", results_table),
     "results-timing": Block("docs/results/study.json", results_timing, inline=True),
 }
