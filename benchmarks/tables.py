@@ -350,6 +350,14 @@ def pod_history_table(data: dict) -> str:
     return "\n".join(lines) + "\n\n" + _recorded(data, "benchmarks/records/pod_variants_22c2052.json")
 
 
+def cross_attention_layer_table(data: dict) -> str:
+    lines = ["| form | XLA bytes accessed | temporaries |", "|---|---|---|"]
+    for r in field(data, "rows"):
+        kernel = " (plus the kernel)" if r["kernel"] else ""
+        lines.append(f"| {r['form']} | {r['bytes_accessed_gb']:.1f} GB{kernel} | {r['temporaries_mib']:.0f} MiB |")
+    return "\n".join(lines) + "\n\n" + _recorded(data, "benchmarks/records/cross_attention_layer_tpu.json")
+
+
 def residual_summary(data: dict) -> str:
     before, inside, outside = field(data, "rows")
     gb = [f"{row['bytes_accessed_gb']:.2f} GB" for row in (before, inside, outside)]
@@ -435,6 +443,9 @@ BLOCKS: dict[str, Block] = {
         "benchmarks/records/cross_attention_residual.json", residual_summary, inline=True
     ),
     "pod-variants-22c2052": Block("benchmarks/records/pod_variants_22c2052.json", pod_history_table),
+    "cross-attention-layer-tpu": Block(
+        "benchmarks/records/cross_attention_layer_tpu.json", cross_attention_layer_table
+    ),
     "results": Block("docs/results/study.json", results_table),
     "results-timing": Block("docs/results/study.json", results_timing, inline=True),
 }
