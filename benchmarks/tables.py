@@ -273,10 +273,17 @@ def padding_summary(data: dict) -> str:
 
 
 def _recorded(data: dict, source: str) -> str:
+    """The provenance line of a record: date, machine, the commit it was recorded at and its command."""
     return (
         f"{run_of(data)}, recorded at commit {field(data, 'recorded_at_commit')}: `{field(data, 'command')}` "
         f"(`{source}`)."
     )
+
+
+def record_table(name: str, render: Callable[[dict], str]) -> Block:
+    """A table rendered from benchmarks/records/NAME.json, followed by the record's provenance line."""
+    source = f"benchmarks/records/{name}.json"
+    return Block(source, lambda data: render(data) + "\n\n" + _recorded(data, source))
 
 
 def scan_layers_table(data: dict) -> str:
@@ -289,7 +296,7 @@ def scan_layers_table(data: dict) -> str:
             f"| {str(r['scan_layers']).lower()} | {r['compile_s']:.1f} s | {r['generated_code']} "
             f"| {r['temporaries_gib']:.2f} GiB | {r['peak_gib']:.2f} GiB | {r['host_rss_gb']:.1f} GB |"
         )
-    return "\n".join(lines) + "\n\n" + _recorded(data, "benchmarks/records/scan_layers.json")
+    return "\n".join(lines)
 
 
 def cross_attention_table(data: dict) -> str:
@@ -303,7 +310,7 @@ def cross_attention_table(data: dict) -> str:
             f"| {r['cross_attention']} | {r['peak_gib']:.2f} GiB | memory term {r['memory_term_s']:.2f} s "
             f"| {r['compile_s']:.0f} s{note} |"
         )
-    return "\n".join(lines) + "\n\n" + _recorded(data, "benchmarks/records/cross_attention_tpu.json")
+    return "\n".join(lines)
 
 
 def multislice_table(data: dict) -> str:
@@ -315,7 +322,7 @@ def multislice_table(data: dict) -> str:
             peak = f"{r['peak_gib']:.2f} GiB ({100 * r['peak_gib'] / limit:.1f} % of the limit)"
         compile_s = f"~{r['compile_s']:.0f} s" if r.get("compile_approx") else f"{r['compile_s']:.0f} s"
         lines.append(f"| {r['run']} | {r['mesh']} | {peak} | {compile_s} |")
-    return "\n".join(lines) + "\n\n" + _recorded(data, "benchmarks/records/multislice.json")
+    return "\n".join(lines)
 
 
 def generate_refactor_table(data: dict) -> str:
@@ -333,7 +340,7 @@ def generate_refactor_table(data: dict) -> str:
         batch = r["batch"]
         before, after = ", ".join(f"{v:.2f}" for v in r["before_s"]), ", ".join(f"{v:.2f}" for v in r["after_s"])
         lines.append(f"| {batch} | {before} | {after} | {median(r['before_s'])} | {median(r['after_s'])} |")
-    return "\n".join(lines) + "\n\n" + _recorded(data, "benchmarks/records/generate_refactor.json")
+    return "\n".join(lines)
 
 
 def pod_history_table(data: dict) -> str:
@@ -342,12 +349,12 @@ def pod_history_table(data: dict) -> str:
         "|---|---|---|---|---|",
     ]
     for r in field(data, "rows"):
-        share = 100 * r["peak_gib"] / data["limit_gib"]
+        share = 100 * r["peak_gib"] / field(data, "limit_gib")
         lines.append(
             f"| {r['variant']} | {r['peak_gib']:.2f} GiB | {r['temporaries_gib']:.2f} GiB | {share:.1f} % "
             f"| {r['compile_s']:.0f} s |"
         )
-    return "\n".join(lines) + "\n\n" + _recorded(data, "benchmarks/records/pod_variants_22c2052.json")
+    return "\n".join(lines)
 
 
 def cross_attention_layer_table(data: dict) -> str:
@@ -355,7 +362,7 @@ def cross_attention_layer_table(data: dict) -> str:
     for r in field(data, "rows"):
         kernel = " (plus the kernel)" if r["kernel"] else ""
         lines.append(f"| {r['form']} | {r['bytes_accessed_gb']:.1f} GB{kernel} | {r['temporaries_mib']:.0f} MiB |")
-    return "\n".join(lines) + "\n\n" + _recorded(data, "benchmarks/records/cross_attention_layer_tpu.json")
+    return "\n".join(lines)
 
 
 def residual_summary(data: dict) -> str:
@@ -435,17 +442,15 @@ BLOCKS: dict[str, Block] = {
     "pod-variants": Block("benchmarks/pod_variants.json", pod_table),
     "padding": Block("benchmarks/padding.json", padding_table),
     "padding-summary": Block("benchmarks/padding.json", padding_summary, inline=True),
-    "scan-layers": Block("benchmarks/records/scan_layers.json", scan_layers_table),
-    "cross-attention-tpu": Block("benchmarks/records/cross_attention_tpu.json", cross_attention_table),
-    "multislice": Block("benchmarks/records/multislice.json", multislice_table),
-    "generate-refactor": Block("benchmarks/records/generate_refactor.json", generate_refactor_table),
+    "scan-layers": record_table("scan_layers", scan_layers_table),
+    "cross-attention-tpu": record_table("cross_attention_tpu", cross_attention_table),
+    "multislice": record_table("multislice", multislice_table),
+    "generate-refactor": record_table("generate_refactor", generate_refactor_table),
     "cross-attention-residual": Block(
         "benchmarks/records/cross_attention_residual.json", residual_summary, inline=True
     ),
-    "pod-variants-22c2052": Block("benchmarks/records/pod_variants_22c2052.json", pod_history_table),
-    "cross-attention-layer-tpu": Block(
-        "benchmarks/records/cross_attention_layer_tpu.json", cross_attention_layer_table
-    ),
+    "pod-variants-22c2052": record_table("pod_variants_22c2052", pod_history_table),
+    "cross-attention-layer-tpu": record_table("cross_attention_layer_tpu", cross_attention_layer_table),
     "results": Block("docs/results/study.json", results_table),
     "results-timing": Block("docs/results/study.json", results_timing, inline=True),
 }
