@@ -17,6 +17,7 @@ described in `bltjax/runtime/aot.py`, which this command runs.
 
 from __future__ import annotations
 
+import shlex
 import sys
 from collections.abc import Sequence
 
@@ -73,6 +74,7 @@ def _main(command_line: cli.CommandLine) -> int:
         backend=values.backend,
         out=resolve(values.out) if values.out else None,
         explain=values.explain,
+        command=" ".join([command_line.typed[0], shlex.join(command_line.typed[1:])]),  # the program name has spaces
     )
     return 0
 

@@ -25,10 +25,12 @@ from the repository root (as `launch/quickstart.sh` does). The corpus ships insi
 
 from __future__ import annotations
 
+import datetime
 import importlib.util
 import json
 import os
 import pathlib
+import platform
 import sys
 import time
 from collections.abc import Sequence
@@ -100,8 +102,25 @@ def _stage(number: int, text: str) -> float:
     return time.time()
 
 
-def _done(start: float) -> None:
-    print(f"   ({time.time() - start:.0f} s)", flush=True)
+def _done(start: float) -> float:
+    seconds = time.time() - start
+    print(f"   ({seconds:.0f} s)", flush=True)
+    return seconds
+
+
+def write_summary(workdir: pathlib.Path, seconds: dict[str, float], scores: dict[str, float]) -> pathlib.Path:
+    """WORKDIR/quickstart.json: when and where this invocation ran, each stage's seconds and the scores,
+    so a document quoting the quickstart's time and bpb renders them from a file (benchmarks/tables.py)."""
+    summary = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "stage_seconds": {name: round(value, 1) for name, value in seconds.items()},
+        "total_seconds": round(sum(seconds.values()), 1),
+        "scores": scores,
+    }
+    path = workdir / "quickstart.json"
+    write_atomic(path, (json.dumps(summary, indent=2) + "\n").encode())
+    return path
 
 
 def run(
@@ -119,39 +138,39 @@ def run(
     the tasks ran, their accuracies (``"<model>/<task>/acc"``)."""
     config_path = resolve_config_file(config_file)  # before any work: a bad flag fails at once
     workdir = resolve(workdir)
-    began = time.time()
+    seconds: dict[str, float] = {}  # stage -> wall seconds of this invocation (a finished stage is quick)
     data = workdir / "data"
     started = _stage(1, f"prepare the bundled corpus -> {data}")
     prepare.prepare([CORPUS_DIR / name for name in corpus], data, shard_bytes=1 << 20, val_fraction=0.05,
                     progress=False)  # fmt: skip
     manifest = shard_format.load_manifest(data)
     print(f"   {manifest.total('train', 'bytes'):,} train bytes, {manifest.total('validation', 'bytes'):,} validation")
-    _done(started)
+    seconds["prepare"] = _done(started)
 
     started = _stage(2, "train the entropy model (a small byte LM)")
     entropy_config = experiment_config(config_path, "entropy", data, entropy_steps)
     entropy_run = train(entropy_config, workdir / "entropy_model")
-    _done(started)
+    seconds["entropy model"] = _done(started)
 
     export = workdir / "entropy_model" / "export"
     started = _stage(3, f"export its parameters -> {export}")
     if not (export / "config.json").is_file():
         save_model(export, entropy_config, jax.device_get(entropy_run.state.params))
-    _done(started)
+    seconds["export"] = _done(started)
 
     started = _stage(4, f"entropy sidecars, threshold for a mean patch of {patch_size} bytes")
     # Rows of 2048 bytes: the exact-chunking overlap (layers x (window - 1) = 254) stays small beside them.
     summary = entropy.run(data, export, target_patch_size=patch_size, context=2048, log=sys.stdout)
     print(f"   threshold {summary.threshold:.4f} (tag {summary.tag}), {len(summary.computed)} shards computed")
-    _done(started)
+    seconds["sidecars"] = _done(started)
 
     started = _stage(5, "train the BLT on entropy patches")
     blt_config = experiment_config(config_path, "blt", data, blt_steps)
     blt_config.patching.threshold = float(summary.threshold)
     blt_run = train(blt_config, workdir / "blt")
-    _done(started)
+    seconds["BLT"] = _done(started)
 
-    _stage(6, "report")
+    started = _stage(6, "report")
     print(f"   entropy model validation bpb: {entropy_run.validation_bpb:.4f}")
     print(f"   BLT validation bpb:           {blt_run.validation_bpb:.4f}")
     print(f"   checkpoints: {workdir / 'blt' / 'checkpoints'}  (entropy model: {workdir / 'entropy_model'})")
@@ -162,11 +181,12 @@ def run(
         print(f"   greedy samples ({sample_bytes} bytes each):")
         generate_from_folder(workdir=workdir / "blt", prompts=list(SAMPLE_PROMPTS), max_bytes=sample_bytes)
     scores = {"entropy_model_bpb": entropy_run.validation_bpb, "blt_bpb": blt_run.validation_bpb}
+    seconds["report"] = time.time() - started
     if task_examples > 0:
         started = _stage(7, f"tasks: accuracy on {task_examples} examples each (chance {CHANCE:.2f})")
         scores.update(task_scores(workdir, {"entropy_model": export, "blt": workdir / "blt"}, task_examples))
-        _done(started)
-    print(f"   total {time.time() - began:.0f} s")
+        seconds["tasks"] = _done(started)
+    print(f"   total {sum(seconds.values()):.0f} s (written to {write_summary(workdir, seconds, scores)})")
     return scores
 
 

@@ -61,6 +61,13 @@ def test_main_job_runs_every_stage_and_resumes(tmp_path):
         assert row and all(0.0 <= float(acc) <= 1.0 for acc in row.groups()), result.stdout[-2000:]
     tasks = json.loads((tmp_path / "qs" / "eval" / "quickstart_tasks.json").read_text())
     assert tasks["examples"] == 4 and tasks["results"]["blt"]["n_samples"]["cute_spelling_mc"] == 4
+    # WORKDIR/quickstart.json: the record the README's quickstart time and score are rendered from.
+    summary = json.loads((tmp_path / "qs" / "quickstart.json").read_text())
+    stages = ["prepare", "entropy model", "export", "sidecars", "BLT", "report", "tasks"]
+    assert list(summary["stage_seconds"]) == stages and summary["date"] and summary["machine"]
+    assert summary["total_seconds"] == pytest.approx(sum(summary["stage_seconds"].values()), abs=0.5)
+    assert abs(float(re.search(r"total (\d+) s", result.stdout).group(1)) - summary["total_seconds"]) <= 1
+    assert f"{summary['scores']['blt_bpb']:.4f}" == f"{bpb:.4f}"
 
     rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-3000:]

@@ -50,11 +50,14 @@ and HBM bytes per device, the step time they imply on the target's published pea
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import importlib.metadata
 import importlib.util
 import json
 import math
 import os
 import pathlib
+import platform
 import re
 import sys
 import tempfile
@@ -276,7 +279,7 @@ class CompileReport:
             breakdown=self.breakdown.to_json() if self.breakdown else None,
             roofline=self.roofline.to_json() if self.roofline else None,
         )
-        return {**plain, "peak_bytes": self.peak_bytes, "fits": self.fits}
+        return {**plain, "peak_bytes": self.peak_bytes, "fits": self.fits, "table": self.table()}
 
     def table(self) -> str:
         rows = [
@@ -307,6 +310,22 @@ class CompileReport:
         if self.roofline is not None:
             parts += ["roofline:", *self.roofline.lines()]
         return "\n".join(parts)
+
+
+def run_record(command: str) -> dict[str, Any]:
+    """When, where and with which compilers a report was made: the provenance its JSON carries."""
+    versions = {}
+    for package in ("jax", "jaxlib", "libtpu"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None  # e.g. no libtpu: the report is XLA:CPU's
+    return {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "command": command,
+        "versions": versions,
+    }
 
 
 def format_bytes(value: int) -> str:
@@ -493,11 +512,14 @@ def compile_for_target(
     out: str | pathlib.Path | None = None,
     console: TextIO = sys.stdout,
     explain: bool = True,
+    command: str = "",
 ) -> CompileReport:
     """Compiles the train step for a `topology` name or a bare `devices` count (exactly one).
 
     Prints what it compiles for and the memory table to ``console``, writes the report as JSON
-    to ``out`` (atomically), then raises OutOfMemoryError when the peak exceeds the limit.
+    to ``out`` (atomically; with the date, machine, compiler versions and ``command``, so a
+    document quoting it can say where it came from), then raises OutOfMemoryError when the
+    peak exceeds the limit.
     ``num_slices`` (default: ``config.mesh.num_slices``) copies of the target, joined over DCN,
     are compiled for as `python -m bltjax.train` would run on them.
     """
@@ -543,6 +565,7 @@ def compile_for_target(
     if out:
         path = paths.resolve(out)  # the report may go to a bucket next to the run
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, (json.dumps(report.to_json(), indent=2) + "\n").encode())
+        record = {**run_record(command), **report.to_json()}
+        write_atomic(path, (json.dumps(record, indent=2) + "\n").encode())
     check_fits(report, config)
     return report

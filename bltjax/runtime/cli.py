@@ -63,6 +63,7 @@ class CommandLine:
     flags: flags.FlagValues
     args: list[str]
     after_dashes: list[str]
+    typed: tuple[str, ...] = ()  # the command line as given, program name first (for the records a program writes)
 
 
 def define_config_file(name: str, help_string: str, flag_values: flags.FlagValues) -> None:
@@ -293,6 +294,7 @@ class Program:
 
     def parse(self, argv: Sequence[str], *, warn: TextIO | None = None) -> CommandLine:
         """The flags of ``argv`` (argv[0] is the program); raises CommandLineError with a one-line message."""
+        typed = (self.name, *list(argv)[1:])
         values = flags.FlagValues()
         shared = _absl_flags()
         values.append_flag_values(shared)
@@ -321,13 +323,13 @@ class Program:
         if not shared.is_parsed():
             shared.mark_as_parsed()  # absl logging checks it; the shared flags were parsed above
         if values.help:
-            return CommandLine(values, args, after)
+            return CommandLine(values, args, after, typed)
         _check_config_loaded(values, configs.names)
         if args and not self.positional:
             raise CommandLineError(f"unexpected argument {args[0]!r}: {self.name} takes flags only (--name=value)")
         if after and not self.passthrough:
             raise CommandLineError(f"{self.name} takes no arguments after --, got {' '.join(after)!r}")
-        return CommandLine(values, args, after)
+        return CommandLine(values, args, after, typed)
 
     def knows(self, typed: str) -> bool:
         """Whether ``--typed`` (either spelling, without the dashes) is one of this program's current flag names:
