@@ -340,6 +340,42 @@ def test_parameter_counts_equal_the_flax_shapes(make):
     assert counts["total"] == sum(flax_counts.values())
 
 
+def test_paper_sizes_and_the_debug_config_have_the_documented_shapes():
+    """docs/architecture.md §15.2's table (latent parameters computed from the dimensions) and §15.3's configs."""
+    from bltjax.config import paper_blt_config
+
+    table = {  # size: encoder (layers, heads, width), latent, latent parameters in billions, decoder, k
+        "400m": ((1, 12, 768), (24, 10, 1280), 0.49, (7, 12, 768), 2),
+        "1b": ((1, 16, 1024), (25, 16, 2048), 1.28, (9, 16, 1024), 2),
+        "2b": ((1, 16, 1024), (26, 20, 2560), 2.06, (9, 16, 1024), 3),
+        "4b": ((1, 16, 1024), (36, 24, 3072), 4.08, (9, 16, 1024), 3),
+        "8b": ((1, 20, 1280), (32, 32, 4096), 6.48, (6, 20, 1280), 4),
+    }
+    for size, (encoder, latent, billions, decoder, k) in table.items():
+        config = paper_blt_config(size)
+        model = config.model
+        for stack, expected in ((model.encoder, encoder), (model.latent, latent), (model.decoder, decoder)):
+            assert (stack.n_layers, stack.n_heads, stack.dim) == expected, size
+        assert model.cross_attn_k == k
+        assert round(flops.parameter_counts(model_config(config))["global"] / 1e9, 2) == billions, size
+        assert (model.dtype, config.data.seq_len, config.data.max_patches, config.data.batch_size) == (
+            "bfloat16", 16384, 4096, 1024,
+        )  # fmt: skip
+    debug = _config("blt_debug.py")
+    model = debug.model
+    assert (model.latent.dim, model.latent.n_layers, model.latent.n_heads) == (512, 8, 8)
+    for stack in (model.encoder, model.decoder):
+        assert (stack.dim, stack.n_layers, stack.n_heads, stack.window) == (256, 8, 8, 512)
+    assert (model.cross_attn_k, model.cross_attn_heads, model.pooling) == (8, 4, "max")
+    assert model.cross_attn_all_layers_encoder and model.cross_attn_all_layers_decoder
+    assert (model.cross_attn_window_encoder, model.cross_attn_window_decoder) == (512, 512)
+    assert (list(model.hash_sizes), model.hash_functions, model.hash_vocab) == ([4], 3, 50002)
+    assert (debug.patching.mode, debug.patching.patch_size, debug.data.seq_len) == ("space", 6, 12288)
+    tiny = _config("blt_tiny.py")
+    assert (tiny.model.encoder.dim, tiny.model.latent.dim) == (64, 128)
+    assert (tiny.patching.mode, tiny.data.seq_len) == ("space", 128)
+
+
 # --- token-level baseline -------------------------------------------------------------------------
 
 

@@ -73,6 +73,48 @@ def test_summaries_add_up_before_dividing():
     assert metrics.loss_metrics(total)["bpb"] == pytest.approx(12 / (8 * math.log(2)))  # not the mean of two bpbs
 
 
+def test_training_loss_is_the_mean_of_the_micro_batch_means():
+    """docs/architecture.md §11: a micro-batch's loss is sum(mask * nll) / (sum(mask) + 1e-6), divided by the
+    number of micro-batches, so the step's summed gradient is the mean of the micro-batch means."""
+    import flax.linen as nn
+    import optax
+
+    from bltjax.training.state import TrainState
+    from bltjax.training.step import make_train_step
+
+    class Bias(nn.Module):  # the same 260 logits at every position
+        @nn.compact
+        def __call__(self, tokens):
+            return jnp.broadcast_to(self.param("bias", nn.initializers.normal(1.0), (260,)), (*tokens.shape, 260))
+
+    model = Bias()
+    params = model.init(jax.random.key(0), jnp.zeros((1, 3), jnp.int32))["params"]
+    targets = jnp.array([[5, 6, 7], [8, 9, 10], [11, 12, 13], [14, 15, 16]])
+    mask = jnp.array([[1, 1, 1], [1, 0, 0], [1, 0, 0], [1, 1, 0]], bool)  # micro-batch a = rows a, a + 2
+    batch = dict(tokens=jnp.zeros((4, 3), jnp.int32), targets=targets, loss_mask=mask)
+
+    def mean_loss(bias, rows):
+        nll = -jax.nn.log_softmax(bias)[targets[rows]]
+        return jnp.sum(mask[rows] * nll) / (jnp.sum(mask[rows]) + 1e-6)
+
+    def step_gradient(grad_accum):
+        sgd = optax.sgd(1.0)  # new params = params - gradient
+        step = make_train_step(model, sgd, lambda _: 1.0, model_type="byte_lm", grad_accum=grad_accum)
+        state = TrainState(step=jnp.int32(0), params=params, opt_state=sgd.init(params))
+        new_state, metrics = jax.jit(step)(state, batch)
+        return params["bias"] - new_state.params["bias"], metrics
+
+    means = jax.grad(lambda b: (mean_loss(b, jnp.array([0, 2])) + mean_loss(b, jnp.array([1, 3]))) / 2)
+    pooled = jax.grad(lambda b: mean_loss(b, jnp.arange(4)))
+    got, metrics = step_gradient(2)
+    np.testing.assert_allclose(got, means(params["bias"]), atol=1e-6)
+    assert not np.allclose(got, pooled(params["bias"]), atol=1e-4)  # 4 and 3 targets: not the pooled mean
+    whole, _ = step_gradient(1)
+    np.testing.assert_allclose(whole, pooled(params["bias"]), atol=1e-6)
+    # The reported loss is the step's nats over its targets, whatever the accumulation.
+    assert float(metrics["loss"]) == pytest.approx(float(mean_loss(params["bias"], jnp.arange(4))), rel=1e-5)
+
+
 # --- progress line ----------------------------------------------------------------------------------
 
 
@@ -389,3 +431,20 @@ def test_metrics_in_a_bucket_jsonl_and_tensorboard(bucket, tmp_path):  # noqa: F
         (local / name.rsplit("/", 1)[1]).write_bytes(bucket.file("bucket", name).read_bytes())
     assert _tensorboard_scalars(local)["loss"] == [(1, 1.0), (2, 2.0), (3, 30.0)]
     assert not list(tmp_path.parent.glob("**/gs:"))  # nothing written to a local "gs:" folder
+
+
+def test_clu_writers_load_without_tensorflow():
+    """clu's `metric_writers/__init__` imports TensorFlow; bltjax registers the package without running it,
+    so the writers work in an environment without TensorFlow (this one)."""
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec("tensorflow") is not None:
+        pytest.skip("TensorFlow is installed here; the case under test is an environment without it")
+    code = (
+        "import sys\n"
+        "import bltjax.training.metrics\n"
+        "print('clu.metric_writers' in sys.modules, 'tensorflow' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.split() == ["True", "False"], result.stdout + result.stderr

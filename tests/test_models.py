@@ -191,3 +191,104 @@ def test_released_entropy_model_size():
     counts = count_parameters(parameter_shapes(tiny("entropy_model.py:released")))
     non_embedding = counts["total"] - 2 * 260 * 768
     assert abs(non_embedding / 99.1e6 - 1) < 0.002
+
+
+def test_swiglu_hidden_width_table():
+    """docs/architecture.md §5.5: the Llama SwiGLU width rule gives the table's hidden widths."""
+    from bltjax.models.configs import TransformerConfig, swiglu_hidden_dim
+
+    table = {768: 2048, 1024: 2816, 1280: 3584, 2048: 5632, 2560: 6912, 3072: 8192, 4096: 11008}
+    assert {dim: swiglu_hidden_dim(dim) for dim in table} == table
+    assert TransformerConfig(1024, 1, 16).hidden_dim == 2816  # a stack without ffn_hidden uses the rule
+
+
+def _small_blt_config(**changes):
+    from bltjax.models.configs import BLTConfig, TransformerConfig
+
+    return BLTConfig(
+        encoder=TransformerConfig(64, 1, 4, window=8),
+        latent=TransformerConfig(96, 1, 4),  # k * h_E = 128 != h_G: W_in exists
+        decoder=TransformerConfig(64, 1, 4, window=8),
+        hash_sizes=(3, 4),
+        hash_vocab=500,
+        **changes,
+    )
+
+
+def test_initial_weights_follow_the_init_table():
+    """docs/architecture.md §12 (init_std_factor "disabled"): each weight's σ, truncation at 3σ, norm gains 1."""
+    from flax import linen as nn
+
+    from bltjax.models.byte_lm import ByteLM
+    from bltjax.models.configs import ByteLMConfig, TransformerConfig
+
+    e, g, k, hidden = 64, 96, 2, 256  # hidden = swiglu_hidden_dim(64) = swiglu_hidden_dim(96)
+    tokens, lengths = np.ones((1, 8), np.int32), np.array([[1, 8]], np.int32)
+    blt = nn.meta.unbox(jax.jit(BLT(_small_blt_config()).init)(jax.random.key(0), tokens, lengths)["params"])
+    byte_lm = ByteLM(ByteLMConfig(stack=TransformerConfig(e, 1, 4)))
+    entropy_model = nn.meta.unbox(jax.jit(byte_lm.init)(jax.random.key(1), tokens)["params"])
+
+    def sigma(path: tuple[str, ...]) -> float:
+        module = path[-2] if len(path) > 1 else ""
+        if module == "down":  # W2 of the FFN
+            return hidden**-0.5
+        if module == "input_projection":  # W_in
+            return (k * e) ** -0.5
+        if module == "patch_projection":  # E_C, D_C
+            return (g if path[0] == "local_decoder" else e) ** -0.5
+        return (g if path[0] == "latent" else e) ** -0.5  # embeddings, tables, q k v o, W1 W3, output heads
+
+    checked = 0
+    for tree in (blt, entropy_model):
+        for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            path, values = tuple(p.key for p in key_path), np.asarray(leaf)
+            if path[-1] == "scale":
+                np.testing.assert_array_equal(values, 1.0, err_msg="/".join(path))
+                continue
+            std = sigma(path)
+            assert np.abs(values).max() <= 3 * std * (1 + 1e-6), "/".join(path)
+            # the standard deviation of a normal truncated at ±3σ is 0.98658 σ
+            assert values.std() == pytest.approx(0.98658 * std, rel=0.06), "/".join(path)
+            checked += 1
+    assert checked == 8 + 14 + 13 + 9  # latent, local encoder, local decoder, byte LM: every weight but the gains
+
+
+def test_encoder_switches_for_the_paper_description():
+    """docs/architecture.md §4.2 and §6.3, read from the sown intermediates: the double cross-attention residual
+    adds the initial slots Z_0 once more, Z_0 pools the hidden states ("hidden") or the embeddings ("embedding"),
+    and hash_normalize divides the input embedding by #sizes + 1."""
+    from flax import linen as nn
+
+    from bltjax.models.local_encoder import pool_patches
+    from bltjax.models.patch_ids import patch_ids
+
+    tokens = tokenizer.encode("switches of the paper")[None].astype(np.int32)  # N = 23
+    lengths = np.array([[1, 7, 9, 7, 0]], np.int32)  # N + 1, one padding patch
+    params = jax.jit(BLT(_small_blt_config()).init)(jax.random.key(0), tokens, lengths)["params"]
+
+    def run(**changes) -> dict[str, np.ndarray]:
+        model = BLT(_small_blt_config(**changes))
+        _, state = jax.jit(lambda p: model.apply({"params": p}, tokens, lengths, mutable=["intermediates"]))(params)
+        flat = jax.tree_util.tree_flatten_with_path(state["intermediates"])[0]
+        return {path[-2].key: np.asarray(value) for path, value in flat}
+
+    kernel = np.asarray(nn.meta.unbox(params)["local_encoder"]["patch_projection"]["kernel"])  # E_C: [h_E, k * h_E]
+    pid = patch_ids(jnp.asarray(lengths), tokens.shape[1])
+
+    def initial_slots(source: np.ndarray) -> np.ndarray:  # Z_0 = E_C max-pool(source), [B, P, k * h_E]
+        return np.asarray(pool_patches(jnp.asarray(source), pid, lengths.shape[1], "max")) @ kernel
+
+    double, single = run(), run(double_cross_attn_residual=False)
+    np.testing.assert_allclose(
+        double["encoder_patch_embeds"] - single["encoder_patch_embeds"],
+        initial_slots(double["encoder_hidden"]),
+        atol=1e-5,
+    )
+    paper = dict(patch_query_init="embedding", hash_normalize=True)
+    paper_double, paper_single = run(**paper), run(**paper, double_cross_attn_residual=False)
+    np.testing.assert_allclose(paper_double["encoder_input_embeds"], double["encoder_input_embeds"] / 3, rtol=1e-5)
+    np.testing.assert_allclose(
+        paper_double["encoder_patch_embeds"] - paper_single["encoder_patch_embeds"],
+        initial_slots(paper_double["encoder_input_embeds"]),
+        atol=1e-5,
+    )

@@ -272,3 +272,38 @@ def test_gradient_accumulation_matches_one_big_batch(data_dir, tmp_path):
     # Step 1 sees the same parameters; the update differs only by how micro-batch means weigh rows.
     assert a[1] == pytest.approx(b[1], rel=1e-5)
     assert b[2] == pytest.approx(a[2], rel=2e-2)
+
+
+def test_optimizer_defaults_warm_up_cosine_decay_and_decay_mask():
+    """docs/architecture.md §13: AdamW settings, linear warm-up, cosine decay to final_lr_ratio x peak, and the
+    parameters that decay_all=False exempts."""
+    from bltjax.config import base_blt_config
+    from bltjax.training.optimizer import learning_rate_schedule, weight_decay_mask
+
+    config = base_blt_config()
+    opt = config.optimizer
+    assert (opt.b1, opt.b2, opt.eps, opt.weight_decay, opt.learning_rate) == (0.9, 0.95, 1e-8, 0.1, 4e-4)
+    assert (opt.schedule, opt.final_lr_ratio, opt.clip_norm, opt.decay_all) == ("cosine", 0.0, 1.0, True)
+    config.train.steps, opt.warmup_steps = 1000, 100
+    lr = learning_rate_schedule(config)
+    assert float(lr(0)) == 0.0
+    assert float(lr(50)) == pytest.approx(2e-4, rel=1e-5)  # linear warm-up
+    assert float(lr(100)) == pytest.approx(4e-4, rel=1e-5)
+    assert float(lr(550)) == pytest.approx(2e-4, rel=1e-5)  # half-way through the cosine
+    assert float(lr(1000)) == pytest.approx(0.0, abs=1e-12)
+    opt.final_lr_ratio = 0.1  # the official default
+    assert float(learning_rate_schedule(config)(1000)) == pytest.approx(4e-5, rel=1e-5)
+    params = {
+        "local_encoder": {"byte_embedding": 0, "hash_embedding": {"tables": 0}, "layers_0": {"ffn_norm": {"scale": 0}}},
+        "latent": {"layers_0": {"ffn": {"up": {"kernel": 0}}}},
+        "embedding": 0,  # the byte LM's
+    }
+    assert weight_decay_mask(params) == {
+        "local_encoder": {
+            "byte_embedding": False,
+            "hash_embedding": {"tables": False},
+            "layers_0": {"ffn_norm": {"scale": False}},
+        },
+        "latent": {"layers_0": {"ffn": {"up": {"kernel": True}}}},
+        "embedding": False,
+    }
