@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import json
 import pathlib
 import re
 
@@ -126,3 +127,71 @@ def test_the_launching_guide_lists_the_memory_the_compiler_assumes():
         assert per in rows[name], f"docs/launching.md: the {name} row's device count"
     gpus = " / ".join(f"{ACCELERATORS[n].hbm_gib:g}" for n in ("h100", "h200", "a100"))
     assert f"| {gpus} GiB |" in rows["h100"], "docs/launching.md: the GPU row's HBM"
+
+
+# A section that promises nothing bltjax does (notation, the paper's own numbers, a how-to whose
+# commands are run elsewhere) says so, with its reason, instead of naming a test.
+NO_CLAIM = re.compile(r"<!-- no behaviour claim: [^>]*\w[^>]*-->")
+HEADING = re.compile(r"^(#{2,4}) (.+)$")
+GENERATED_PAGES = {"results.md"}  # written whole by a program from its JSON (tests/test_paper_ordering.py)
+
+
+def _headed_sections(text: str) -> list[tuple[int, str, str]]:
+    """(line, heading, the text up to the next heading of any level) for every ##/###/#### heading
+    outside fenced code blocks."""
+    sections, fenced, current = [], False, None
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        heading = None if fenced else HEADING.match(line)
+        if heading or (not fenced and line.startswith("# ")):
+            if current:
+                sections.append(current)
+            current = (number, heading.group(2), "") if heading else None
+        elif current:
+            current = (current[0], current[1], current[2] + line + "\n")
+    if current:
+        sections.append(current)
+    return sections
+
+
+@pytest.mark.parametrize(
+    "doc", [d for d in DOCS if d.name not in GENERATED_PAGES], ids=lambda path: path.relative_to(ROOT).as_posix()
+)
+def test_every_section_names_its_test_or_says_it_claims_nothing(doc):
+    text = doc.read_text(encoding="utf-8")
+    untested = [
+        f"{doc.name}:{line}: {heading}"
+        for line, heading, body in _headed_sections(text)
+        if not TEST_REFERENCE.search(body) and not NO_CLAIM.search(body)
+    ]
+    assert not untested, (
+        "sections that name no `tests/test_x.py::name` and carry no `<!-- no behaviour claim: why -->`:\n"
+        + "\n".join(untested)
+    )
+
+
+def test_the_section_check_sees_headings_claims_and_code_blocks():
+    text = (
+        "# Title\n\nintro\n\n## A\n\nsee `tests/test_a.py::test_b`\n\n### B\n\nuntested\n\n"
+        "```bash\n# not a heading\n```\n\n## C\n<!-- no behaviour claim: notation only -->\n"
+    )
+    sections = _headed_sections(text)
+    assert [heading for _, heading, _ in sections] == ["A", "B", "C"]
+    assert [bool(TEST_REFERENCE.search(b) or NO_CLAIM.search(b)) for _, _, b in sections] == [True, False, True]
+    assert not NO_CLAIM.search("<!-- no behaviour claim: -->")
+
+
+def test_the_bundled_corpus_is_as_large_as_the_data_guide_says():
+    """docs/data.md gives the bundled corpus's size in text bytes (JSONL `text` fields and plain files)."""
+    corpus = ROOT / "bltjax" / "data" / "corpus"
+    text_bytes = 0
+    for file in corpus.iterdir():
+        if file.suffix == ".jsonl":
+            lines = file.read_text(encoding="utf-8").splitlines()
+            text_bytes += sum(len(json.loads(line)["text"].encode()) for line in lines if line.strip())
+        elif file.suffix == ".txt":
+            text_bytes += file.stat().st_size
+    megabytes = text_bytes / 1e6
+    text = (ROOT / "docs" / "data.md").read_text(encoding="utf-8")
+    assert f"-->{megabytes:.1f} MB<!-- end checked --> of text" in text, f"the corpus holds {megabytes:.1f} MB"

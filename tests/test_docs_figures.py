@@ -6,6 +6,7 @@ changed JSON value. `python benchmarks/tables.py` rewrites the figures.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import pathlib
@@ -27,6 +28,7 @@ def _tables():
 
 
 tables = _tables()
+sources = importlib.import_module("benchmarks.sources")  # importable once tables.py put the repo on sys.path
 
 
 @pytest.fixture
@@ -68,6 +70,9 @@ def test_every_block_names_the_date_and_machine_of_its_run():
         ("padding.json", lambda d: d["results"][1].update(padded_patch_fraction=0.125), "12.5%"),
         ("records/scan_layers.json", lambda d: d["rows"][1].update(compile_s=99.25), "99.2 s"),
         ("records/multislice.json", lambda d: d["rows"][1].update(peak_gib=42.75), "42.75 GiB"),
+        ("records/quickstart.json", lambda d: d.update(total_seconds=321.0), "`total 321 s`"),
+        ("records/compile_blt_1b_v5p-128.json", lambda d: d.update(peak_bytes=20 * 2**30), "20.00 GiB per chip"),
+        ("records/compile_blt_1b_v5p-128.json", lambda d: d.update(table="printout"), "printout"),
         ("../docs/results/study.json", lambda d: d["groups"][0].update(mean=1.2345), "1.234 ±"),
         ("../docs/results/study.json", lambda d: d["claims"][0].update(status="not measured"), "| not measured |"),
     ],
@@ -80,6 +85,9 @@ def test_every_block_names_the_date_and_machine_of_its_run():
         "padding",
         "scan_layers",
         "multislice",
+        "quickstart",
+        "compile-fit",
+        "compile-report",
         "results",
         "verdict",
     ],  # fmt: skip
@@ -156,3 +164,82 @@ def test_generation_table_has_one_cached_rate_per_row_and_ratios_against_it():
         cells = [cell.strip() for cell in line.strip("|").split("|")]
         assert cells[2] == tables.rate(cached["bytes_per_s"])
         assert cells[6] == f"{tables.times(cached['bytes_per_s'] / other['bytes_per_s'])} faster"
+
+
+# --- prose quoting a record, and measured figures without any source ------------------------------------------
+
+RECORD = {
+    "date": "2026-12-03",
+    "machine": "2-core x86_64 CPU",
+    "recorded_at_commit": "abc1234",
+    "command": "python timing.py",
+    "figures": {"decoder layer, forward": "819 -> 370 ms", "speed-up": "2.2x"},
+}
+REGION = (
+    "- a note\n  <!-- figures from benchmarks/records/x.json -->\n  One layer ran 2.2x faster (819 ->\n"
+    "  370 ms).\n  <!-- end figures -->\n- next\n"
+)
+
+
+def _render_region(text: str, record: dict = RECORD) -> str:
+    return sources.render_figures(text, "doc.md", lambda source: record)[0]
+
+
+def test_a_quoted_region_gets_its_provenance_line_and_keeps_its_indentation():
+    rendered = _render_region(REGION)
+    assert "  370 ms).\n\n  Measured: run of 2026-12-03 on 2-core x86_64 CPU, at commit abc1234 (" in rendered
+    assert rendered.endswith("(`benchmarks/records/x.json`, with its command).\n  <!-- end figures -->\n- next\n")
+    assert _render_region(rendered) == rendered  # rendering twice changes nothing
+    inline = "a <!-- figures from benchmarks/records/x.json -->2.2x (819 -> 370 ms)<!-- end figures --> b"
+    assert _render_region(inline).endswith("370 ms) (Measured: run of 2026-12-03 on 2-core x86_64 CPU, at commit "
+                                           "abc1234 (`benchmarks/records/x.json`, with its command))"
+                                           "<!-- end figures --> b")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda text, rec: (text.replace("2.2x", "2.3x"), rec), r"figure 'speed-up' \('2.2x'\) does not appear"),
+        (lambda text, rec: (text, {**rec, "figures": {**rec["figures"], "speed-up": "2.4x"}}), r"'2.4x'\) does not"),
+        (lambda text, rec: (text.replace("faster", "faster in 5 s"), rec), r"'5 s' is in none of the record's"),
+        (lambda text, rec: (text.replace("(819", "(818"), rec), r"\('819 -> 370 ms'\) does not appear"),
+        (lambda text, rec: (text, {k: v for k, v in rec.items() if k != "figures"}), r"missing field 'figures'"),
+        (lambda text, rec: (text.replace("<!-- end figures -->", ""), rec), r"have no '<!-- end figures -->'"),
+    ],
+    ids=["prose-edited", "record-changed", "unquoted-figure", "number-edited", "no-figures", "unclosed"],
+)
+def test_prose_and_record_that_disagree_fail_naming_both(change, message):
+    text, record = change(REGION, RECORD)
+    with pytest.raises(sources.FigureError, match=message):
+        _render_region(text, record)
+
+
+def test_no_measured_figure_in_readme_or_docs_lacks_a_source():
+    problems = sources.unsourced(REPO)
+    assert not problems, "quote these from a record, render them, or (settings only) add them to NOT_MEASURED:\n" + (
+        "\n".join(problems)
+    )
+
+
+def test_the_source_check_sees_new_figures_and_stale_exemptions(copy):
+    guide = copy / "docs" / "evaluation.md"
+    guide.write_text(guide.read_text() + "\nA new run took 12.5 s and 3.2 GiB, 1.4x faster.\n")
+    problems = [p for p in sources.unsourced(copy) if p.startswith("docs/evaluation.md")]
+    assert [p.split(": ", 1)[1] for p in problems] == [
+        "'12.5 s' has no source (quote it from a record)",
+        "'3.2 GiB' has no source (quote it from a record)",
+        "'1.4x' has no source (quote it from a record)",
+    ]
+    guide.write_text(guide.read_text().replace("randomly removes 10% of the characters", "drops characters"))
+    stale = "docs/evaluation.md: NOT_MEASURED phrase 'randomly removes 10% of the characters' no longer appears"
+    assert stale in sources.unsourced(copy)
+    checked = "\n<!-- checked by tests/test_x.py::test_y -->\n| 4.2% |\n<!-- end checked -->\n"
+    guide.write_text(guide.read_text() + checked + "and 7 s outside it\n")
+    reported = [p.split(": ", 1)[1] for p in sources.unsourced(copy) if p.startswith("docs/evaluation.md:")]
+    assert reported[-1] == "'7 s' has no source (quote it from a record)" and not any("4.2%" in p for p in reported)
+
+
+def test_the_measured_pattern_takes_units_and_ratios_but_not_shapes():
+    text = "4 x 4096 bytes, 16 KiB rows, 834-863 ms, ~300 MiB, 2.2x, 20 %, 1.9 TFLOP, 3.1e8 FLOPs, v5p-128"
+    # A range's first number has no unit of its own: the record's figure "834-863 ms" covers it.
+    assert [m.group(0) for m in sources.MEASURED.finditer(text)] == ["863 ms", "~300 MiB", "2.2x", "20 %", "1.9 TFLOP"]

@@ -25,9 +25,11 @@ from bltjax import checkpoints
 from bltjax.config import load_config
 from bltjax.data import entropy as E
 from bltjax.data import sidecars as S
+from bltjax.data.shards import load_manifest
 from bltjax.models.byte_lm import ByteLM, next_byte_entropy
 from bltjax.models.factory import build_model, example_inputs
 from bltjax.patching import PatchingRule, patch_start_mask
+from bltjax.runtime.progress import progress_bar
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = f"{REPO / 'experiments' / 'entropy_model.py'}:tiny"
@@ -281,6 +283,24 @@ def test_resume_skips_finished_shards(tiny, prepared, tmp_path):
     assert set(summary.restarted) == {"train-00001", "validation-00000"}
     assert summary.skipped == ("train-00000",)
     assert (folder / "train-00001.entropy.f16").read_bytes() == (prepared[0] / "train-00001.entropy.f16").read_bytes()
+
+
+def test_the_progress_bar_counts_only_the_tokens_still_to_compute(tiny, prepared, tmp_path, monkeypatch):
+    """A shard found done on resume leaves the bar's total, so the rate is not inflated by skipped work."""
+    folder = _copy(prepared[0], tmp_path)
+    (folder / "train-00001.entropy.f16").write_bytes(b"\0\0" * 10)  # only this shard is computed again
+    bars = []
+
+    def recording_bar(*args, **kwargs):
+        bars.append(progress_bar(*args, **kwargs))
+        return bars[-1]
+
+    monkeypatch.setattr(E, "progress_bar", recording_bar)
+    summary = E.run(folder, tiny[3], threshold=THRESHOLD, log=io.StringIO())
+    assert summary.computed == ("train-00001",)
+    manifest = load_manifest(folder)
+    (bar,) = bars
+    assert bar.total == bar.n == next(s.tokens for s in manifest.shards("train") if s.index == 1)
 
 
 def test_new_threshold_reuses_entropies_without_the_model(tiny, prepared, tmp_path, monkeypatch):

@@ -207,6 +207,36 @@ def test_incomplete_or_mismatched_model_folder_is_refused_naming_the_file(byte_l
         load_for_inference(model_dir, step=1)
 
 
+def test_a_dtype_difference_is_refused_not_cast(tmp_path):
+    """`check_params` (run before anything is read) refuses a stored dtype the model does not expect,
+    naming the parameter and both dtypes, where orbax would cast it silently."""
+    want = {"latent": {"embedding": jax.ShapeDtypeStruct((4, 8), np.float32)}}
+    stored = {"latent": {"embedding": jax.ShapeDtypeStruct((4, 8), jax.numpy.bfloat16)}}
+    checkpoints.check_params(want, want, tmp_path, "config.json")  # the same tree passes
+    with pytest.raises(checkpoints.CheckpointError, match=r"parameter 'latent/embedding' is bfloat16\[4, 8\] in the "
+                       r"checkpoint, but the model built from config.json expects float32\[4, 8\]"):  # fmt: skip
+        checkpoints.check_params(stored, want, tmp_path, "config.json")
+
+
+@pytest.mark.slow
+def test_reading_a_workdir_never_opens_a_checkpoint_manager(run_dir, monkeypatch, tmp_path):
+    """Opening a `CheckpointManager` would create folders and delete the temporary folder of a save a
+    running trainer is writing: inference reads the newest complete step without one."""
+    workdir = tmp_path / "run"
+    shutil.copytree(run_dir[0], workdir)
+    saving = workdir / "checkpoints" / "7.orbax-checkpoint-tmp-1234"  # a save in progress
+    saving.mkdir()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("inference opened a CheckpointManager")
+
+    monkeypatch.setattr(ocp, "CheckpointManager", refuse)
+    loaded = load_for_inference(workdir)
+    assert loaded.step == 6 and saving.is_dir()
+    leaves = zip(jax.tree.leaves(jax.device_get(loaded.params)), jax.tree.leaves(run_dir[1]), strict=True)
+    assert all(np.array_equal(a, b) for a, b in leaves)
+
+
 @pytest.mark.slow
 def test_entropy_patching_reads_the_sidecar_bits_of_each_window(run_dir, byte_lm_dir, tmp_path):
     """The space-patched BLT evaluated with entropy patches from sidecars (written by the random

@@ -57,6 +57,8 @@ def test_auto_resolves_by_the_platform_compiled_for():
     assert "GPUs only" in kernels.cudnn_fallback_reason(4096, 64, jnp.bfloat16, False)
     assert kernels.cross_attention_implementation("auto") == "xla_blockwise"
     assert kernels.cross_attention_implementation("splash") == "splash"
+    with kernels.compiling_for("tpu"), kernels.partitioned(mesh, ("data",)):  # auto keeps the gather forms on TPU
+        assert kernels.cross_attention_implementation("auto") == "xla_blockwise"
 
 
 @pytest.mark.parametrize(

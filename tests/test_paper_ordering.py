@@ -161,3 +161,32 @@ def test_a_study_trains_every_seed_scores_it_and_writes_the_page(tmp_path):
     trained = record["timing"]["training"]
     assert study.train_all(out, parallel=2) == [] and study.evaluate_all(out, parallel=2) == []
     assert study.read_timing(out)["training"] - trained < 2.0  # every run was done: nothing started
+
+
+def test_the_committed_results_page_matches_its_study_json():
+    """docs/results.md is written whole from docs/results/study.json: its tables, verdict sentences and
+    run line render again from that JSON, so a number edited by hand in either one fails here."""
+    record = json.loads((REPO / "docs" / "results" / "study.json").read_text())
+    groups = [
+        GroupResult(**{k: tuple(v) if isinstance(v, list) else v for k, v in g.items() if k not in ("mean", "std")})
+        for g in record["groups"]
+    ]
+    verdicts = [
+        study.Verdict(
+            Claim(v["key"], v["statement"], v["source"], v["better"], v["other"]),
+            v["gap"],
+            v["standard_error"],
+            v["outside_spread"],
+            v["status"],
+        )
+        for v in record["claims"]
+    ]
+    page = (REPO / "docs" / "results.md").read_text()
+    assert study_report.format_groups(groups) in page
+    assert study_report.format_verdicts(verdicts) in page
+    for verdict in verdicts:
+        assert study_report._sentence(verdict) in page
+    total = sum(record["timing"].values()) / 60
+    run = f"Run on {record['date']} on {record['machine']} at commit {record['commit']}; {total:.0f} min in all"
+    assert run in page
+    assert f"    {record['command']}\n" in page

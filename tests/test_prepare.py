@@ -404,3 +404,10 @@ def test_manifest_that_is_not_json_or_absent(prepared):
     (prepared / "manifest.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"manifest\.json: no manifest"):
         shards.load_manifest(prepared)
+
+
+def test_prepare_does_not_import_jax():
+    """Preparing shards is text and numpy only: the program and its library never load jax (or start a backend)."""
+    code = "import sys, bltjax.prepare, bltjax.data.prepare; print('jax' in sys.modules, 'jaxlib' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.split() == ["False", "False"], result.stdout + result.stderr
