@@ -300,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         plan.write_plan(made, out, force=values.force)
         print(f"paper_ordering: {len(made['jobs'])} runs planned in {out} ({parallel} at a time)", flush=True)
         train_bytes = shards.load_manifest(stages.data_dir(out, made["stages"]["data"])).total("train", "bytes")
-        failed = study.train_all(out, parallel) + study.evaluate_all(out, parallel)
+        failed = study.train_all(out, parallel, version=_commit()) + study.evaluate_all(out, parallel)
         groups, verdicts = study.write_study(out, claims())
         plots = study_report.write_plots(groups, results.parent / results.stem)
         page = study_report.Page(
@@ -324,6 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             machine=f"{study.cpu_count()} CPU cores ({platform.machine()}), "
             f"jax backend {os.environ.get('JAX_PLATFORMS') or 'default'}",
             commit=_commit(),
+            trained_at=tuple(study.read_training_versions(out)),
         )
         text = study_report.render(page, groups, verdicts, plots, results, study.read_timing(out))
         study_report.write_page(text, results)

@@ -3,6 +3,7 @@ seeds put together, claims judged against the seed noise, the page written from 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -77,6 +78,14 @@ def test_the_page_is_written_from_the_numbers(tmp_path):
     assert "**agrees** with the paper" in text
     assert "![final_bpb](results/final_bpb.png)" in text
     assert "10 min in all (training 10.0 min)" in text
+    assert "at commit abc; 10 min in all" in text  # trained at an unknown commit: nothing more to say
+    # A page written at other code than its runs trained with names both.
+    later = dataclasses.replace(page, commit="def", trained_at=("abc", "0a1"))
+    text = study_report.render(later, groups, verdicts, plots, tmp_path / "results.md", {"training": 600.0})
+    assert "at commit def (runs trained at commit abc, 0a1); 10 min in all" in text
+    same = dataclasses.replace(page, trained_at=("abc",))
+    text = study_report.render(same, groups, verdicts, plots, tmp_path / "results.md", {"training": 600.0})
+    assert "at commit abc; 10 min in all" in text
 
 
 def test_the_default_study_plans_every_model_at_one_budget_with_three_seeds(tmp_path):
@@ -141,7 +150,8 @@ def test_a_study_trains_every_seed_scores_it_and_writes_the_page(tmp_path):
     out = tmp_path / "study_sweep"
     made = plan.make_plan(sweep, out)
     plan.write_plan(made, out)
-    assert study.train_all(out, parallel=2) == [] and study.evaluate_all(out, parallel=2) == []
+    assert study.train_all(out, parallel=2, version="abc1234") == [] and study.evaluate_all(out, parallel=2) == []
+    assert study.read_training_versions(out) == ["abc1234"]
     claim = Claim("k", "a BLT beats the byte LM", "nowhere", "static-ps4", "byte")
     groups, verdicts = study.write_study(out, [claim])
     assert [(g.group, g.seeds) for g in groups] == [("static-ps4", (0, 1)), ("byte", (0, 1))]
@@ -159,8 +169,9 @@ def test_a_study_trains_every_seed_scores_it_and_writes_the_page(tmp_path):
     published = json.loads(study_report.write_record(out, page, tmp_path / "results").read_text())
     assert published == dict(record, date=page.date, machine=page.machine, commit="abc1234", command="python x.py")
     trained = record["timing"]["training"]
-    assert study.train_all(out, parallel=2) == [] and study.evaluate_all(out, parallel=2) == []
+    assert study.train_all(out, parallel=2, version="def5678") == [] and study.evaluate_all(out, parallel=2) == []
     assert study.read_timing(out)["training"] - trained < 2.0  # every run was done: nothing started
+    assert study.read_training_versions(out) == ["abc1234"]  # so the runs still trained at the first version
 
 
 def test_the_committed_results_page_matches_its_study_json():
@@ -187,6 +198,9 @@ def test_the_committed_results_page_matches_its_study_json():
     for verdict in verdicts:
         assert study_report._sentence(verdict) in page
     total = sum(record["timing"].values()) / 60
-    run = f"Run on {record['date']} on {record['machine']} at commit {record['commit']}; {total:.0f} min in all"
+    writer = study_report.Page("", record["command"], "", "", "", record["date"], record["machine"], record["commit"],
+                               tuple(record.get("trained_at", ())))  # fmt: skip
+    trained = study_report._trained_at(writer)
+    run = f"Run on {record['date']} on {record['machine']} at commit {record['commit']}{trained}; {total:.0f} min"
     assert run in page
     assert f"    {record['command']}\n" in page

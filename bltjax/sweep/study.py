@@ -8,6 +8,7 @@ another seed would give". It adds to the sweep folder:
     SWEEP/study/eval/NAME.json         `bltjax.eval` of the final checkpoint over the whole validation split
     SWEEP/study/study.json             per group (a job's seeds): mean, std, FLOPs, patch sizes; the claims
     SWEEP/study/timing.json            wall time of each phase, summed over relaunches
+    SWEEP/study/trained_at.json        the code versions (commits) any job trained at, in order
 
 Each job is its own ``python -m bltjax.sweep run SWEEP --only NAME`` process, so the sweep's
 resume rules hold (a finished job is skipped, a killed one continues from its checkpoint) and
@@ -149,8 +150,25 @@ def _timed(sweep_dir: epath.Path, phase: str, work: Callable[[], Any]) -> Any:
         _add_time(sweep_dir, phase, time.monotonic() - start)
 
 
-def train_all(sweep_dir: paths.PathLike, parallel: int, log: Any = sys.stdout) -> list[str]:
-    """The shared stages once, then every unfinished job as its own sweep process; returns failed jobs."""
+def _note_training_version(sweep_dir: epath.Path, version: str) -> None:
+    """Adds ``version`` to SWEEP/study/trained_at.json: a page written later (the page's own commit)
+    still names the code its runs trained with, and a study resumed across commits names each."""
+    path = study_dir(sweep_dir) / "trained_at.json"
+    versions = json.loads(path.read_text()) if path.is_file() else []
+    if version not in versions:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, (json.dumps([*versions, version]) + "\n").encode())
+
+
+def read_training_versions(sweep_dir: paths.PathLike) -> list[str]:
+    path = study_dir(sweep_dir) / "trained_at.json"
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def train_all(sweep_dir: paths.PathLike, parallel: int, log: Any = sys.stdout, version: str = "") -> list[str]:
+    """The shared stages once, then every unfinished job as its own sweep process; returns failed jobs.
+
+    ``version`` (a commit) is noted in SWEEP/study/trained_at.json when any job is left to train."""
     sweep_dir = paths.resolve(sweep_dir)
     python = [sys.executable, "-m", "bltjax.sweep", "run", str(sweep_dir)]
     failed = _timed(
@@ -162,6 +180,8 @@ def train_all(sweep_dir: paths.PathLike, parallel: int, log: Any = sys.stdout) -
     jobs = [job for job in load_plan(sweep_dir)["jobs"] if read_done(sweep_dir, job) is None]
     commands = [(job["name"], python + ["--only", job["name"]], study_dir(sweep_dir) / "logs" / f"{job['name']}.log")
                 for job in jobs]  # fmt: skip
+    if commands and version:
+        _note_training_version(sweep_dir, version)
     return _timed(sweep_dir, "training", lambda: run_pool(commands, parallel, log))
 
 

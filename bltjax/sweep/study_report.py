@@ -36,7 +36,8 @@ class Page:
     scale_up: str  # the same study at 100M+ parameters
     date: str
     machine: str
-    commit: str
+    commit: str  # the code that wrote the page
+    trained_at: tuple[str, ...] = ()  # the code its runs trained with (study.read_training_versions), if known
 
 
 def _g(value: float | None, spec: str, missing: str = "–") -> str:
@@ -191,7 +192,8 @@ def render(
             "",
             f"    {page.command}",
             "",
-            f"Run on {page.date} on {page.machine} at commit {page.commit}; {total / 60:.0f} min in all ({phases}).",
+            f"Run on {page.date} on {page.machine} at commit {page.commit}{_trained_at(page)}; "
+            f"{total / 60:.0f} min in all ({phases}).",
             "",
             "## Setup",
             "",
@@ -226,6 +228,13 @@ def render(
     )
 
 
+def _trained_at(page: Page) -> str:
+    """' (runs trained at commit X)' when the runs trained at other code than the page's."""
+    if not page.trained_at or tuple(page.trained_at) == (page.commit,):
+        return ""
+    return f" (runs trained at commit {', '.join(page.trained_at)})"
+
+
 def write_page(text: str, path: epath.Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, text.encode())
@@ -238,6 +247,8 @@ def write_record(sweep_dir: epath.Path, page: Page, folder: epath.Path) -> epath
     figures quoted elsewhere (the README) are rendered from them and checked (benchmarks/tables.py)."""
     record = json.loads((study_dir(sweep_dir) / "study.json").read_text())
     run = {"date": page.date, "machine": page.machine, "commit": page.commit, "command": page.command}
+    if page.trained_at:
+        run["trained_at"] = list(page.trained_at)
     path = folder / RECORD
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, (json.dumps(dict(run, **record), indent=1, allow_nan=True) + "\n").encode())
