@@ -329,6 +329,24 @@ def test_batched_prompts_of_different_lengths_equal_one_at_a_time(fixture_b, gre
     assert len({r.patch_lengths for r in batched}) == len(PROMPTS)
 
 
+def test_rows_stop_after_their_first_completed_stop_sequence(fixture_b, greedy_b):
+    """A row ends with the byte that completes a stop sequence, its bytes a prefix of the unstopped
+    generation; other rows of the batch go on, and a sequence that never appears changes nothing."""
+    model, params, entropy, rule = fixture_b
+    full = greedy_b[0].data, greedy_b[1].data
+    # A 2-byte stop first seen after byte 4 of row 0 (not in row 1's first bytes, so row 1 runs longer).
+    start = next(i for i in range(4, len(full[0]) - 2) if full[0][i : i + 2] not in full[0][:i] + full[1])
+    stop = full[0][start : start + 2]
+    results = generate(model, params, rule, PROMPTS[:2], entropy_model=entropy, max_bytes=MAX_BYTES,
+                       stop_sequences=[stop, b"\x00\x00never"])  # fmt: skip
+    assert results[0].data == full[0][: start + 2] and results[0].stop_reason == "stop_sequence"
+    assert results[1].data == full[1] and results[1].stop_reason == "max_bytes"
+    closed = len(results[0].patch_lengths) - 1  # the last patch was still open when the row stopped
+    assert results[0].patch_lengths[:closed] == greedy_b[0].patch_lengths[:closed]
+    with pytest.raises(ValueError, match=r"stop_sequences\[0\]: expected a non-empty str or bytes"):
+        generate(model, params, rule, PROMPTS[:1], entropy_model=entropy, stop_sequences=[""])
+
+
 def test_sampling_is_deterministic_and_tiny_top_p_is_greedy(fixture_b, greedy_b):
     model, params, entropy, rule = fixture_b
     kwargs = dict(entropy_model=entropy, max_bytes=MAX_BYTES, temperature=1.0, return_logits=True)

@@ -142,17 +142,29 @@ def test_rolling_loglikelihood_equals_direct_sums(hf_dir, lm, direct):
     assert got_short == pytest.approx(whole, abs=1e-5)
 
 
-def test_generate_until_is_greedy_generation_cut_at_the_first_stop_sequence(lm):
+def test_generate_until_is_greedy_generation_cut_at_the_first_stop_sequence(lm, monkeypatch):
+    """The rows stop inside the generation loop at their first stop sequence; the text is cut before it."""
     loaded = lm.scorer.loaded
     prompt = "The Jargon File"
     (full,) = generate(loaded.model, loaded.params, loaded.config, [prompt], entropy_model=lm.scorer.entropy_model,
                        max_bytes=24)  # fmt: skip
     text = full.text
-    stop = next(text[i : i + 2] for i in range(4, len(text) - 2) if text[i : i + 2] not in text[:i])
+    # A stop made of real characters (a random model's invalid bytes decode to U+FFFD, which no byte
+    # sequence of the generation contains: such a stop only cuts the text, it cannot end the row).
+    stop = next(s for i in range(4, len(text) - 2) if "\ufffd" not in (s := text[i : i + 2]) and s not in text[:i])
+    generated = []
+
+    def spy(*args, **kwargs):
+        generated.extend(results := generate(*args, **kwargs))
+        return results
+
+    monkeypatch.setattr(harness, "generate", spy)
     got = lm.scorer.generate_until(
         [(prompt, {"until": [stop, "\x00never"], "max_gen_toks": 24}), (prompt, {"until": [], "max_gen_toks": 24})]
     )
     assert got == [text[: text.index(stop)], text]
+    assert [r.stop_reason for r in generated] == ["stop_sequence", "max_bytes"]  # the first row stopped early
+    assert generated[0].text == text[: text.index(stop) + len(stop)]
     assert 4 <= len(got[0]) < len(text)
     with pytest.raises(harness.HarnessError, match="unknown key 'top_k'"):
         lm.scorer.generate_until([(prompt, {"until": ["\n"], "top_k": 5})])

@@ -237,6 +237,7 @@ class ByteScorer:
                     temperature=settings["temperature"],
                     top_p=settings["top_p"],
                     seed=settings["seed"],
+                    stop_sequences=[stop for stop in settings["until"] if stop],  # rows stop at their first
                 )
                 for i, result in zip(chunk, generated, strict=True):
                     results[i] = cut_at_stop(result.text, settings["until"])
