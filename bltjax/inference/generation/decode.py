@@ -31,6 +31,14 @@ import numpy as np
 from bltjax import patching
 from bltjax.inference.generation.blt import CachedBLT, patch_capacity
 from bltjax.inference.generation.byte_lm import CachedByteLM
+from bltjax.inference.generation.requests import (
+    PROMPT_BUCKET,
+    check_arguments,
+    check_stop_sequences,
+    prompt_batch,
+    round_up,
+    stop_batch,
+)
 from bltjax.inference.generation.sampling import choose_next
 from bltjax.models.blt import BLT
 from bltjax.models.byte_lm import ByteLM, next_byte_entropy
@@ -38,8 +46,6 @@ from bltjax.models.configs import BLTConfig, ByteLMConfig
 from bltjax.patching.incremental import IncrementalRule
 from bltjax.tokenizer import BOE_ID, EOS_ID, OFFSET, encode
 
-PROMPT_BUCKET = 16  # prompt widths are rounded up to a multiple of this (fewer compilations)
-STOP_BUCKET = 8  # stop sequences: their count rounded up to a multiple of 4, their width to one of this
 RECOMPUTE_BUCKET = 64  # sequence / patch widths of the full-recompute reference
 NEEDS_ENTROPY_MODEL = "config.patching.mode is 'entropy': generation needs the entropy model (entropy_model=...)"
 
@@ -111,42 +117,6 @@ def patch_rule_of(config: Any) -> IncrementalRule:
     return IncrementalRule.from_config(config)
 
 
-def _check_arguments(prompts: Any, max_bytes: int, temperature: float, top_p: float) -> list[bytes]:
-    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
-        raise ValueError("prompts: expected a non-empty list of str or bytes")
-    out = []
-    for i, prompt in enumerate(prompts):
-        if isinstance(prompt, str):
-            out.append(prompt.encode("utf-8", errors="ignore"))
-        elif isinstance(prompt, (bytes, bytearray)):
-            out.append(bytes(prompt))
-        else:
-            raise TypeError(f"prompts[{i}]: expected str or bytes, got {type(prompt).__name__}")
-    if not isinstance(max_bytes, (int, np.integer)) or isinstance(max_bytes, bool) or max_bytes < 1:
-        raise ValueError(f"max_bytes: expected a positive integer, got {max_bytes!r}")
-    if not temperature >= 0:
-        raise ValueError(f"temperature: expected >= 0 (0 = greedy), got {temperature!r}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p: expected a number in (0, 1], got {top_p!r}")
-    return out
-
-
-def _check_stop_sequences(stop_sequences: Any) -> list[bytes]:
-    if isinstance(stop_sequences, (str, bytes)) or not isinstance(stop_sequences, Sequence):
-        raise TypeError("stop_sequences: expected a list of str or bytes")
-    out = []
-    for i, stop in enumerate(stop_sequences):
-        data = stop.encode("utf-8") if isinstance(stop, str) else stop
-        if not isinstance(data, (bytes, bytearray)) or not data:
-            raise ValueError(f"stop_sequences[{i}]: expected a non-empty str or bytes, got {stop!r}")
-        out.append(bytes(data))
-    return out
-
-
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
-
-
 def _result(
     prompt: bytes,
     ids: np.ndarray,
@@ -173,30 +143,6 @@ def _result(
         patch_lengths=None if lengths is None else tuple(int(n) for n in lengths if n > 0),
         global_steps=global_steps,
     )
-
-
-def _stop_batch(stop_sequences: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
-    """Stop sequences as ids right-aligned in [S, L] (S, L rounded up: fewer compilations) and their lengths [S].
-
-    Padding rows have length 0 and never match; the loop compares each row's last L ids with them."""
-    count = _round_up(len(stop_sequences), 4)
-    width = _round_up(max([len(s) for s in stop_sequences] + [1]), STOP_BUCKET)
-    ids = np.zeros((count, width), np.int32)
-    lengths = np.zeros(count, np.int32)
-    for row, stop in enumerate(stop_sequences):
-        ids[row, width - len(stop) :] = np.frombuffer(stop, np.uint8).astype(np.int32) + OFFSET
-        lengths[row] = len(stop)
-    return ids, lengths
-
-
-def _prompt_batch(prompts: list[bytes], bucket: int) -> tuple[np.ndarray, np.ndarray]:
-    """Left-aligned ids (BOS + bytes, BOE padding) [B, T] and lengths [B]."""
-    encoded = [encode(p, bos=True, eos=False) for p in prompts]
-    lengths = np.array([ids.size for ids in encoded], np.int32)
-    tokens = np.full((len(encoded), _round_up(int(lengths.max()), bucket)), BOE_ID, np.int32)
-    for row, ids in enumerate(encoded):
-        tokens[row, : ids.size] = ids
-    return tokens, lengths
 
 
 # --- the cached generator -----------------------------------------------------------------------
@@ -318,7 +264,7 @@ def _run(
 
     ``forced_ids`` is [B, max_bytes] (its first ``forced_count[b]`` ids are fed as given).
     """
-    stop_ids, stop_lengths = _stop_batch(stop_sequences)
+    stop_ids, stop_lengths = stop_batch(stop_sequences)
     entropy = _entropy_parts(entropy_model)
     rule = patch_rule_of(config) if isinstance(model, BLT) else None
     if rule is not None and not rule.needs_entropy:
@@ -406,9 +352,9 @@ def generate(
     generate without stop sequences. ``return_logits`` also keeps the logits every byte was
     chosen from (`GenerationResult.logits`).
     """
-    prompt_bytes = _check_arguments(prompts, max_bytes, temperature, top_p)
-    stops = _check_stop_sequences(stop_sequences)
-    tokens, lengths = _prompt_batch(prompt_bytes, PROMPT_BUCKET)
+    prompt_bytes = check_arguments(prompts, max_bytes, temperature, top_p)
+    stops = check_stop_sequences(stop_sequences)
+    tokens, lengths = prompt_batch(prompt_bytes, PROMPT_BUCKET)
     no_forcing = np.zeros((len(prompt_bytes), max_bytes), np.int32)
     decoder, ids, counts, state, history = _run(
         model, params, config, entropy_model, tokens, lengths, no_forcing, no_forcing[:, 0],
@@ -458,8 +404,8 @@ def teacher_forced(
         )
     # Steps are rounded up (the surplus ones choose greedily and are dropped) so that sequences of
     # similar lengths share one compilation.
-    steps = _round_up(max(r.size for r in rows) - prefill_length + 1, PROMPT_BUCKET)
-    tokens = np.full((len(rows), _round_up(prefill_length, PROMPT_BUCKET)), BOE_ID, np.int32)
+    steps = round_up(max(r.size for r in rows) - prefill_length + 1, PROMPT_BUCKET)
+    tokens = np.full((len(rows), round_up(prefill_length, PROMPT_BUCKET)), BOE_ID, np.int32)
     forced = np.zeros((len(rows), steps), np.int32)
     for row, seq in enumerate(rows):
         tokens[row, :prefill_length] = seq[:prefill_length]
@@ -533,7 +479,7 @@ def recompute_patch_lengths(
 
 
 def _bucket(n: int) -> int:
-    return _round_up(n, RECOMPUTE_BUCKET)
+    return round_up(n, RECOMPUTE_BUCKET)
 
 
 def _power_of_two_bucket(n: int) -> int:
@@ -612,7 +558,7 @@ def generate_full_recompute(
     own, so no row sees another); widths are rounded up to `RECOMPUTE_BUCKET` to bound the
     number of compilations.
     """
-    prompt_bytes = _check_arguments(prompts, max_bytes, temperature, top_p)
+    prompt_bytes = check_arguments(prompts, max_bytes, temperature, top_p)
     if isinstance(model, BLT) and patch_rule_of(config).needs_entropy and entropy_model is None:
         raise ValueError(NEEDS_ENTROPY_MODEL)
     sequences = [list(encode(p, bos=True, eos=False)) for p in prompt_bytes]
