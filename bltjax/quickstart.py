@@ -25,12 +25,10 @@ from the repository root (as `launch/quickstart.sh` does). The corpus ships insi
 
 from __future__ import annotations
 
-import datetime
 import importlib.util
 import json
 import os
 import pathlib
-import platform
 import sys
 import time
 from collections.abc import Sequence
@@ -47,6 +45,7 @@ from bltjax.inference.generation.folders import generate_from_folder
 from bltjax.runtime import cli, compile_cache
 from bltjax.runtime.atomic import write_atomic
 from bltjax.runtime.paths import resolve
+from bltjax.runtime.provenance import run_stamp
 from bltjax.training.trainer import train
 
 DEFAULT_CONFIG = "experiments/quickstart.py"
@@ -112,8 +111,7 @@ def write_summary(workdir: pathlib.Path, seconds: dict[str, float], scores: dict
     """WORKDIR/quickstart.json: when and where this invocation ran, each stage's seconds and the scores,
     so a document quoting the quickstart's time and bpb renders them from a file (benchmarks/tables.py)."""
     summary = {
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        **run_stamp(),
         "stage_seconds": {name: round(value, 1) for name, value in seconds.items()},
         "total_seconds": round(sum(seconds.values()), 1),
         "scores": scores,

@@ -50,14 +50,12 @@ and HBM bytes per device, the step time they imply on the target's published pea
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import importlib.metadata
 import importlib.util
 import json
 import math
 import os
 import pathlib
-import platform
 import re
 import sys
 import tempfile
@@ -72,7 +70,7 @@ import ml_collections
 from bltjax import kernels
 from bltjax.config import validate
 from bltjax.models.factory import build_model
-from bltjax.runtime import hlo_loops, memory_report, paths
+from bltjax.runtime import hlo_loops, memory_report, paths, provenance
 from bltjax.runtime.atomic import write_atomic
 from bltjax.runtime.roofline import Roofline, chip_peaks, estimate, model_flops_per_step
 from bltjax.training import sharding
@@ -321,8 +319,7 @@ def run_record(command: str) -> dict[str, Any]:
         except importlib.metadata.PackageNotFoundError:
             versions[package] = None  # e.g. no libtpu: the report is XLA:CPU's
     return {
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        **provenance.run_stamp(),
         "command": command,
         "versions": versions,
     }
